@@ -1,0 +1,1 @@
+//! Blockwise causal GQA attention with an online softmax, forward and backward (CPU reference).

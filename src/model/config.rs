@@ -1,0 +1,1 @@
+//! Hugging Face `config.json` of the Llama 3.x family.

@@ -1,0 +1,4 @@
+//! The Llama-3.x model: HF config, RoPE (all rope types, f64), parameters, layer forward/backward.
+
+pub mod config;
+pub mod rope;

@@ -1,0 +1,1 @@
+//! The training loop, optimizer step, LR schedule, checkpoints and metrics.
