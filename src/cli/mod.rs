@@ -1,1 +1,42 @@
-//! Subcommands, one file each.
+//! Subcommands, one file each; `Cli` is the whole command line (DESIGN.md "The CLI").
+
+pub mod bench;
+pub mod export;
+pub mod forward;
+pub mod init;
+pub mod train;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "ultralong", version, about = "UltraLong: Llama-3.1 context extension to 1M-4M tokens with YaRN (CPU reference backend)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a randomly initialised model in Hugging Face layout.
+    Init(init::InitArgs),
+    /// One forward (and optionally backward) pass over a JSON array of token ids.
+    Forward(forward::ForwardArgs),
+    /// Train (or resume) as a TOML run config says.
+    Train(train::TrainArgs),
+    /// Write a checkpoint's model as a Hugging Face directory.
+    Export(export::ExportArgs),
+    /// Measure training speed and memory.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init(a) => init::run(a),
+        Command::Forward(a) => forward::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}

@@ -1,0 +1,49 @@
+//! `ultralong export`: a checkpoint's model as a Hugging Face directory (config.json carrying the
+//! rope scaling in both the transformers 4.x and 5.x forms, weights, tokenizer files).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::backend::cpu::CpuBackend;
+use crate::io::DType;
+use crate::model::llama::Llama;
+use crate::model::rope::RopePrecision;
+use crate::train::checkpoint;
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A run directory (its newest valid checkpoint), or one checkpoint directory (step-…).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Weight dtype: bf16 (default, as released Llama checkpoints), f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+}
+
+/// Resolve a run dir or a checkpoint dir to one verified checkpoint directory.
+pub fn resolve_checkpoint(p: &Path) -> Result<PathBuf> {
+    if p.join("state.json").exists() {
+        checkpoint::verify(p)?;
+        return Ok(p.to_path_buf());
+    }
+    let run = if p.file_name().is_some_and(|n| n == "checkpoints") { p.parent().unwrap_or(p) } else { p };
+    match checkpoint::find_latest(run)? {
+        Some((d, _)) => Ok(d),
+        None => bail!("{}: no valid checkpoint found", p.display()),
+    }
+}
+
+pub fn run(a: ExportArgs) -> Result<()> {
+    let dtype: DType = a.dtype.parse()?;
+    let dir = resolve_checkpoint(&a.checkpoint)?;
+    let b = CpuBackend::<f32>::new();
+    let model_dir = dir.join("model");
+    let model = Llama::load(&b, &model_dir, RopePrecision::Exact)?;
+    model.save(&b, &a.out, dtype, Some(&model_dir))?;
+    eprintln!("exported {} to {} ({dtype})", dir.display(), a.out.display());
+    Ok(())
+}

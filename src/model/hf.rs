@@ -1,0 +1,45 @@
+//! A Llama to and from a Hugging Face directory: config.json + safetensors (+ tokenizer files).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::backend::Backend;
+use crate::io::{self, DType};
+use crate::model::config::ModelConfig;
+use crate::model::llama::Llama;
+use crate::model::params::ParamStore;
+use crate::model::rope::{Rope, RopePrecision};
+
+/// Shards above this size, as transformers' default `max_shard_size` of 5 GB.
+pub const MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+impl<B: Backend> Llama<B> {
+    pub fn new(cfg: ModelConfig, precision: RopePrecision, params: ParamStore<B>) -> Result<Self> {
+        let rope = Rope::new(&cfg, precision)?;
+        Ok(Llama { cfg, rope, params })
+    }
+
+    /// Load `dir/config.json` and its weights.
+    pub fn load(b: &B, dir: &Path, precision: RopePrecision) -> Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let map = io::load_safetensors_dir(dir)?;
+        let params = ParamStore::from_host(b, &cfg, &map, &dir.display().to_string())?;
+        Llama::new(cfg, precision, params)
+    }
+
+    /// Save config.json and weights in `dtype` to `dir`, with the tokenizer files of
+    /// `tokenizer_from` (if any).
+    pub fn save(&self, b: &B, dir: &Path, dtype: DType, tokenizer_from: Option<&Path>) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let json = serde_json::to_string_pretty(&self.cfg.to_hf_json())?;
+        io::write_atomic(&dir.join("config.json"), json.as_bytes())?;
+        io::save_safetensors_dir(dir, &self.params.to_host(b), dtype, MAX_SHARD_BYTES)?;
+        if let Some(src) = tokenizer_from {
+            if src != dir {
+                io::copy_tokenizer_files(src, dir)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,269 @@
+//! The single-rank training loop: per step, `grad_accum × micro_batch` sequences forward and
+//! backward (gradients accumulated), loss normalised by the step's target-token count, global
+//! gradient-norm clipping folded into AdamW's gradient scale, the LR schedule, one JSON metrics
+//! line, and checkpoints at the configured interval and at the end.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AdamW, Backend};
+use crate::model::config::{ModelConfig, RopeScaling};
+use crate::model::llama::{Head, Llama, Workspace};
+use crate::model::params::ParamStore;
+use crate::model::rope::RopePrecision;
+use crate::train::checkpoint::{self, TrainState};
+use crate::train::config::{RopeOverride, RunConfig};
+use crate::train::data::{TokenStream, load_token_file, tokenize_text_file};
+use crate::train::schedule::learning_rate;
+
+/// One line of `metrics.jsonl` (and of stdout).
+#[derive(Debug, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub step_ms: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Serialize)]
+pub struct RunSummary {
+    pub steps_done: u64,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub resumed_from: Option<u64>,
+    pub final_checkpoint: PathBuf,
+}
+
+/// Build the RoPE scaling a config section asks for, checking the keys each type needs.
+pub fn rope_from_override(o: &RopeOverride) -> Result<RopeScaling> {
+    let need = |v: Option<f64>, key: &str| v.with_context(|| format!("model.rope_scaling.{key} is required for rope_type {:?}", o.rope_type));
+    Ok(match o.rope_type.as_str() {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear { factor: need(o.factor, "factor")? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: need(o.factor, "factor")?,
+            low_freq_factor: need(o.low_freq_factor, "low_freq_factor")?,
+            high_freq_factor: need(o.high_freq_factor, "high_freq_factor")?,
+            original_max_position_embeddings: need(o.original_max_position_embeddings, "original_max_position_embeddings")?,
+        },
+        "yarn" => RopeScaling::Yarn {
+            factor: need(o.factor, "factor")?,
+            original_max_position_embeddings: need(o.original_max_position_embeddings, "original_max_position_embeddings")?,
+            beta_fast: o.beta_fast.unwrap_or(32.0),
+            beta_slow: o.beta_slow.unwrap_or(1.0),
+            mscale: o.mscale,
+            mscale_all_dim: o.mscale_all_dim,
+            attention_factor: o.attention_factor,
+            truncate: o.truncate.unwrap_or(true),
+        },
+        other => bail!("model.rope_scaling.rope_type = {other:?}: expected \"default\", \"linear\", \"llama3\" or \"yarn\""),
+    })
+}
+
+fn config_hash(cfg: &RunConfig) -> String {
+    let text = toml::to_string(cfg).unwrap_or_default();
+    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Global L2 norm of all gradients.
+pub fn global_grad_norm<B: Backend>(b: &B, grads: &ParamStore<B>) -> f64 {
+    grads.bufs.iter().map(|g| b.sum_squares(g)).sum::<f64>().sqrt()
+}
+
+/// Clip factor for a global norm (`max_norm` 0 = no clipping), as torch's clip_grad_norm_.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 }
+}
+
+/// One optimizer step over all parameters. Norm weights are not weight-decayed.
+pub fn adamw_step<B: Backend>(
+    b: &B,
+    params: &mut ParamStore<B>,
+    grads: &ParamStore<B>,
+    m: &mut ParamStore<B>,
+    v: &mut ParamStore<B>,
+    hp: AdamW,
+) {
+    for i in 0..params.bufs.len() {
+        let wd = if params.specs[i].is_norm { 0.0 } else { hp.weight_decay };
+        b.adamw(&mut params.bufs[i], &grads.bufs[i], &mut m.bufs[i], &mut v.bufs[i], &AdamW { weight_decay: wd, ..hp });
+    }
+}
+
+/// The tokenizer that goes with a model directory, if it has one.
+fn tokenizer_of(dir: &Path) -> Option<PathBuf> {
+    let p = dir.join("tokenizer.json");
+    p.exists().then_some(p)
+}
+
+/// Run (or resume) training as `cfg` says, on the CPU backend in f32.
+pub fn train(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
+    let b = CpuBackend::<f32>::new();
+    train_on(&b, cfg, resume)
+}
+
+pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
+    let precision: RopePrecision = cfg.model.rope_precision.parse()?;
+    let out = &cfg.train.out_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let tok_source = tokenizer_of(&cfg.model.path);
+
+    // Model and optimizer state: from the newest valid checkpoint, or fresh.
+    let found = if resume { checkpoint::find_latest(out)? } else { None };
+    let (mut model, mut m, mut v, state) = match found {
+        Some((dir, state)) => {
+            let (model, m, v) = checkpoint::load(b, &dir, precision)?;
+            eprintln!("resuming from {} (step {})", dir.display(), state.step);
+            if state.config_hash != config_hash(cfg) {
+                eprintln!("note: the run config differs from the one that wrote this checkpoint");
+            }
+            (model, m, v, state)
+        }
+        None => {
+            if resume {
+                eprintln!("no checkpoint in {}: starting from {}", checkpoint::checkpoints_dir(out).display(), cfg.model.path.display());
+            }
+            let mut model = Llama::load(b, &cfg.model.path, precision)?;
+            if let Some(o) = &cfg.model.rope_scaling {
+                let mcfg: ModelConfig = model.cfg.with_rope_scaling(rope_from_override(o)?, o.max_position_embeddings);
+                model = Llama::new(mcfg, precision, model.params)?;
+            }
+            let m = ParamStore::zeros(b, &model.cfg);
+            let v = ParamStore::zeros(b, &model.cfg);
+            let state = TrainState {
+                step: 0,
+                data_position: 0,
+                tokens_seen: 0,
+                seed: cfg.train.seed,
+                config_hash: config_hash(cfg),
+                files: Default::default(),
+            };
+            (model, m, v, state)
+        }
+    };
+    let resumed_from = (state.step > 0).then_some(state.step);
+
+    // Data.
+    let seq = cfg.train.seq_len;
+    if seq > model.cfg.max_position_embeddings {
+        eprintln!(
+            "note: seq_len {seq} exceeds the model's max_position_embeddings {}",
+            model.cfg.max_position_embeddings
+        );
+    }
+    let (tokens, source) = match (&cfg.data.text, &cfg.data.tokens) {
+        (Some(text), _) => {
+            let tok = cfg.data.tokenizer.clone().or_else(|| tok_source.clone()).with_context(|| {
+                format!("data.text needs a tokenizer: none in {} and no data.tokenizer", cfg.model.path.display())
+            })?;
+            (tokenize_text_file(text, &tok)?, text.display().to_string())
+        }
+        (None, Some(t)) => (load_token_file(t)?, t.display().to_string()),
+        (None, None) => bail!("data: missing key `text` or `tokens`"),
+    };
+    let stream = TokenStream::new(tokens, seq, model.cfg.vocab_size, &source)?;
+
+    let mut ws = Workspace::new(b, &model.cfg, seq, cfg.train.recompute, cfg.train.ce_chunk);
+    let mut grads = ParamStore::zeros(b, &model.cfg);
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+
+    let total = cfg.train.steps;
+    let pb = ProgressBar::new(total);
+    if cfg.log.quiet {
+        pb.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    pb.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps  ETA {eta}  {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_position(state.step);
+
+    let mut st = state;
+    let (mut first_loss, mut last_loss) = (None, None);
+    let per_step = cfg.sequences_per_step() as u64;
+    while st.step < total {
+        let t0 = Instant::now();
+        grads.zero_all(b);
+        let n_targets = (per_step as usize * seq) as f64;
+        let mut loss_sum = 0.0;
+        for i in 0..per_step {
+            let (ids, targets) = stream.window(st.data_position + i);
+            loss_sum += model.forward_backward(
+                b,
+                &mut ws,
+                &ids,
+                0,
+                Head::Loss { targets: &targets, grad_scale: 1.0 / n_targets },
+                Some(&mut grads),
+            );
+        }
+        let loss = loss_sum / n_targets;
+        if !loss.is_finite() {
+            bail!("step {}: loss is {loss}; stopping (last checkpoint is intact)", st.step + 1);
+        }
+        let grad_norm = global_grad_norm(b, &grads);
+        let step = st.step + 1;
+        let lr = learning_rate(&cfg.optim, step, total);
+        let o = &cfg.optim;
+        let hp = AdamW {
+            lr,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            step,
+            grad_scale: clip_factor(grad_norm, o.grad_clip),
+        };
+        adamw_step(b, &mut model.params, &grads, &mut m, &mut v, hp);
+        st.step = step;
+        st.data_position += per_step;
+        st.tokens_seen += per_step * seq as u64;
+
+        let dt = t0.elapsed().as_secs_f64();
+        let line = StepMetrics {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            tokens: st.tokens_seen,
+            tokens_per_s: (per_step as usize * seq) as f64 / dt,
+            step_ms: dt * 1e3,
+        };
+        let json = serde_json::to_string(&line)?;
+        pb.suspend(|| println!("{json}"));
+        writeln!(metrics, "{json}").with_context(|| format!("cannot write {}", metrics_path.display()))?;
+        pb.set_message(format!("loss {loss:.4}"));
+        pb.inc(1);
+        first_loss.get_or_insert(loss);
+        last_loss = Some(loss);
+
+        let interval = cfg.checkpoint.interval;
+        if (interval > 0 && step % interval == 0) || step == total {
+            checkpoint::save(b, out, &model, &m, &v, st.clone(), tok_source.as_deref(), cfg.checkpoint.keep)?;
+        }
+    }
+    pb.finish_and_clear();
+    metrics.flush()?;
+    if st.step == total && resumed_from == Some(total) {
+        eprintln!("nothing to do: the checkpoint is already at step {total}");
+    }
+    let final_checkpoint = checkpoint::find_latest(out)?.map(|(d, _)| d).unwrap_or_default();
+    Ok(RunSummary { steps_done: st.step, first_loss, last_loss, resumed_from, final_checkpoint })
+}
