@@ -387,3 +387,102 @@ impl<B: Backend> Llama<B> {
         loss_sum
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::util::gradcheck::{numeric_grad, rel_err};
+
+    /// A tiny Llama with YaRN scaling (attention factor ≠ 1) and GQA 2.
+    fn tiny_config(tied: bool) -> ModelConfig {
+        let text = format!(
+            r#"{{"vocab_size": 24, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "max_position_embeddings": 256, "tie_word_embeddings": {tied}, "initializer_range": 0.3,
+            "rope_scaling": {{"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+            "beta_fast": 4.0, "beta_slow": 1.0}}}}"#
+        );
+        ModelConfig::from_json_str(&text, "tiny").unwrap()
+    }
+
+    fn tiny_model<B: Backend>(b: &B, tied: bool) -> Llama<B> {
+        let cfg = tiny_config(tied);
+        let mut params = ParamStore::init_random(b, &cfg, 11);
+        // Norm weights away from 1 so their gradients are exercised.
+        for (s, buf) in params.specs.iter().zip(params.bufs.iter_mut()) {
+            if s.is_norm {
+                let v: Vec<f64> = crate::util::gradcheck::test_values(s.numel(), 5).iter().map(|x| 1.0 + 0.3 * x).collect();
+                *buf = b.upload_f64(&v);
+            }
+        }
+        Llama::new(cfg, crate::model::rope::RopePrecision::Exact, params).unwrap()
+    }
+
+    const IDS: [u32; 7] = [3, 17, 5, 5, 22, 0, 9];
+    const TARGETS: [i32; 7] = [17, 5, 5, 22, 0, 9, -1];
+
+    fn loss_and_grads<B: Backend>(b: &B, m: &Llama<B>, recompute: bool, chunk: usize, pos0: u64) -> (f64, Vec<Vec<f64>>) {
+        let mut ws = Workspace::new(b, &m.cfg, IDS.len(), recompute, chunk);
+        let mut g = ParamStore::zeros(b, &m.cfg);
+        let loss = m.forward_backward(b, &mut ws, &IDS, pos0, Head::Loss { targets: &TARGETS, grad_scale: 1.0 / 6.0 }, Some(&mut g));
+        (loss / 6.0, g.bufs.iter().map(|x| b.download_f64(x)).collect())
+    }
+
+    #[test]
+    fn whole_model_gradient_matches_finite_differences() {
+        let b = CpuBackend::<f64>::new();
+        for tied in [false, true] {
+            let mut model = tiny_model(&b, tied);
+            let (_, grads) = loss_and_grads(&b, &model, true, 3, 40);
+            for i in 0..model.params.bufs.len() {
+                let x0 = b.download_f64(&model.params.bufs[i]);
+                let mut f = |x: &[f64]| {
+                    model.params.bufs[i] = b.upload_f64(x);
+                    let mut ws = Workspace::new(&b, &model.cfg, IDS.len(), false, 7);
+                    let l = model.forward_backward(&b, &mut ws, &IDS, 40, Head::Loss { targets: &TARGETS, grad_scale: 1.0 }, None);
+                    l / 6.0
+                };
+                let num = numeric_grad(&mut f, &x0, 1e-5);
+                model.params.bufs[i] = b.upload_f64(&x0);
+                let e = rel_err(&grads[i], &num);
+                assert!(e < 1e-6, "tied={tied} {}: relative error {e:e}", model.params.specs[i].name);
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_cross_entropy_equals_one_chunk() {
+        let b = CpuBackend::<f64>::new();
+        let model = tiny_model(&b, false);
+        let (l_full, g_full) = loss_and_grads(&b, &model, false, 7, 0);
+        for chunk in [1, 2, 3, 5] {
+            let (l, g) = loss_and_grads(&b, &model, false, chunk, 0);
+            assert!((l - l_full).abs() < 1e-13, "chunk {chunk}: loss {l} vs {l_full}");
+            for (a, f) in g.iter().zip(&g_full) {
+                assert!(rel_err(a, f) < 1e-12, "chunk {chunk}");
+            }
+        }
+    }
+
+    #[test]
+    fn full_recompute_is_bitwise_equal_to_stored_activations() {
+        let b = CpuBackend::<f32>::new();
+        let model = tiny_model(&b, false);
+        let (l0, g0) = loss_and_grads(&b, &model, false, 4, 3);
+        let (l1, g1) = loss_and_grads(&b, &model, true, 4, 3);
+        assert_eq!(l0, l1);
+        assert_eq!(g0, g1);
+    }
+
+    #[test]
+    fn loss_of_uniform_logits_is_log_vocab() {
+        // Zero LM head: every logit is 0, so the loss is exactly ln(vocab).
+        let b = CpuBackend::<f64>::new();
+        let mut model = tiny_model(&b, false);
+        let lm = lm_head_index(&model.cfg);
+        b.fill_zero(&mut model.params.bufs[lm]);
+        let (l, _) = loss_and_grads(&b, &model, false, 7, 0);
+        assert!((l - (24f64).ln()).abs() < 1e-12);
+    }
+}
