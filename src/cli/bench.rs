@@ -42,7 +42,11 @@ pub struct BenchTrainArgs {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 /// Peak resident set of this process (VmHWM), in bytes.
@@ -68,8 +72,12 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let params = ParamStore::init_random(&b, &cfg, 1);
     let mut model = Llama::new(cfg.clone(), RopePrecision::Exact, params)?;
     let t = a.seq_len;
-    let ids: Vec<u32> = (0..t as u64).map(|i| (rng::uniform(3, 0, i) * cfg.vocab_size as f64) as u32).collect();
-    let targets: Vec<i32> = (0..t as u64).map(|i| (rng::uniform(3, 1, i) * cfg.vocab_size as f64) as i32).collect();
+    let ids: Vec<u32> = (0..t as u64)
+        .map(|i| (rng::uniform(3, 0, i) * cfg.vocab_size as f64) as u32)
+        .collect();
+    let targets: Vec<i32> = (0..t as u64)
+        .map(|i| (rng::uniform(3, 1, i) * cfg.vocab_size as f64) as i32)
+        .collect();
     let mut ws = Workspace::new(&b, &cfg, t, a.recompute, a.ce_chunk);
     let mut grads = ParamStore::zeros(&b, &cfg);
     let mut m = ParamStore::zeros(&b, &cfg);
@@ -79,14 +87,28 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     for i in 0..a.warmup + a.steps {
         let t0 = Instant::now();
         grads.zero_all(&b);
-        let head = Head::Loss { targets: &targets, grad_scale: 1.0 / t as f64 };
+        let head = Head::Loss {
+            targets: &targets,
+            grad_scale: 1.0 / t as f64,
+        };
         loss = model.forward_backward(&b, &mut ws, &ids, 0, head, Some(&mut grads)) / t as f64;
         let t1 = Instant::now();
-        let hp = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: i as u64 + 1, grad_scale: 1.0 };
+        let hp = AdamW {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step: i as u64 + 1,
+            grad_scale: 1.0,
+        };
         adamw_step(&b, &mut model.params, &grads, &mut m, &mut v, hp);
         let t2 = Instant::now();
         // Forward alone (loss, no backward), for the profile.
-        let head = Head::Loss { targets: &targets, grad_scale: 1.0 };
+        let head = Head::Loss {
+            targets: &targets,
+            grad_scale: 1.0,
+        };
         model.forward_backward(&b, &mut ws, &ids, 0, head, None);
         let t3 = Instant::now();
         if i >= a.warmup {
@@ -108,7 +130,13 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     };
     let nq = t * shape.n_q_heads * shape.head_dim;
     let nkv = t * shape.n_kv_heads * shape.head_dim;
-    let rand = |n: usize, s: u64| b.upload(&(0..n as u64).map(|i| rng::normal(9, s, i) as f32).collect::<Vec<_>>());
+    let rand = |n: usize, s: u64| {
+        b.upload(
+            &(0..n as u64)
+                .map(|i| rng::normal(9, s, i) as f32)
+                .collect::<Vec<_>>(),
+        )
+    };
     let (q, k, vv, dout) = (rand(nq, 1), rand(nkv, 2), rand(nkv, 3), rand(nq, 4));
     let (mut out, mut lse) = (b.zeros(nq), b.zeros(shape.n_q_heads * t));
     let (mut dq, mut dk, mut dv) = (b.zeros(nq), b.zeros(nkv), b.zeros(nkv));
@@ -118,7 +146,9 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         let t0 = Instant::now();
         b.attention_forward(&q, &k, &vv, &shape, scale, &mut out, &mut lse);
         let t1 = Instant::now();
-        b.attention_backward(&q, &k, &vv, &out, &dout, &lse, &shape, scale, &mut dq, &mut dk, &mut dv);
+        b.attention_backward(
+            &q, &k, &vv, &out, &dout, &lse, &shape, scale, &mut dq, &mut dk, &mut dv,
+        );
         af.push((t1 - t0).as_secs_f64() * 1e3);
         ab.push(t1.elapsed().as_secs_f64() * 1e3);
     }

@@ -30,7 +30,11 @@ pub fn resolve_checkpoint(p: &Path) -> Result<PathBuf> {
         checkpoint::verify(p)?;
         return Ok(p.to_path_buf());
     }
-    let run = if p.file_name().is_some_and(|n| n == "checkpoints") { p.parent().unwrap_or(p) } else { p };
+    let run = if p.file_name().is_some_and(|n| n == "checkpoints") {
+        p.parent().unwrap_or(p)
+    } else {
+        p
+    };
     match checkpoint::find_latest(run)? {
         Some((d, _)) => Ok(d),
         None => bail!("{}: no valid checkpoint found", p.display()),
@@ -44,6 +48,10 @@ pub fn run(a: ExportArgs) -> Result<()> {
     let model_dir = dir.join("model");
     let model = Llama::load(&b, &model_dir, RopePrecision::Exact)?;
     model.save(&b, &a.out, dtype, Some(&model_dir))?;
-    eprintln!("exported {} to {} ({dtype})", dir.display(), a.out.display());
+    eprintln!(
+        "exported {} to {} ({dtype})",
+        dir.display(),
+        a.out.display()
+    );
     Ok(())
 }

@@ -58,11 +58,17 @@ fn run_on<B: Backend>(b: &B, a: &ForwardArgs) -> Result<()> {
     let ids = load_token_file(&a.tokens)?;
     let t = ids.len();
     if t < 2 {
-        bail!("{}: need at least 2 tokens for a next-token loss, got {t}", a.tokens.display());
+        bail!(
+            "{}: need at least 2 tokens for a next-token loss, got {t}",
+            a.tokens.display()
+        );
     }
     let vocab = model.cfg.vocab_size;
     if let Some((i, &bad)) = ids.iter().enumerate().find(|&(_, &x)| x as usize >= vocab) {
-        bail!("{}: token {bad} at index {i} is outside the vocabulary of {vocab}", a.tokens.display());
+        bail!(
+            "{}: token {bad} at index {i} is outside the vocabulary of {vocab}",
+            a.tokens.display()
+        );
     }
     let mut ws = Workspace::new(b, &model.cfg, t, false, a.ce_chunk);
     // Next-token targets; the last position has none.
@@ -76,14 +82,32 @@ fn run_on<B: Backend>(b: &B, a: &ForwardArgs) -> Result<()> {
         &mut ws,
         &ids,
         a.position_offset,
-        Head::Loss { targets: &targets, grad_scale: 1.0 / n },
+        Head::Loss {
+            targets: &targets,
+            grad_scale: 1.0 / n,
+        },
         grads.as_mut(),
     );
-    let meta = |kind: &str| HashMap::from([("producer".to_string(), format!("ultralong forward ({kind})"))]);
+    let meta = |kind: &str| {
+        HashMap::from([(
+            "producer".to_string(),
+            format!("ultralong forward ({kind})"),
+        )])
+    };
     if let Some(out) = &a.out {
         let mut logits = Vec::with_capacity(t * vocab);
-        model.forward_backward(b, &mut ws, &ids, a.position_offset, Head::Logits(&mut logits), None);
-        let map = TensorMap::from([("logits".to_string(), HostTensor::new(vec![t, vocab], logits))]);
+        model.forward_backward(
+            b,
+            &mut ws,
+            &ids,
+            a.position_offset,
+            Head::Logits(&mut logits),
+            None,
+        );
+        let map = TensorMap::from([(
+            "logits".to_string(),
+            HostTensor::new(vec![t, vocab], logits),
+        )]);
         io::save_safetensors_file(out, &map, DType::F32, Some(meta("logits")))?;
     }
     if let (Some(path), Some(g)) = (&a.grads, &grads) {

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -51,7 +51,12 @@ pub fn train_bpe_tokenizer(text: &Path, vocab_size: usize, out: &Path) -> Result
             .vocab_size(vocab_size)
             .min_frequency(2)
             .show_progress(false)
-            .special_tokens(SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect())
+            .special_tokens(
+                SPECIAL_TOKENS
+                    .iter()
+                    .map(|t| AddedToken::from(*t, true))
+                    .collect(),
+            )
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
             .build(),
     );
@@ -61,7 +66,8 @@ pub fn train_bpe_tokenizer(text: &Path, vocab_size: usize, out: &Path) -> Result
     let files = vec![text.to_string_lossy().into_owned()];
     tok.train_from_files(&mut trainer, files)
         .map_err(|e| anyhow::anyhow!("training a tokenizer on {}: {e}", text.display()))?;
-    tok.save(out, false).map_err(|e| anyhow::anyhow!("cannot save {}: {e}", out.display()))?;
+    tok.save(out, false)
+        .map_err(|e| anyhow::anyhow!("cannot save {}: {e}", out.display()))?;
     Ok(())
 }
 
@@ -76,7 +82,8 @@ pub fn run(a: InitArgs) -> Result<()> {
         if t.is_dir() {
             crate::io::copy_tokenizer_files(t, &a.out)?;
         } else {
-            std::fs::copy(t, a.out.join("tokenizer.json")).with_context(|| format!("cannot copy {}", t.display()))?;
+            std::fs::copy(t, a.out.join("tokenizer.json"))
+                .with_context(|| format!("cannot copy {}", t.display()))?;
         }
     }
     if let Some(text) = &a.train_tokenizer {

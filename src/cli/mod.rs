@@ -10,7 +10,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "ultralong", version, about = "UltraLong: Llama-3.1 context extension to 1M-4M tokens with YaRN (CPU reference backend)")]
+#[command(
+    name = "ultralong",
+    version,
+    about = "UltraLong: Llama-3.1 context extension to 1M-4M tokens with YaRN (CPU reference backend)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

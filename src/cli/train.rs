@@ -19,11 +19,20 @@ pub struct TrainArgs {
     /// Continue from the newest complete checkpoint in train.out_dir (if any).
     #[arg(long)]
     pub resume: bool,
+    /// Stop (with a checkpoint) after this many steps of this invocation; `--resume` continues.
+    #[arg(long)]
+    pub stop_after_steps: Option<u64>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = RunConfig::load(&a.config, &a.set)?;
-    let s = trainer::train(&cfg, a.resume)?;
+    let s = trainer::train(
+        &cfg,
+        trainer::RunOptions {
+            resume: a.resume,
+            stop_after_steps: a.stop_after_steps,
+        },
+    )?;
     eprintln!(
         "trained to step {} (loss {} -> {}); checkpoint {}",
         s.steps_done,

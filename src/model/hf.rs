@@ -30,9 +30,28 @@ impl<B: Backend> Llama<B> {
 
     /// Save config.json and weights in `dtype` to `dir`, with the tokenizer files of
     /// `tokenizer_from` (if any).
-    pub fn save(&self, b: &B, dir: &Path, dtype: DType, tokenizer_from: Option<&Path>) -> Result<()> {
+    pub fn save(
+        &self,
+        b: &B,
+        dir: &Path,
+        dtype: DType,
+        tokenizer_from: Option<&Path>,
+    ) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let json = serde_json::to_string_pretty(&self.cfg.to_hf_json())?;
+        let mut cfg = self.cfg.to_hf_json();
+        // The dtype the weights are stored in (transformers 4.x `torch_dtype`, 5.x `dtype`).
+        let name = match dtype {
+            DType::F32 => "float32",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+        };
+        if let Some(obj) = cfg.as_object_mut() {
+            obj.insert("torch_dtype".into(), name.into());
+            if obj.contains_key("dtype") {
+                obj.insert("dtype".into(), name.into());
+            }
+        }
+        let json = serde_json::to_string_pretty(&cfg)?;
         io::write_atomic(&dir.join("config.json"), json.as_bytes())?;
         io::save_safetensors_dir(dir, &self.params.to_host(b), dtype, MAX_SHARD_BYTES)?;
         if let Some(src) = tokenizer_from {

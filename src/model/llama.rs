@@ -10,7 +10,9 @@
 
 use crate::backend::{AttnShape, Backend};
 use crate::model::config::ModelConfig;
-use crate::model::params::{EMBED, LayerTensor as LT, ParamStore, final_norm_index, layer_index, lm_head_index};
+use crate::model::params::{
+    EMBED, LayerTensor as LT, ParamStore, final_norm_index, layer_index, lm_head_index,
+};
 use crate::model::rope::Rope;
 
 /// Sizes of one pass, taken from the config.
@@ -170,7 +172,16 @@ fn attn_shape(d: &Dims, pos0: i64) -> AttnShape {
 }
 
 /// `y [rows, out] = x [rows, in] · Wᵀ` for an HF weight `W [out, in]`.
-fn linear<B: Backend>(b: &B, y: &mut B::Buf, x: &B::Buf, w: &B::Buf, rows: usize, out: usize, inp: usize, acc: bool) {
+fn linear<B: Backend>(
+    b: &B,
+    y: &mut B::Buf,
+    x: &B::Buf,
+    w: &B::Buf,
+    rows: usize,
+    out: usize,
+    inp: usize,
+    acc: bool,
+) {
     b.gemm(y, 0, x, 0, w, 0, rows, out, inp, false, true, acc);
 }
 
@@ -214,10 +225,26 @@ fn layer_forward<B: Backend>(
     b.rope_forward(&mut a.q, cos, sin, t, d.n_q, d.head_dim);
     b.rope_forward(&mut a.k, cos, sin, t, d.n_kv, d.head_dim);
     let scale = 1.0 / (d.head_dim as f64).sqrt();
-    b.attention_forward(&a.q, &a.k, &a.v, &attn_shape(d, pos0), scale, &mut a.attn, &mut a.lse);
+    b.attention_forward(
+        &a.q,
+        &a.k,
+        &a.v,
+        &attn_shape(d, pos0),
+        scale,
+        &mut a.attn,
+        &mut a.lse,
+    );
     b.copy(x_in, 0, &mut a.x_mid, 0, t * h);
     linear(b, &mut a.x_mid, &a.attn, w(LT::O), t, h, d.q_width(), true);
-    b.rmsnorm_forward(&a.x_mid, w(LT::MlpNorm), d.eps, t, h, &mut a.xn2, &mut a.rstd2);
+    b.rmsnorm_forward(
+        &a.x_mid,
+        w(LT::MlpNorm),
+        d.eps,
+        t,
+        h,
+        &mut a.xn2,
+        &mut a.rstd2,
+    );
     linear(b, &mut a.gate, &a.xn2, w(LT::Gate), t, d.ffn, h, false);
     linear(b, &mut a.up, &a.xn2, w(LT::Up), t, d.ffn, h, false);
     b.swiglu_forward(&a.gate, &a.up, &mut a.h);
@@ -245,14 +272,82 @@ fn layer_backward<B: Backend>(
     let gi = |t: LT| layer_index(l, t);
     let (t, h) = (d.t, d.hidden);
     // MLP: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))).
-    b.gemm(&mut g.dh, 0, &g.dx, 0, w(LT::Down), 0, t, d.ffn, h, false, false, false);
-    b.gemm(&mut grads.bufs[gi(LT::Down)], 0, &g.dx, 0, &a.h, 0, h, d.ffn, t, true, false, true);
+    b.gemm(
+        &mut g.dh,
+        0,
+        &g.dx,
+        0,
+        w(LT::Down),
+        0,
+        t,
+        d.ffn,
+        h,
+        false,
+        false,
+        false,
+    );
+    b.gemm(
+        &mut grads.bufs[gi(LT::Down)],
+        0,
+        &g.dx,
+        0,
+        &a.h,
+        0,
+        h,
+        d.ffn,
+        t,
+        true,
+        false,
+        true,
+    );
     b.swiglu_backward(&a.gate, &a.up, &g.dh, &mut g.dgate, &mut g.dup);
-    linear_backward(b, &g.dgate, &a.xn2, w(LT::Gate), &mut g.dxn, &mut grads.bufs[gi(LT::Gate)], t, d.ffn, h, false);
-    linear_backward(b, &g.dup, &a.xn2, w(LT::Up), &mut g.dxn, &mut grads.bufs[gi(LT::Up)], t, d.ffn, h, true);
-    b.rmsnorm_backward(&g.dxn, &a.x_mid, w(LT::MlpNorm), &a.rstd2, t, h, &mut g.dx, &mut grads.bufs[gi(LT::MlpNorm)]);
+    linear_backward(
+        b,
+        &g.dgate,
+        &a.xn2,
+        w(LT::Gate),
+        &mut g.dxn,
+        &mut grads.bufs[gi(LT::Gate)],
+        t,
+        d.ffn,
+        h,
+        false,
+    );
+    linear_backward(
+        b,
+        &g.dup,
+        &a.xn2,
+        w(LT::Up),
+        &mut g.dxn,
+        &mut grads.bufs[gi(LT::Up)],
+        t,
+        d.ffn,
+        h,
+        true,
+    );
+    b.rmsnorm_backward(
+        &g.dxn,
+        &a.x_mid,
+        w(LT::MlpNorm),
+        &a.rstd2,
+        t,
+        h,
+        &mut g.dx,
+        &mut grads.bufs[gi(LT::MlpNorm)],
+    );
     // Attention: x_mid = x_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))).
-    linear_backward(b, &g.dx, &a.attn, w(LT::O), &mut g.dattn, &mut grads.bufs[gi(LT::O)], t, h, d.q_width(), false);
+    linear_backward(
+        b,
+        &g.dx,
+        &a.attn,
+        w(LT::O),
+        &mut g.dattn,
+        &mut grads.bufs[gi(LT::O)],
+        t,
+        h,
+        d.q_width(),
+        false,
+    );
     let scale = 1.0 / (d.head_dim as f64).sqrt();
     b.attention_backward(
         &a.q,
@@ -269,10 +364,52 @@ fn layer_backward<B: Backend>(
     );
     b.rope_backward(&mut g.dq, cos, sin, t, d.n_q, d.head_dim);
     b.rope_backward(&mut g.dk, cos, sin, t, d.n_kv, d.head_dim);
-    linear_backward(b, &g.dq, &a.xn1, w(LT::Q), &mut g.dxn, &mut grads.bufs[gi(LT::Q)], t, d.q_width(), h, false);
-    linear_backward(b, &g.dk, &a.xn1, w(LT::K), &mut g.dxn, &mut grads.bufs[gi(LT::K)], t, d.kv_width(), h, true);
-    linear_backward(b, &g.dv, &a.xn1, w(LT::V), &mut g.dxn, &mut grads.bufs[gi(LT::V)], t, d.kv_width(), h, true);
-    b.rmsnorm_backward(&g.dxn, x_in, w(LT::AttnNorm), &a.rstd1, t, h, &mut g.dx, &mut grads.bufs[gi(LT::AttnNorm)]);
+    linear_backward(
+        b,
+        &g.dq,
+        &a.xn1,
+        w(LT::Q),
+        &mut g.dxn,
+        &mut grads.bufs[gi(LT::Q)],
+        t,
+        d.q_width(),
+        h,
+        false,
+    );
+    linear_backward(
+        b,
+        &g.dk,
+        &a.xn1,
+        w(LT::K),
+        &mut g.dxn,
+        &mut grads.bufs[gi(LT::K)],
+        t,
+        d.kv_width(),
+        h,
+        true,
+    );
+    linear_backward(
+        b,
+        &g.dv,
+        &a.xn1,
+        w(LT::V),
+        &mut g.dxn,
+        &mut grads.bufs[gi(LT::V)],
+        t,
+        d.kv_width(),
+        h,
+        true,
+    );
+    b.rmsnorm_backward(
+        &g.dxn,
+        x_in,
+        w(LT::AttnNorm),
+        &a.rstd1,
+        t,
+        h,
+        &mut g.dx,
+        &mut grads.bufs[gi(LT::AttnNorm)],
+    );
 }
 
 /// What to do with the logits of each chunk of the LM head.
@@ -317,7 +454,13 @@ impl<B: Backend> Llama<B> {
         mut grads: Option<&mut ParamStore<B>>,
     ) -> f64 {
         let d = ws.dims;
-        assert_eq!(ids.len(), d.t, "forward_backward: {} ids for a workspace of {} tokens", ids.len(), d.t);
+        assert_eq!(
+            ids.len(),
+            d.t,
+            "forward_backward: {} ids for a workspace of {} tokens",
+            ids.len(),
+            d.t
+        );
         let p = &self.params;
         let pos = pos0 as i64;
         self.load_rope_tables(b, ws, pos0);
@@ -326,10 +469,29 @@ impl<B: Backend> Llama<B> {
         for l in 0..d.layers {
             let set = ws.act_set(l);
             let (before, after) = ws.xs.split_at_mut(l + 1);
-            layer_forward(b, &d, p, l, &before[l], &mut ws.acts[set], &mut after[0], &ws.cos, &ws.sin, pos);
+            layer_forward(
+                b,
+                &d,
+                p,
+                l,
+                &before[l],
+                &mut ws.acts[set],
+                &mut after[0],
+                &ws.cos,
+                &ws.sin,
+                pos,
+            );
         }
         let fnorm = final_norm_index(&self.cfg);
-        b.rmsnorm_forward(&ws.xs[d.layers], &p.bufs[fnorm], d.eps, d.t, d.hidden, &mut ws.xf, &mut ws.rstd_f);
+        b.rmsnorm_forward(
+            &ws.xs[d.layers],
+            &p.bufs[fnorm],
+            d.eps,
+            d.t,
+            d.hidden,
+            &mut ws.xf,
+            &mut ws.rstd_f,
+        );
 
         // LM head + cross-entropy, `ce_chunk` tokens at a time; the chunk's logits buffer is
         // turned into its gradient in place and consumed before the next chunk.
@@ -342,26 +504,74 @@ impl<B: Backend> Llama<B> {
         let c = ws.ce_chunk;
         for r0 in (0..d.t).step_by(c) {
             let rows = c.min(d.t - r0);
-            b.gemm(&mut ws.logits, 0, &ws.xf, r0 * d.hidden, &p.bufs[lm], 0, rows, d.vocab, d.hidden, false, true, false);
+            b.gemm(
+                &mut ws.logits,
+                0,
+                &ws.xf,
+                r0 * d.hidden,
+                &p.bufs[lm],
+                0,
+                rows,
+                d.vocab,
+                d.hidden,
+                false,
+                true,
+                false,
+            );
             match &mut head {
                 Head::Logits(out) => {
                     let chunk = b.download(&ws.logits);
                     out.extend_from_slice(&chunk[..rows * d.vocab]);
                 }
-                Head::Loss { targets, grad_scale } => {
+                Head::Loss {
+                    targets,
+                    grad_scale,
+                } => {
                     if rows < c {
                         // The last chunk is short: shrink the logits view by computing into a
                         // zero-target tail (ignored rows contribute neither loss nor gradient).
                         let mut tg: Vec<i32> = targets[r0..r0 + rows].to_vec();
                         tg.resize(c, -1);
-                        loss_sum += b.cross_entropy_chunk(&mut ws.logits, &tg, d.vocab, *grad_scale);
+                        loss_sum +=
+                            b.cross_entropy_chunk(&mut ws.logits, &tg, d.vocab, *grad_scale);
                     } else {
-                        loss_sum += b.cross_entropy_chunk(&mut ws.logits, &targets[r0..r0 + rows], d.vocab, *grad_scale);
+                        loss_sum += b.cross_entropy_chunk(
+                            &mut ws.logits,
+                            &targets[r0..r0 + rows],
+                            d.vocab,
+                            *grad_scale,
+                        );
                     }
                     if let Some(g) = grads.as_deref_mut() {
                         // dxf[rows] = dlogits · W_lm ; dW_lm += dlogitsᵀ · xf[rows]
-                        b.gemm(&mut ws.grads.dxn, r0 * d.hidden, &ws.logits, 0, &p.bufs[lm], 0, rows, d.hidden, d.vocab, false, false, false);
-                        b.gemm(&mut g.bufs[lm], 0, &ws.logits, 0, &ws.xf, r0 * d.hidden, d.vocab, d.hidden, rows, true, false, true);
+                        b.gemm(
+                            &mut ws.grads.dxn,
+                            r0 * d.hidden,
+                            &ws.logits,
+                            0,
+                            &p.bufs[lm],
+                            0,
+                            rows,
+                            d.hidden,
+                            d.vocab,
+                            false,
+                            false,
+                            false,
+                        );
+                        b.gemm(
+                            &mut g.bufs[lm],
+                            0,
+                            &ws.logits,
+                            0,
+                            &ws.xf,
+                            r0 * d.hidden,
+                            d.vocab,
+                            d.hidden,
+                            rows,
+                            true,
+                            false,
+                            true,
+                        );
                     }
                 }
             }
@@ -372,16 +582,48 @@ impl<B: Backend> Llama<B> {
         }
 
         b.fill_zero(&mut ws.grads.dx);
-        b.rmsnorm_backward(&ws.grads.dxn, &ws.xs[d.layers], &p.bufs[fnorm], &ws.rstd_f, d.t, d.hidden, &mut ws.grads.dx, &mut g.bufs[fnorm]);
+        b.rmsnorm_backward(
+            &ws.grads.dxn,
+            &ws.xs[d.layers],
+            &p.bufs[fnorm],
+            &ws.rstd_f,
+            d.t,
+            d.hidden,
+            &mut ws.grads.dx,
+            &mut g.bufs[fnorm],
+        );
         for l in (0..d.layers).rev() {
             let set = ws.act_set(l);
             if ws.recompute && l + 1 != d.layers {
                 // Full recompute: rebuild this layer's activations from its saved input.
                 let mut scratch_out = std::mem::replace(&mut ws.grads.dxn, b.zeros(0));
-                layer_forward(b, &d, p, l, &ws.xs[l], &mut ws.acts[set], &mut scratch_out, &ws.cos, &ws.sin, pos);
+                layer_forward(
+                    b,
+                    &d,
+                    p,
+                    l,
+                    &ws.xs[l],
+                    &mut ws.acts[set],
+                    &mut scratch_out,
+                    &ws.cos,
+                    &ws.sin,
+                    pos,
+                );
                 ws.grads.dxn = scratch_out;
             }
-            layer_backward(b, &d, p, g, l, &ws.xs[l], &ws.acts[set], &mut ws.grads, &ws.cos, &ws.sin, pos);
+            layer_backward(
+                b,
+                &d,
+                p,
+                g,
+                l,
+                &ws.xs[l],
+                &ws.acts[set],
+                &mut ws.grads,
+                &ws.cos,
+                &ws.sin,
+                pos,
+            );
         }
         b.embedding_backward(&mut g.bufs[EMBED], ids, d.hidden, &ws.grads.dx);
         loss_sum
@@ -412,7 +654,10 @@ mod tests {
         // Norm weights away from 1 so their gradients are exercised.
         for (s, buf) in params.specs.iter().zip(params.bufs.iter_mut()) {
             if s.is_norm {
-                let v: Vec<f64> = crate::util::gradcheck::test_values(s.numel(), 5).iter().map(|x| 1.0 + 0.3 * x).collect();
+                let v: Vec<f64> = crate::util::gradcheck::test_values(s.numel(), 5)
+                    .iter()
+                    .map(|x| 1.0 + 0.3 * x)
+                    .collect();
                 *buf = b.upload_f64(&v);
             }
         }
@@ -422,11 +667,30 @@ mod tests {
     const IDS: [u32; 7] = [3, 17, 5, 5, 22, 0, 9];
     const TARGETS: [i32; 7] = [17, 5, 5, 22, 0, 9, -1];
 
-    fn loss_and_grads<B: Backend>(b: &B, m: &Llama<B>, recompute: bool, chunk: usize, pos0: u64) -> (f64, Vec<Vec<f64>>) {
+    fn loss_and_grads<B: Backend>(
+        b: &B,
+        m: &Llama<B>,
+        recompute: bool,
+        chunk: usize,
+        pos0: u64,
+    ) -> (f64, Vec<Vec<f64>>) {
         let mut ws = Workspace::new(b, &m.cfg, IDS.len(), recompute, chunk);
         let mut g = ParamStore::zeros(b, &m.cfg);
-        let loss = m.forward_backward(b, &mut ws, &IDS, pos0, Head::Loss { targets: &TARGETS, grad_scale: 1.0 / 6.0 }, Some(&mut g));
-        (loss / 6.0, g.bufs.iter().map(|x| b.download_f64(x)).collect())
+        let loss = m.forward_backward(
+            b,
+            &mut ws,
+            &IDS,
+            pos0,
+            Head::Loss {
+                targets: &TARGETS,
+                grad_scale: 1.0 / 6.0,
+            },
+            Some(&mut g),
+        );
+        (
+            loss / 6.0,
+            g.bufs.iter().map(|x| b.download_f64(x)).collect(),
+        )
     }
 
     #[test]
@@ -440,13 +704,27 @@ mod tests {
                 let mut f = |x: &[f64]| {
                     model.params.bufs[i] = b.upload_f64(x);
                     let mut ws = Workspace::new(&b, &model.cfg, IDS.len(), false, 7);
-                    let l = model.forward_backward(&b, &mut ws, &IDS, 40, Head::Loss { targets: &TARGETS, grad_scale: 1.0 }, None);
+                    let l = model.forward_backward(
+                        &b,
+                        &mut ws,
+                        &IDS,
+                        40,
+                        Head::Loss {
+                            targets: &TARGETS,
+                            grad_scale: 1.0,
+                        },
+                        None,
+                    );
                     l / 6.0
                 };
                 let num = numeric_grad(&mut f, &x0, 1e-5);
                 model.params.bufs[i] = b.upload_f64(&x0);
                 let e = rel_err(&grads[i], &num);
-                assert!(e < 1e-6, "tied={tied} {}: relative error {e:e}", model.params.specs[i].name);
+                assert!(
+                    e < 1e-6,
+                    "tied={tied} {}: relative error {e:e}",
+                    model.params.specs[i].name
+                );
             }
         }
     }
@@ -458,7 +736,10 @@ mod tests {
         let (l_full, g_full) = loss_and_grads(&b, &model, false, 7, 0);
         for chunk in [1, 2, 3, 5] {
             let (l, g) = loss_and_grads(&b, &model, false, chunk, 0);
-            assert!((l - l_full).abs() < 1e-13, "chunk {chunk}: loss {l} vs {l_full}");
+            assert!(
+                (l - l_full).abs() < 1e-13,
+                "chunk {chunk}: loss {l} vs {l_full}"
+            );
             for (a, f) in g.iter().zip(&g_full) {
                 assert!(rel_err(a, f) < 1e-12, "chunk {chunk}");
             }

@@ -45,17 +45,44 @@ impl ParamSpec {
 /// when tied to the embedding).
 pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
     let (h, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
-    let spec = |name: String, shape: Vec<usize>, is_norm| ParamSpec { name, shape, is_norm };
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let spec = |name: String, shape: Vec<usize>, is_norm| ParamSpec {
+        name,
+        shape,
+        is_norm,
+    };
     let mut out = vec![spec("model.embed_tokens.weight".into(), vec![v, h], false)];
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}.");
         out.push(spec(format!("{p}input_layernorm.weight"), vec![h], true));
-        out.push(spec(format!("{p}self_attn.q_proj.weight"), vec![q, h], false));
-        out.push(spec(format!("{p}self_attn.k_proj.weight"), vec![kv, h], false));
-        out.push(spec(format!("{p}self_attn.v_proj.weight"), vec![kv, h], false));
-        out.push(spec(format!("{p}self_attn.o_proj.weight"), vec![h, q], false));
-        out.push(spec(format!("{p}post_attention_layernorm.weight"), vec![h], true));
+        out.push(spec(
+            format!("{p}self_attn.q_proj.weight"),
+            vec![q, h],
+            false,
+        ));
+        out.push(spec(
+            format!("{p}self_attn.k_proj.weight"),
+            vec![kv, h],
+            false,
+        ));
+        out.push(spec(
+            format!("{p}self_attn.v_proj.weight"),
+            vec![kv, h],
+            false,
+        ));
+        out.push(spec(
+            format!("{p}self_attn.o_proj.weight"),
+            vec![h, q],
+            false,
+        ));
+        out.push(spec(
+            format!("{p}post_attention_layernorm.weight"),
+            vec![h],
+            true,
+        ));
         out.push(spec(format!("{p}mlp.gate_proj.weight"), vec![f, h], false));
         out.push(spec(format!("{p}mlp.up_proj.weight"), vec![f, h], false));
         out.push(spec(format!("{p}mlp.down_proj.weight"), vec![h, f], false));
@@ -78,7 +105,11 @@ pub fn final_norm_index(cfg: &ModelConfig) -> usize {
 }
 
 pub fn lm_head_index(cfg: &ModelConfig) -> usize {
-    if cfg.tie_word_embeddings { EMBED } else { final_norm_index(cfg) + 1 }
+    if cfg.tie_word_embeddings {
+        EMBED
+    } else {
+        final_norm_index(cfg) + 1
+    }
 }
 
 /// A set of tensors laid out as `param_specs` (weights, gradients, or an optimizer moment).
@@ -98,7 +129,11 @@ impl<B: Backend> ParamStore<B> {
     /// from N(0, initializer_range²), norm weights 1. Each value is a pure function of (seed, name,
     /// index) (`util::rng`), so the result does not depend on how the tensor is later sharded.
     pub fn init_random(b: &B, cfg: &ModelConfig, seed: u64) -> Self {
-        let std = cfg.raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
+        let std = cfg
+            .raw
+            .get("initializer_range")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.02);
         let specs = param_specs(cfg);
         let bufs = specs
             .iter()
@@ -107,7 +142,9 @@ impl<B: Backend> ParamStore<B> {
                     vec![1.0; s.numel()]
                 } else {
                     let stream = rng::stream_of(&s.name);
-                    (0..s.numel() as u64).map(|i| (std * rng::normal(seed, stream, i)) as f32).collect()
+                    (0..s.numel() as u64)
+                        .map(|i| (std * rng::normal(seed, stream, i)) as f32)
+                        .collect()
                 };
                 b.upload(&host)
             })
@@ -121,20 +158,34 @@ impl<B: Backend> ParamStore<B> {
         let specs = param_specs(cfg);
         let mut bufs = Vec::with_capacity(specs.len());
         for s in &specs {
-            let t = map
-                .get(&s.name)
-                .with_context(|| format!("{source}: tensor `{}` is missing (expected shape {:?})", s.name, s.shape))?;
+            let t = map.get(&s.name).with_context(|| {
+                format!(
+                    "{source}: tensor `{}` is missing (expected shape {:?})",
+                    s.name, s.shape
+                )
+            })?;
             if t.shape != s.shape {
-                bail!("{source}: tensor `{}` has shape {:?}; the config implies {:?}", s.name, t.shape, s.shape);
+                bail!(
+                    "{source}: tensor `{}` has shape {:?}; the config implies {:?}",
+                    s.name,
+                    t.shape,
+                    s.shape
+                );
             }
             bufs.push(b.upload(&t.data));
         }
-        let mut extra: Vec<&String> = map.keys().filter(|k| !specs.iter().any(|s| &s.name == *k)).collect();
+        let mut extra: Vec<&String> = map
+            .keys()
+            .filter(|k| !specs.iter().any(|s| &s.name == *k))
+            .collect();
         if cfg.tie_word_embeddings {
             extra.retain(|k| k.as_str() != "lm_head.weight");
         }
         if let Some(k) = extra.first() {
-            bail!("{source}: unexpected tensor `{k}` for this config ({} unexpected in all)", extra.len());
+            bail!(
+                "{source}: unexpected tensor `{k}` for this config ({} unexpected in all)",
+                extra.len()
+            );
         }
         Ok(ParamStore { specs, bufs })
     }
@@ -143,7 +194,12 @@ impl<B: Backend> ParamStore<B> {
         self.specs
             .iter()
             .zip(&self.bufs)
-            .map(|(s, buf)| (s.name.clone(), HostTensor::new(s.shape.clone(), b.download(buf))))
+            .map(|(s, buf)| {
+                (
+                    s.name.clone(),
+                    HostTensor::new(s.shape.clone(), b.download(buf)),
+                )
+            })
             .collect()
     }
 

@@ -53,7 +53,10 @@ fn moments_to_host<B: Backend>(b: &B, m: &ParamStore<B>, v: &ParamStore<B>) -> T
     let mut map = TensorMap::new();
     for (prefix, store) in [("m.", m), ("v.", v)] {
         for (s, buf) in store.specs.iter().zip(&store.bufs) {
-            map.insert(format!("{prefix}{}", s.name), HostTensor::new(s.shape.clone(), b.download(buf)));
+            map.insert(
+                format!("{prefix}{}", s.name),
+                HostTensor::new(s.shape.clone(), b.download(buf)),
+            );
         }
     }
     map
@@ -89,19 +92,34 @@ pub fn save<B: Backend>(
     let name = step_name(state.step);
     let tmp = root.join(format!(".tmp-{name}"));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove stale {}", tmp.display()))?;
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
     }
     let mut write = || -> Result<()> {
         model.save(b, &tmp.join("model"), DType::F32, tokenizer_from)?;
-        io::save_safetensors_file(&tmp.join("optimizer.safetensors"), &moments_to_host(b, m, v), DType::F32, None)?;
+        io::save_safetensors_file(
+            &tmp.join("optimizer.safetensors"),
+            &moments_to_host(b, m, v),
+            DType::F32,
+            None,
+        )?;
         let mut files = Vec::new();
         list_files(&tmp, &tmp, &mut files)?;
         for f in files {
             let p = tmp.join(&f);
             let bytes = std::fs::metadata(&p)?.len();
-            state.files.insert(f.to_string_lossy().into_owned(), FileRecord { bytes, sha256: io::sha256_file(&p)? });
+            state.files.insert(
+                f.to_string_lossy().into_owned(),
+                FileRecord {
+                    bytes,
+                    sha256: io::sha256_file(&p)?,
+                },
+            );
         }
-        io::write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+        io::write_atomic(
+            &tmp.join("state.json"),
+            serde_json::to_string_pretty(&state)?.as_bytes(),
+        )?;
         Ok(())
     };
     if let Err(e) = write() {
@@ -114,9 +132,11 @@ pub fn save<B: Backend>(
     }
     let fin = root.join(&name);
     if fin.exists() {
-        std::fs::remove_dir_all(&fin).with_context(|| format!("cannot replace {}", fin.display()))?;
+        std::fs::remove_dir_all(&fin)
+            .with_context(|| format!("cannot replace {}", fin.display()))?;
     }
-    std::fs::rename(&tmp, &fin).with_context(|| format!("cannot rename {} to {}", tmp.display(), fin.display()))?;
+    std::fs::rename(&tmp, &fin)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), fin.display()))?;
     io::write_atomic(&root.join("latest"), name.as_bytes())?;
     prune(&root, keep)?;
     Ok(fin)
@@ -127,7 +147,11 @@ fn list_checkpoints(root: &Path) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = match std::fs::read_dir(root) {
         Ok(rd) => rd
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("step-"))
+            })
             .collect(),
         Err(_) => vec![],
     };
@@ -138,7 +162,8 @@ fn list_checkpoints(root: &Path) -> Result<Vec<PathBuf>> {
 fn prune(root: &Path, keep: usize) -> Result<()> {
     let all = list_checkpoints(root)?;
     for old in &all[..all.len().saturating_sub(keep)] {
-        std::fs::remove_dir_all(old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+        std::fs::remove_dir_all(old)
+            .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
     }
     Ok(())
 }
@@ -146,19 +171,30 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
 /// Check a checkpoint's files against the sizes and hashes in its state.json.
 pub fn verify(dir: &Path) -> Result<TrainState> {
     let sp = dir.join("state.json");
-    let text = std::fs::read_to_string(&sp).with_context(|| format!("checkpoint {}: cannot read state.json", dir.display()))?;
-    let state: TrainState = serde_json::from_str(&text).with_context(|| format!("{}: malformed", sp.display()))?;
+    let text = std::fs::read_to_string(&sp)
+        .with_context(|| format!("checkpoint {}: cannot read state.json", dir.display()))?;
+    let state: TrainState =
+        serde_json::from_str(&text).with_context(|| format!("{}: malformed", sp.display()))?;
     if state.files.is_empty() {
         bail!("{}: lists no files", sp.display());
     }
     for (f, rec) in &state.files {
         let p = dir.join(f);
-        let bytes = std::fs::metadata(&p).with_context(|| format!("checkpoint {}: file {f} is missing", dir.display()))?.len();
+        let bytes = std::fs::metadata(&p)
+            .with_context(|| format!("checkpoint {}: file {f} is missing", dir.display()))?
+            .len();
         if bytes != rec.bytes {
-            bail!("checkpoint {}: file {f} has {bytes} bytes, expected {} (truncated?)", dir.display(), rec.bytes);
+            bail!(
+                "checkpoint {}: file {f} has {bytes} bytes, expected {} (truncated?)",
+                dir.display(),
+                rec.bytes
+            );
         }
         if io::sha256_file(&p)? != rec.sha256 {
-            bail!("checkpoint {}: file {f} does not match its SHA-256 (corrupted)", dir.display());
+            bail!(
+                "checkpoint {}: file {f} does not match its SHA-256 (corrupted)",
+                dir.display()
+            );
         }
     }
     Ok(state)
@@ -198,9 +234,16 @@ pub fn load<B: Backend>(
     for (prefix, store) in [("m.", &mut m), ("v.", &mut v)] {
         for (s, buf) in store.specs.iter().zip(store.bufs.iter_mut()) {
             let key = format!("{prefix}{}", s.name);
-            let t = map.get(&key).with_context(|| format!("{}: tensor `{key}` is missing", opt_path.display()))?;
+            let t = map
+                .get(&key)
+                .with_context(|| format!("{}: tensor `{key}` is missing", opt_path.display()))?;
             if t.shape != s.shape {
-                bail!("{}: tensor `{key}` has shape {:?}, expected {:?}", opt_path.display(), t.shape, s.shape);
+                bail!(
+                    "{}: tensor `{key}` has shape {:?}, expected {:?}",
+                    opt_path.display(),
+                    t.shape,
+                    s.shape
+                );
             }
             *buf = b.upload(&t.data);
         }

@@ -129,7 +129,10 @@ pub struct CheckpointSection {
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        CheckpointSection { interval: 0, keep: 2 }
+        CheckpointSection {
+            interval: 0,
+            keep: 2,
+        }
     }
 }
 
@@ -155,8 +158,10 @@ impl RunConfig {
     /// Read `path`, apply `key=value` overrides (dotted keys, TOML values; a bare word is a
     /// string), then validate.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read run config {}", path.display()))?;
-        let mut doc: toml::Table = toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read run config {}", path.display()))?;
+        let mut doc: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
         for ov in overrides {
             apply_override(&mut doc, ov).with_context(|| format!("--set {ov}"))?;
         }
@@ -166,7 +171,8 @@ impl RunConfig {
         // Relative paths are relative to the config file's directory... unless they exist from
         // the current directory; we take them as given (relative to the working directory), the
         // convention of the shipped configs and Makefile.
-        cfg.validate().with_context(|| format!("{}: invalid run config", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("{}: invalid run config", path.display()))?;
         Ok(cfg)
     }
 
@@ -188,9 +194,16 @@ impl RunConfig {
         }
         let o = &self.optim;
         if !["constant", "cosine", "linear"].contains(&o.schedule.as_str()) {
-            bail!("optim.schedule = {:?}: expected \"constant\", \"cosine\" or \"linear\"", o.schedule);
+            bail!(
+                "optim.schedule = {:?}: expected \"constant\", \"cosine\" or \"linear\"",
+                o.schedule
+            );
         }
-        if !(o.lr >= 0.0 && (0.0..1.0).contains(&o.beta1) && (0.0..1.0).contains(&o.beta2) && o.eps > 0.0) {
+        if !(o.lr >= 0.0
+            && (0.0..1.0).contains(&o.beta1)
+            && (0.0..1.0).contains(&o.beta2)
+            && o.eps > 0.0)
+        {
             bail!("optim: need lr >= 0, 0 <= beta1, beta2 < 1, eps > 0");
         }
         if self.checkpoint.keep == 0 {
@@ -214,8 +227,12 @@ fn apply_override(doc: &mut toml::Table, ov: &str) -> Result<()> {
     let parts: Vec<&str> = key.trim().split('.').collect();
     let mut table = doc;
     for p in &parts[..parts.len() - 1] {
-        let entry = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry.as_table_mut().with_context(|| format!("`{p}` in `{key}` is not a table"))?;
+        let entry = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .with_context(|| format!("`{p}` in `{key}` is not a table"))?;
     }
     table.insert(parts[parts.len() - 1].to_string(), parsed);
     Ok(())
@@ -245,7 +262,11 @@ out_dir = "o"
 
     #[test]
     fn overrides_apply_with_types() {
-        let c = load(BASE, &["train.steps=7", "optim.schedule=cosine", "optim.lr=1e-3"]).unwrap();
+        let c = load(
+            BASE,
+            &["train.steps=7", "optim.schedule=cosine", "optim.lr=1e-3"],
+        )
+        .unwrap();
         assert_eq!(c.optim.schedule, "cosine");
         assert_eq!(c.optim.lr, 1e-3);
         assert_eq!(c.optim.beta2, 0.95, "unset keys keep their defaults");
@@ -256,7 +277,10 @@ out_dir = "o"
 
     #[test]
     fn unknown_key_is_named() {
-        let e = format!("{:#}", load(&format!("{BASE}\nbogus_key = 1\n"), &[]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            load(&format!("{BASE}\nbogus_key = 1\n"), &[]).unwrap_err()
+        );
         assert!(e.contains("bogus_key") && e.contains("run.toml"), "{e}");
     }
 

@@ -9,29 +9,50 @@ use anyhow::{Context, Result, bail};
 
 /// Load token ids: `.json` (array of integers) or anything else as little-endian u32.
 pub fn load_token_file(path: &Path) -> Result<Vec<u32>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read token file {}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read token file {}", path.display()))?;
     if path.extension().is_some_and(|e| e == "json") {
-        let ids: Vec<u32> = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}: expected a JSON array of non-negative token ids", path.display()))?;
+        let ids: Vec<u32> = serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{}: expected a JSON array of non-negative token ids",
+                path.display()
+            )
+        })?;
         return Ok(ids);
     }
     if bytes.len() % 4 != 0 {
-        bail!("{}: {} bytes is not a whole number of little-endian u32 tokens", path.display(), bytes.len());
+        bail!(
+            "{}: {} bytes is not a whole number of little-endian u32 tokens",
+            path.display(),
+            bytes.len()
+        );
     }
-    Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 /// Tokenize a UTF-8 text file with a HF tokenizer.json (no special tokens added).
 pub fn tokenize_text_file(text: &Path, tokenizer: &Path) -> Result<Vec<u32>> {
     let tok = tokenizers::Tokenizer::from_file(tokenizer)
         .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", tokenizer.display()))?;
-    let body = std::fs::read_to_string(text).with_context(|| format!("cannot read text file {}", text.display()))?;
+    let body = std::fs::read_to_string(text)
+        .with_context(|| format!("cannot read text file {}", text.display()))?;
     // Encode line blocks in parallel: tokenizers' batch API uses all cores.
-    let blocks: Vec<String> = body.split_inclusive('\n').collect::<Vec<_>>().chunks(64).map(|c| c.concat()).collect();
+    let blocks: Vec<String> = body
+        .split_inclusive('\n')
+        .collect::<Vec<_>>()
+        .chunks(64)
+        .map(|c| c.concat())
+        .collect();
     let enc = tok
         .encode_batch(blocks, false)
         .map_err(|e| anyhow::anyhow!("{}: tokenization failed: {e}", text.display()))?;
-    Ok(enc.iter().flat_map(|e| e.get_ids().iter().copied()).collect())
+    Ok(enc
+        .iter()
+        .flat_map(|e| e.get_ids().iter().copied())
+        .collect())
 }
 
 /// A cyclic stream of training windows.
@@ -43,9 +64,17 @@ pub struct TokenStream {
 impl TokenStream {
     pub fn new(tokens: Vec<u32>, seq_len: usize, vocab: usize, source: &str) -> Result<Self> {
         if tokens.len() < seq_len + 1 {
-            bail!("{source}: {} tokens, fewer than one training window of seq_len + 1 = {}", tokens.len(), seq_len + 1);
+            bail!(
+                "{source}: {} tokens, fewer than one training window of seq_len + 1 = {}",
+                tokens.len(),
+                seq_len + 1
+            );
         }
-        if let Some((i, &t)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
+        if let Some((i, &t)) = tokens
+            .iter()
+            .enumerate()
+            .find(|&(_, &t)| t as usize >= vocab)
+        {
             bail!("{source}: token {t} at index {i} is outside the model's vocabulary of {vocab}");
         }
         Ok(TokenStream { tokens, seq_len })
@@ -59,8 +88,13 @@ impl TokenStream {
     pub fn window(&self, index: u64) -> (Vec<u32>, Vec<i32>) {
         let n = self.tokens.len();
         let start = (index as u128 * self.seq_len as u128 % n as u128) as usize;
-        let w: Vec<u32> = (0..=self.seq_len).map(|i| self.tokens[(start + i) % n]).collect();
-        (w[..self.seq_len].to_vec(), w[1..].iter().map(|&t| t as i32).collect())
+        let w: Vec<u32> = (0..=self.seq_len)
+            .map(|i| self.tokens[(start + i) % n])
+            .collect();
+        (
+            w[..self.seq_len].to_vec(),
+            w[1..].iter().map(|&t| t as i32).collect(),
+        )
     }
 }
 
@@ -78,7 +112,13 @@ mod tests {
 
     #[test]
     fn out_of_vocab_is_named() {
-        let e = TokenStream::new(vec![1, 2, 300, 4, 5, 6], 2, 256, "x.bin").err().unwrap().to_string();
-        assert!(e.contains("300") && e.contains("index 2") && e.contains("x.bin"), "{e}");
+        let e = TokenStream::new(vec![1, 2, 300, 4, 5, 6], 2, 256, "x.bin")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("300") && e.contains("index 2") && e.contains("x.bin"),
+            "{e}"
+        );
     }
 }

@@ -25,12 +25,20 @@ mod tests {
 
     #[test]
     fn warmup_then_shapes() {
-        let mut o = OptimSection { lr: 1.0, warmup_steps: 4, min_lr_ratio: 0.1, ..Default::default() };
+        let mut o = OptimSection {
+            lr: 1.0,
+            warmup_steps: 4,
+            min_lr_ratio: 0.1,
+            ..Default::default()
+        };
         assert_eq!(learning_rate(&o, 1, 14), 0.25);
         assert_eq!(learning_rate(&o, 4, 14), 1.0);
         assert_eq!(learning_rate(&o, 10, 14), 1.0);
         o.schedule = "cosine".into();
-        assert!((learning_rate(&o, 9, 14) - (0.1 + 0.9 * 0.5)).abs() < 1e-12, "half way down");
+        assert!(
+            (learning_rate(&o, 9, 14) - (0.1 + 0.9 * 0.5)).abs() < 1e-12,
+            "half way down"
+        );
         assert!((learning_rate(&o, 14, 14) - 0.1).abs() < 1e-12);
         o.schedule = "linear".into();
         assert!((learning_rate(&o, 9, 14) - 0.55).abs() < 1e-12);

@@ -47,19 +47,34 @@ pub struct RunSummary {
 
 /// Build the RoPE scaling a config section asks for, checking the keys each type needs.
 pub fn rope_from_override(o: &RopeOverride) -> Result<RopeScaling> {
-    let need = |v: Option<f64>, key: &str| v.with_context(|| format!("model.rope_scaling.{key} is required for rope_type {:?}", o.rope_type));
+    let need = |v: Option<f64>, key: &str| {
+        v.with_context(|| {
+            format!(
+                "model.rope_scaling.{key} is required for rope_type {:?}",
+                o.rope_type
+            )
+        })
+    };
     Ok(match o.rope_type.as_str() {
         "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear { factor: need(o.factor, "factor")? },
+        "linear" => RopeScaling::Linear {
+            factor: need(o.factor, "factor")?,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: need(o.factor, "factor")?,
             low_freq_factor: need(o.low_freq_factor, "low_freq_factor")?,
             high_freq_factor: need(o.high_freq_factor, "high_freq_factor")?,
-            original_max_position_embeddings: need(o.original_max_position_embeddings, "original_max_position_embeddings")?,
+            original_max_position_embeddings: need(
+                o.original_max_position_embeddings,
+                "original_max_position_embeddings",
+            )?,
         },
         "yarn" => RopeScaling::Yarn {
             factor: need(o.factor, "factor")?,
-            original_max_position_embeddings: need(o.original_max_position_embeddings, "original_max_position_embeddings")?,
+            original_max_position_embeddings: need(
+                o.original_max_position_embeddings,
+                "original_max_position_embeddings",
+            )?,
             beta_fast: o.beta_fast.unwrap_or(32.0),
             beta_slow: o.beta_slow.unwrap_or(1.0),
             mscale: o.mscale,
@@ -67,23 +82,37 @@ pub fn rope_from_override(o: &RopeOverride) -> Result<RopeScaling> {
             attention_factor: o.attention_factor,
             truncate: o.truncate.unwrap_or(true),
         },
-        other => bail!("model.rope_scaling.rope_type = {other:?}: expected \"default\", \"linear\", \"llama3\" or \"yarn\""),
+        other => bail!(
+            "model.rope_scaling.rope_type = {other:?}: expected \"default\", \"linear\", \"llama3\" or \"yarn\""
+        ),
     })
 }
 
 fn config_hash(cfg: &RunConfig) -> String {
     let text = toml::to_string(cfg).unwrap_or_default();
-    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Global L2 norm of all gradients.
 pub fn global_grad_norm<B: Backend>(b: &B, grads: &ParamStore<B>) -> f64 {
-    grads.bufs.iter().map(|g| b.sum_squares(g)).sum::<f64>().sqrt()
+    grads
+        .bufs
+        .iter()
+        .map(|g| b.sum_squares(g))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Clip factor for a global norm (`max_norm` 0 = no clipping), as torch's clip_grad_norm_.
 pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
-    if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 }
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
 }
 
 /// One optimizer step over all parameters. Norm weights are not weight-decayed.
@@ -96,8 +125,21 @@ pub fn adamw_step<B: Backend>(
     hp: AdamW,
 ) {
     for i in 0..params.bufs.len() {
-        let wd = if params.specs[i].is_norm { 0.0 } else { hp.weight_decay };
-        b.adamw(&mut params.bufs[i], &grads.bufs[i], &mut m.bufs[i], &mut v.bufs[i], &AdamW { weight_decay: wd, ..hp });
+        let wd = if params.specs[i].is_norm {
+            0.0
+        } else {
+            hp.weight_decay
+        };
+        b.adamw(
+            &mut params.bufs[i],
+            &grads.bufs[i],
+            &mut m.bufs[i],
+            &mut v.bufs[i],
+            &AdamW {
+                weight_decay: wd,
+                ..hp
+            },
+        );
     }
 }
 
@@ -107,20 +149,35 @@ fn tokenizer_of(dir: &Path) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// Run (or resume) training as `cfg` says, on the CPU backend in f32.
-pub fn train(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
-    let b = CpuBackend::<f32>::new();
-    train_on(&b, cfg, resume)
+/// How this invocation runs: resume or not, and an optional stop before the configured end (a job
+/// step shorter than the run: it checkpoints and exits, and a later `--resume` continues).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    pub resume: bool,
+    pub stop_after_steps: Option<u64>,
 }
 
-pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
+/// Run (or resume) training as `cfg` says, on the CPU backend in f32.
+pub fn train(cfg: &RunConfig, opts: RunOptions) -> Result<RunSummary> {
+    let b = CpuBackend::<f32>::new();
+    train_on(&b, cfg, opts)
+}
+
+pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<RunSummary> {
+    let resume = opts.resume;
     let precision: RopePrecision = cfg.model.rope_precision.parse()?;
     let out = &cfg.train.out_dir;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let tok_source = tokenizer_of(&cfg.model.path);
+    // Tokenizer files travel with every checkpoint and export, from the starting model directory.
+    let tok_dir = cfg.model.path.clone();
+    let tok_source = tokenizer_of(&tok_dir);
 
     // Model and optimizer state: from the newest valid checkpoint, or fresh.
-    let found = if resume { checkpoint::find_latest(out)? } else { None };
+    let found = if resume {
+        checkpoint::find_latest(out)?
+    } else {
+        None
+    };
     let (mut model, mut m, mut v, state) = match found {
         Some((dir, state)) => {
             let (model, m, v) = checkpoint::load(b, &dir, precision)?;
@@ -132,11 +189,17 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool) -> Result<RunS
         }
         None => {
             if resume {
-                eprintln!("no checkpoint in {}: starting from {}", checkpoint::checkpoints_dir(out).display(), cfg.model.path.display());
+                eprintln!(
+                    "no checkpoint in {}: starting from {}",
+                    checkpoint::checkpoints_dir(out).display(),
+                    cfg.model.path.display()
+                );
             }
             let mut model = Llama::load(b, &cfg.model.path, precision)?;
             if let Some(o) = &cfg.model.rope_scaling {
-                let mcfg: ModelConfig = model.cfg.with_rope_scaling(rope_from_override(o)?, o.max_position_embeddings);
+                let mcfg: ModelConfig = model
+                    .cfg
+                    .with_rope_scaling(rope_from_override(o)?, o.max_position_embeddings);
                 model = Llama::new(mcfg, precision, model.params)?;
             }
             let m = ParamStore::zeros(b, &model.cfg);
@@ -164,9 +227,17 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool) -> Result<RunS
     }
     let (tokens, source) = match (&cfg.data.text, &cfg.data.tokens) {
         (Some(text), _) => {
-            let tok = cfg.data.tokenizer.clone().or_else(|| tok_source.clone()).with_context(|| {
-                format!("data.text needs a tokenizer: none in {} and no data.tokenizer", cfg.model.path.display())
-            })?;
+            let tok = cfg
+                .data
+                .tokenizer
+                .clone()
+                .or_else(|| tok_source.clone())
+                .with_context(|| {
+                    format!(
+                        "data.text needs a tokenizer: none in {} and no data.tokenizer",
+                        cfg.model.path.display()
+                    )
+                })?;
             (tokenize_text_file(text, &tok)?, text.display().to_string())
         }
         (None, Some(t)) => (load_token_file(t)?, t.display().to_string()),
@@ -189,16 +260,21 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool) -> Result<RunS
         pb.set_draw_target(ProgressDrawTarget::hidden());
     }
     pb.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps  ETA {eta}  {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps  ETA {eta}  {msg}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     pb.set_position(state.step);
 
     let mut st = state;
     let (mut first_loss, mut last_loss) = (None, None);
     let per_step = cfg.sequences_per_step() as u64;
-    while st.step < total {
+    let stop_at = opts
+        .stop_after_steps
+        .map_or(total, |n| (st.step + n).min(total));
+    while st.step < stop_at {
         let t0 = Instant::now();
         grads.zero_all(b);
         let n_targets = (per_step as usize * seq) as f64;
@@ -210,13 +286,19 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool) -> Result<RunS
                 &mut ws,
                 &ids,
                 0,
-                Head::Loss { targets: &targets, grad_scale: 1.0 / n_targets },
+                Head::Loss {
+                    targets: &targets,
+                    grad_scale: 1.0 / n_targets,
+                },
                 Some(&mut grads),
             );
         }
         let loss = loss_sum / n_targets;
         if !loss.is_finite() {
-            bail!("step {}: loss is {loss}; stopping (last checkpoint is intact)", st.step + 1);
+            bail!(
+                "step {}: loss is {loss}; stopping (last checkpoint is intact)",
+                st.step + 1
+            );
         }
         let grad_norm = global_grad_norm(b, &grads);
         let step = st.step + 1;
@@ -248,15 +330,25 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool) -> Result<RunS
         };
         let json = serde_json::to_string(&line)?;
         pb.suspend(|| println!("{json}"));
-        writeln!(metrics, "{json}").with_context(|| format!("cannot write {}", metrics_path.display()))?;
+        writeln!(metrics, "{json}")
+            .with_context(|| format!("cannot write {}", metrics_path.display()))?;
         pb.set_message(format!("loss {loss:.4}"));
         pb.inc(1);
         first_loss.get_or_insert(loss);
         last_loss = Some(loss);
 
         let interval = cfg.checkpoint.interval;
-        if (interval > 0 && step % interval == 0) || step == total {
-            checkpoint::save(b, out, &model, &m, &v, st.clone(), tok_source.as_deref(), cfg.checkpoint.keep)?;
+        if (interval > 0 && step % interval == 0) || step == stop_at {
+            checkpoint::save(
+                b,
+                out,
+                &model,
+                &m,
+                &v,
+                st.clone(),
+                Some(&tok_dir),
+                cfg.checkpoint.keep,
+            )?;
         }
     }
     pb.finish_and_clear();
@@ -264,6 +356,14 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool) -> Result<RunS
     if st.step == total && resumed_from == Some(total) {
         eprintln!("nothing to do: the checkpoint is already at step {total}");
     }
-    let final_checkpoint = checkpoint::find_latest(out)?.map(|(d, _)| d).unwrap_or_default();
-    Ok(RunSummary { steps_done: st.step, first_loss, last_loss, resumed_from, final_checkpoint })
+    let final_checkpoint = checkpoint::find_latest(out)?
+        .map(|(d, _)| d)
+        .unwrap_or_default();
+    Ok(RunSummary {
+        steps_done: st.step,
+        first_loss,
+        last_loss,
+        resumed_from,
+        final_checkpoint,
+    })
 }

@@ -20,11 +20,20 @@ pub fn numeric_grad(f: &mut dyn FnMut(&[f64]) -> f64, x: &[f64], h: f64) -> Vec<
 /// gradient, so tiny entries do not blow the ratio up).
 pub fn rel_err(analytic: &[f64], numeric: &[f64]) -> f64 {
     assert_eq!(analytic.len(), numeric.len());
-    let scale = numeric.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-300);
-    analytic.iter().zip(numeric).fold(0.0f64, |m, (a, n)| m.max((a - n).abs())) / scale
+    let scale = numeric
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(1e-300);
+    analytic
+        .iter()
+        .zip(numeric)
+        .fold(0.0f64, |m, (a, n)| m.max((a - n).abs()))
+        / scale
 }
 
 /// Deterministic pseudo-random values in [-1, 1) for tests.
 pub fn test_values(n: usize, seed: u64) -> Vec<f64> {
-    (0..n as u64).map(|i| 2.0 * crate::util::rng::uniform(seed, 0xface, i) - 1.0).collect()
+    (0..n as u64)
+        .map(|i| 2.0 * crate::util::rng::uniform(seed, 0xface, i) - 1.0)
+        .collect()
 }

@@ -21,7 +21,8 @@ pub fn add_assign<T: Real>(dst: &mut [T], src: &[T]) {
 }
 
 pub fn scale<T: Real>(b: &mut [T], s: T) {
-    b.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|x| *x *= s));
+    b.par_chunks_mut(1 << 14)
+        .for_each(|c| c.iter_mut().for_each(|x| *x *= s));
 }
 
 /// Σ x² accumulated in f64 over fixed chunks, summed in order (thread-count independent).
@@ -46,7 +47,10 @@ pub fn gemm<T: Real>(
     trans_b: bool,
     accumulate: bool,
 ) {
-    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "gemm: buffer too small");
+    assert!(
+        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "gemm: buffer too small"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -57,8 +61,16 @@ pub fn gemm<T: Real>(
         return;
     }
     // Strides (column stride, row stride) of op(A) [m, k] and op(B) [k, n].
-    let (a_cs, a_rs) = if trans_a { (m as isize, 1) } else { (1, k as isize) };
-    let (b_cs, b_rs) = if trans_b { (k as isize, 1) } else { (1, n as isize) };
+    let (a_cs, a_rs) = if trans_a {
+        (m as isize, 1)
+    } else {
+        (1, k as isize)
+    };
+    let (b_cs, b_rs) = if trans_b {
+        (k as isize, 1)
+    } else {
+        (1, n as isize)
+    };
     let par = if m * n * k >= GEMM_PARALLEL_MIN {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
@@ -92,18 +104,31 @@ pub fn gemm<T: Real>(
 }
 
 pub fn embedding_forward<T: Real>(table: &[T], ids: &[u32], dim: usize, out: &mut [T]) {
-    assert_eq!(out.len(), ids.len() * dim, "embedding_forward: out has the wrong size");
+    assert_eq!(
+        out.len(),
+        ids.len() * dim,
+        "embedding_forward: out has the wrong size"
+    );
     let vocab = table.len() / dim;
-    out.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(row, &id)| {
-        let id = id as usize;
-        assert!(id < vocab, "token id {id} out of range for vocabulary {vocab}");
-        row.copy_from_slice(&table[id * dim..(id + 1) * dim]);
-    });
+    out.par_chunks_mut(dim)
+        .zip(ids.par_iter())
+        .for_each(|(row, &id)| {
+            let id = id as usize;
+            assert!(
+                id < vocab,
+                "token id {id} out of range for vocabulary {vocab}"
+            );
+            row.copy_from_slice(&table[id * dim..(id + 1) * dim]);
+        });
 }
 
 /// Sequential in token order: a repeated token's rows are summed in the same order every run.
 pub fn embedding_backward<T: Real>(dtable: &mut [T], ids: &[u32], dim: usize, dout: &[T]) {
-    assert_eq!(dout.len(), ids.len() * dim, "embedding_backward: dout has the wrong size");
+    assert_eq!(
+        dout.len(),
+        ids.len() * dim,
+        "embedding_backward: dout has the wrong size"
+    );
     for (t, &id) in ids.iter().enumerate() {
         let id = id as usize;
         let dst = &mut dtable[id * dim..(id + 1) * dim];
@@ -115,8 +140,18 @@ pub fn embedding_backward<T: Real>(dtable: &mut [T], ids: &[u32], dim: usize, do
 
 /// `out = x · rstd · w`, `rstd = 1/sqrt(mean(x²) + eps)` (HF LlamaRMSNorm: statistics in f32 or
 /// better; here the mean of squares is accumulated in f64).
-pub fn rmsnorm_forward<T: Real>(x: &[T], w: &[T], eps: f64, rows: usize, dim: usize, out: &mut [T], rstd: &mut [T]) {
-    assert!(x.len() == rows * dim && out.len() == rows * dim && rstd.len() == rows && w.len() == dim);
+pub fn rmsnorm_forward<T: Real>(
+    x: &[T],
+    w: &[T],
+    eps: f64,
+    rows: usize,
+    dim: usize,
+    out: &mut [T],
+    rstd: &mut [T],
+) {
+    assert!(
+        x.len() == rows * dim && out.len() == rows * dim && rstd.len() == rows && w.len() == dim
+    );
     out.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
         .zip(rstd.par_iter_mut())
@@ -142,7 +177,12 @@ pub fn rmsnorm_backward<T: Real>(
     dx: &mut [T],
     dw: &mut [T],
 ) {
-    assert!(x.len() == rows * dim && dout.len() == rows * dim && dx.len() == rows * dim && w.len() == dim);
+    assert!(
+        x.len() == rows * dim
+            && dout.len() == rows * dim
+            && dx.len() == rows * dim
+            && w.len() == dim
+    );
     let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(ROW_CHUNK * dim)
         .enumerate()
@@ -154,7 +194,12 @@ pub fn rmsnorm_backward<T: Real>(
                 let xr = &x[row * dim..(row + 1) * dim];
                 let gr = &dout[row * dim..(row + 1) * dim];
                 let r = rstd[row];
-                let dot: T = gr.iter().zip(w).zip(xr).map(|((&g, &wv), &xv)| g * wv * xv).sum();
+                let dot: T = gr
+                    .iter()
+                    .zip(w)
+                    .zip(xr)
+                    .map(|((&g, &wv), &xv)| g * wv * xv)
+                    .sum();
                 let c = r * r * r * dot / T::of(dim as f64);
                 for i in 0..dim {
                     dxr[i] += r * w[i] * gr[i] - c * xr[i];
@@ -183,24 +228,28 @@ pub fn rope_rotate<T: Real>(
     transpose: bool,
 ) {
     let half = head_dim / 2;
-    assert!(x.len() == rows * heads * head_dim && cos.len() >= rows * half && sin.len() >= rows * half);
-    x.par_chunks_mut(heads * head_dim).enumerate().for_each(|(t, row)| {
-        let c = &cos[t * half..(t + 1) * half];
-        let s = &sin[t * half..(t + 1) * half];
-        for h in row.chunks_mut(head_dim) {
-            let (x1, x2) = h.split_at_mut(half);
-            for i in 0..half {
-                let (a, b) = (x1[i], x2[i]);
-                if transpose {
-                    x1[i] = a * c[i] + b * s[i];
-                    x2[i] = b * c[i] - a * s[i];
-                } else {
-                    x1[i] = a * c[i] - b * s[i];
-                    x2[i] = b * c[i] + a * s[i];
+    assert!(
+        x.len() == rows * heads * head_dim && cos.len() >= rows * half && sin.len() >= rows * half
+    );
+    x.par_chunks_mut(heads * head_dim)
+        .enumerate()
+        .for_each(|(t, row)| {
+            let c = &cos[t * half..(t + 1) * half];
+            let s = &sin[t * half..(t + 1) * half];
+            for h in row.chunks_mut(head_dim) {
+                let (x1, x2) = h.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    if transpose {
+                        x1[i] = a * c[i] + b * s[i];
+                        x2[i] = b * c[i] - a * s[i];
+                    } else {
+                        x1[i] = a * c[i] - b * s[i];
+                        x2[i] = b * c[i] + a * s[i];
+                    }
                 }
             }
-        }
-    });
+        });
 }
 
 fn sigmoid<T: Real>(x: T) -> T {
@@ -220,7 +269,12 @@ pub fn swiglu_forward<T: Real>(gate: &[T], up: &[T], out: &mut [T]) {
 
 /// d/dg [g·σ(g)·u] = u·σ(g)·(1 + g·(1 − σ(g))); d/du = g·σ(g).
 pub fn swiglu_backward<T: Real>(gate: &[T], up: &[T], dout: &[T], dgate: &mut [T], dup: &mut [T]) {
-    assert!(gate.len() == up.len() && dout.len() == up.len() && dgate.len() == up.len() && dup.len() == up.len());
+    assert!(
+        gate.len() == up.len()
+            && dout.len() == up.len()
+            && dgate.len() == up.len()
+            && dup.len() == up.len()
+    );
     dgate
         .par_chunks_mut(4096)
         .zip(dup.par_chunks_mut(4096))
@@ -238,8 +292,17 @@ pub fn swiglu_backward<T: Real>(gate: &[T], up: &[T], dout: &[T], dgate: &mut [T
 
 /// One chunk of softmax cross-entropy; see `Backend::cross_entropy_chunk`. The log-sum-exp of each
 /// row is taken around its maximum and accumulated in f64.
-pub fn cross_entropy_chunk<T: Real>(logits: &mut [T], targets: &[i32], vocab: usize, grad_scale: f64) -> f64 {
-    assert_eq!(logits.len(), targets.len() * vocab, "cross_entropy_chunk: logits/targets size mismatch");
+pub fn cross_entropy_chunk<T: Real>(
+    logits: &mut [T],
+    targets: &[i32],
+    vocab: usize,
+    grad_scale: f64,
+) -> f64 {
+    assert_eq!(
+        logits.len(),
+        targets.len() * vocab,
+        "cross_entropy_chunk: logits/targets size mismatch"
+    );
     let losses: Vec<f64> = logits
         .par_chunks_mut(vocab)
         .zip(targets.par_iter())
@@ -249,8 +312,13 @@ pub fn cross_entropy_chunk<T: Real>(logits: &mut [T], targets: &[i32], vocab: us
                 return 0.0;
             }
             let tgt = tgt as usize;
-            assert!(tgt < vocab, "target {tgt} out of range for vocabulary {vocab}");
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.as_f64()));
+            assert!(
+                tgt < vocab,
+                "target {tgt} out of range for vocabulary {vocab}"
+            );
+            let max = row
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &v| m.max(v.as_f64()));
             let sum: f64 = row.iter().map(|&v| (v.as_f64() - max).exp()).sum();
             let lse = max + sum.ln();
             let loss = lse - row[tgt].as_f64();
@@ -321,8 +389,12 @@ mod tests {
                 gemm(&mut c, &a, &b, m, n, k, ta, tb, acc);
                 for i in 0..m {
                     for j in 0..n {
-                        let want = (0..k).map(|p| at(i, p) * bt(p, j)).sum::<f64>() + if acc { c0[i * n + j] } else { 0.0 };
-                        assert!((c[i * n + j] - want).abs() < 1e-14, "ta={ta} tb={tb} acc={acc} ({i},{j})");
+                        let want = (0..k).map(|p| at(i, p) * bt(p, j)).sum::<f64>()
+                            + if acc { c0[i * n + j] } else { 0.0 };
+                        assert!(
+                            (c[i * n + j] - want).abs() < 1e-14,
+                            "ta={ta} tb={tb} acc={acc} ({i},{j})"
+                        );
                     }
                 }
             }
@@ -340,7 +412,10 @@ mod tests {
     fn rmsnorm_forward_formula_and_backward_fd() {
         let (rows, dim, eps) = (3, 8, 1e-5);
         let x = vals(rows * dim, 1);
-        let w = vals(dim, 2).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>();
+        let w = vals(dim, 2)
+            .iter()
+            .map(|v| 1.0 + 0.5 * v)
+            .collect::<Vec<_>>();
         let g = vals(rows * dim, 3);
         let mut out = vec![0.0; rows * dim];
         let mut rstd = vec![0.0; rows];
@@ -375,7 +450,10 @@ mod tests {
         let (rows, heads, hd) = (3, 2, 8);
         let half = hd / 2;
         let x = vals(rows * heads * hd, 1);
-        let ang = vals(rows * half, 2).iter().map(|a| a * 3.0).collect::<Vec<_>>();
+        let ang = vals(rows * half, 2)
+            .iter()
+            .map(|a| a * 3.0)
+            .collect::<Vec<_>>();
         let fac = 1.3;
         let cos: Vec<f64> = ang.iter().map(|a| a.cos() * fac).collect();
         let sin: Vec<f64> = ang.iter().map(|a| a.sin() * fac).collect();
@@ -387,7 +465,11 @@ mod tests {
                 let o = (t * heads + h) * hd;
                 for i in 0..hd {
                     let j = i % half;
-                    let rot = if i < half { -x[o + i + half] } else { x[o + i - half] };
+                    let rot = if i < half {
+                        -x[o + i + half]
+                    } else {
+                        x[o + i - half]
+                    };
                     let want = x[o + i] * cos[t * half + j] + rot * sin[t * half + j];
                     assert!((y[o + i] - want).abs() < 1e-14);
                 }
@@ -411,7 +493,11 @@ mod tests {
     #[test]
     fn swiglu_forward_formula_and_backward_fd() {
         let n = 17;
-        let (gt, up, g) = (vals(n, 1).iter().map(|v| v * 4.0).collect::<Vec<_>>(), vals(n, 2), vals(n, 3));
+        let (gt, up, g) = (
+            vals(n, 1).iter().map(|v| v * 4.0).collect::<Vec<_>>(),
+            vals(n, 2),
+            vals(n, 3),
+        );
         let mut out = vec![0.0; n];
         swiglu_forward(&gt, &up, &mut out);
         for i in 0..n {
@@ -454,7 +540,10 @@ mod tests {
     #[test]
     fn cross_entropy_value_and_gradient() {
         let (rows, vocab) = (4, 6);
-        let logits = vals(rows * vocab, 1).iter().map(|v| v * 5.0).collect::<Vec<_>>();
+        let logits = vals(rows * vocab, 1)
+            .iter()
+            .map(|v| v * 5.0)
+            .collect::<Vec<_>>();
         let targets = [2i32, -1, 5, 0];
         let scale = 0.25;
         let ce = |l: &[f64]| {
@@ -473,7 +562,10 @@ mod tests {
         assert!((loss - ce(&logits)).abs() < 1e-12);
         let n: Vec<f64> = numeric_grad(&mut |l| ce(l) * scale, &logits, H);
         assert!(rel_err(&g, &n) < 1e-6, "{}", rel_err(&g, &n));
-        assert!(g[vocab..2 * vocab].iter().all(|&v| v == 0.0), "ignored row has zero gradient");
+        assert!(
+            g[vocab..2 * vocab].iter().all(|&v| v == 0.0),
+            "ignored row has zero gradient"
+        );
     }
 
     #[test]
@@ -481,7 +573,15 @@ mod tests {
         let p0 = vals(9, 1);
         let g = vals(9, 2);
         let (mut p, mut m, mut v) = (p0.clone(), vec![0.0; 9], vec![0.0; 9]);
-        let hp = AdamW { lr: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 1, grad_scale: 0.5 };
+        let hp = AdamW {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 1,
+            grad_scale: 0.5,
+        };
         adamw(&mut p, &g, &mut m, &mut v, &hp);
         let hp2 = AdamW { step: 2, ..hp };
         adamw(&mut p, &g, &mut m, &mut v, &hp2);

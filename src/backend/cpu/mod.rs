@@ -32,7 +32,10 @@ impl<T: Real> CpuBuf<T> {
 
 impl<T: Real> Drop for CpuBuf<T> {
     fn drop(&mut self) {
-        BYTES_IN_USE.fetch_sub(self.data.len() * std::mem::size_of::<T>(), Ordering::Relaxed);
+        BYTES_IN_USE.fetch_sub(
+            self.data.len() * std::mem::size_of::<T>(),
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -146,7 +149,13 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn embedding_forward(&self, table: &CpuBuf<T>, ids: &[u32], dim: usize, out: &mut CpuBuf<T>) {
         kernels::embedding_forward(&table.data, ids, dim, &mut out.data);
     }
-    fn embedding_backward(&self, dtable: &mut CpuBuf<T>, ids: &[u32], dim: usize, dout: &CpuBuf<T>) {
+    fn embedding_backward(
+        &self,
+        dtable: &mut CpuBuf<T>,
+        ids: &[u32],
+        dim: usize,
+        dout: &CpuBuf<T>,
+    ) {
         kernels::embedding_backward(&mut dtable.data, ids, dim, &dout.data);
     }
 
@@ -160,7 +169,15 @@ impl<T: Real> Backend for CpuBackend<T> {
         out: &mut CpuBuf<T>,
         rstd: &mut CpuBuf<T>,
     ) {
-        kernels::rmsnorm_forward(&x.data, &w.data, eps, rows, dim, &mut out.data, &mut rstd.data);
+        kernels::rmsnorm_forward(
+            &x.data,
+            &w.data,
+            eps,
+            rows,
+            dim,
+            &mut out.data,
+            &mut rstd.data,
+        );
     }
     fn rmsnorm_backward(
         &self,
@@ -194,7 +211,15 @@ impl<T: Real> Backend for CpuBackend<T> {
         heads: usize,
         head_dim: usize,
     ) {
-        kernels::rope_rotate(&mut x.data, &cos.data, &sin.data, rows, heads, head_dim, false);
+        kernels::rope_rotate(
+            &mut x.data,
+            &cos.data,
+            &sin.data,
+            rows,
+            heads,
+            head_dim,
+            false,
+        );
     }
     fn rope_backward(
         &self,
@@ -205,7 +230,15 @@ impl<T: Real> Backend for CpuBackend<T> {
         heads: usize,
         head_dim: usize,
     ) {
-        kernels::rope_rotate(&mut dx.data, &cos.data, &sin.data, rows, heads, head_dim, true);
+        kernels::rope_rotate(
+            &mut dx.data,
+            &cos.data,
+            &sin.data,
+            rows,
+            heads,
+            head_dim,
+            true,
+        );
     }
 
     fn attention_forward(
@@ -218,7 +251,15 @@ impl<T: Real> Backend for CpuBackend<T> {
         out: &mut CpuBuf<T>,
         lse: &mut CpuBuf<T>,
     ) {
-        attention::attention_forward(&q.data, &k.data, &v.data, shape, T::of(scale), &mut out.data, &mut lse.data);
+        attention::attention_forward(
+            &q.data,
+            &k.data,
+            &v.data,
+            shape,
+            T::of(scale),
+            &mut out.data,
+            &mut lse.data,
+        );
     }
     fn attention_backward(
         &self,
@@ -260,14 +301,33 @@ impl<T: Real> Backend for CpuBackend<T> {
         dgate: &mut CpuBuf<T>,
         dup: &mut CpuBuf<T>,
     ) {
-        kernels::swiglu_backward(&gate.data, &up.data, &dout.data, &mut dgate.data, &mut dup.data);
+        kernels::swiglu_backward(
+            &gate.data,
+            &up.data,
+            &dout.data,
+            &mut dgate.data,
+            &mut dup.data,
+        );
     }
 
-    fn cross_entropy_chunk(&self, logits: &mut CpuBuf<T>, targets: &[i32], vocab: usize, grad_scale: f64) -> f64 {
+    fn cross_entropy_chunk(
+        &self,
+        logits: &mut CpuBuf<T>,
+        targets: &[i32],
+        vocab: usize,
+        grad_scale: f64,
+    ) -> f64 {
         kernels::cross_entropy_chunk(&mut logits.data, targets, vocab, grad_scale)
     }
 
-    fn adamw(&self, param: &mut CpuBuf<T>, grad: &CpuBuf<T>, m: &mut CpuBuf<T>, v: &mut CpuBuf<T>, hp: &AdamW) {
+    fn adamw(
+        &self,
+        param: &mut CpuBuf<T>,
+        grad: &CpuBuf<T>,
+        m: &mut CpuBuf<T>,
+        v: &mut CpuBuf<T>,
+        hp: &AdamW,
+    ) {
         kernels::adamw(&mut param.data, &grad.data, &mut m.data, &mut v.data, hp);
     }
 }

@@ -1,0 +1,107 @@
+//! End-to-end training through the binary: resume is bit-identical, a tiny model learns, the
+//! context extension writes a consistent YaRN config.
+
+mod common;
+use common::*;
+
+use ultralong::io::load_safetensors_dir;
+
+#[test]
+fn ten_steps_equal_five_plus_resume_plus_five() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    tiny_model(p);
+    std::fs::write(p.join("a.toml"), run_config(10, "a")).unwrap();
+    std::fs::write(p.join("b.toml"), run_config(10, "b")).unwrap();
+    let straight = losses(&ok(p, &["train", "--config", "a.toml"]));
+    assert_eq!(straight.len(), 10);
+    let first = losses(&ok(
+        p,
+        &["train", "--config", "b.toml", "--stop-after-steps", "5"],
+    ));
+    let second = losses(&ok(p, &["train", "--config", "b.toml", "--resume"]));
+    assert_eq!((first.len(), second.len()), (5, 5));
+    let joined: Vec<f64> = first.into_iter().chain(second).collect();
+    assert_eq!(straight, joined, "losses must be bitwise identical");
+    let wa = load_safetensors_dir(&p.join("a/checkpoints/step-00000010/model")).unwrap();
+    let wb = load_safetensors_dir(&p.join("b/checkpoints/step-00000010/model")).unwrap();
+    assert_eq!(wa, wb, "weights must be bitwise identical");
+    let oa = std::fs::read(p.join("a/checkpoints/step-00000010/optimizer.safetensors")).unwrap();
+    let ob = std::fs::read(p.join("b/checkpoints/step-00000010/optimizer.safetensors")).unwrap();
+    assert!(oa == ob, "Adam moments must be bitwise identical");
+}
+
+#[test]
+fn tiny_model_halves_its_loss_in_200_steps() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    tiny_model(p);
+    std::fs::write(p.join("r.toml"), run_config(200, "r")).unwrap();
+    let l = losses(&ok(
+        p,
+        &[
+            "train",
+            "--config",
+            "r.toml",
+            "--set",
+            "checkpoint.interval=0",
+            "--set",
+            "optim.lr=2e-3",
+        ],
+    ));
+    assert_eq!(l.len(), 200);
+    let (start, end) = (l[0], l[190..].iter().sum::<f64>() / 10.0);
+    assert!(end < start / 2.0, "loss {start} -> {end}: not halved");
+}
+
+#[test]
+fn yarn_extension_trains_at_the_longer_length_and_exports_consistently() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    tiny_model(p);
+    let cfg = run_config(2, "ext").replace("seq_len = 32", "seq_len = 256")
+        + r#"
+[model.rope_scaling]
+rope_type = "yarn"
+factor = 8.0
+original_max_position_embeddings = 64
+beta_fast = 4.0
+beta_slow = 1.0
+max_position_embeddings = 512
+"#;
+    std::fs::write(p.join("ext.toml"), cfg).unwrap();
+    ok(p, &["train", "--config", "ext.toml"]);
+    ok(
+        p,
+        &[
+            "export",
+            "--checkpoint",
+            "ext",
+            "--out",
+            "hf",
+            "--dtype",
+            "bf16",
+        ],
+    );
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p.join("hf/config.json")).unwrap()).unwrap();
+    assert_eq!(c["max_position_embeddings"], 512);
+    for form in ["rope_scaling", "rope_parameters"] {
+        assert_eq!(c[form]["rope_type"], "yarn", "{form}");
+        let f = c[form]["factor"].as_f64().unwrap();
+        let orig = c[form]["original_max_position_embeddings"]
+            .as_f64()
+            .unwrap();
+        assert_eq!(
+            f,
+            512.0 / orig,
+            "{form}: factor must equal max_position_embeddings / original"
+        );
+        assert_eq!(c[form]["beta_fast"], 4.0);
+    }
+    assert_eq!(c["torch_dtype"], "bfloat16");
+    assert!(p.join("hf/tokenizer.json").exists());
+    // The export loads back and runs.
+    std::fs::write(p.join("ids.json"), "[5, 6, 7, 8, 9]").unwrap();
+    ok(p, &["forward", "--model", "hf", "--tokens", "ids.json"]);
+}
