@@ -14,7 +14,7 @@ use crate::io::{self, DType, HostTensor, TensorMap};
 use crate::model::llama::{Head, Llama, Workspace};
 use crate::model::params::ParamStore;
 use crate::model::rope::RopePrecision;
-use crate::train::data::load_token_file;
+use crate::train::data::{load_token_file, tokenize_text_file};
 
 #[derive(Args, Debug)]
 pub struct ForwardArgs {
@@ -22,8 +22,14 @@ pub struct ForwardArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// JSON array of token ids (or little-endian u32 file).
+    #[arg(long, required_unless_present = "text", conflicts_with = "text")]
+    pub tokens: Option<PathBuf>,
+    /// Or a UTF-8 text file, tokenized with the model's tokenizer.json.
     #[arg(long)]
-    pub tokens: PathBuf,
+    pub text: Option<PathBuf>,
+    /// Use only the first N tokens.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
     /// Write the logits [T, vocab] (f32, tensor `logits`) to this safetensors file.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -55,20 +61,21 @@ pub fn run(a: ForwardArgs) -> Result<()> {
 fn run_on<B: Backend>(b: &B, a: &ForwardArgs) -> Result<()> {
     let precision: RopePrecision = a.rope_precision.parse()?;
     let model = Llama::load(b, &a.model, precision)?;
-    let ids = load_token_file(&a.tokens)?;
+    let (mut ids, source) = match (&a.tokens, &a.text) {
+        (Some(p), _) => (load_token_file(p)?, p.display().to_string()),
+        (None, Some(p)) => (tokenize_text_file(p, &a.model.join("tokenizer.json"))?, p.display().to_string()),
+        (None, None) => bail!("give --tokens or --text"),
+    };
+    if let Some(n) = a.max_tokens {
+        ids.truncate(n);
+    }
     let t = ids.len();
     if t < 2 {
-        bail!(
-            "{}: need at least 2 tokens for a next-token loss, got {t}",
-            a.tokens.display()
-        );
+        bail!("{source}: need at least 2 tokens for a next-token loss, got {t}");
     }
     let vocab = model.cfg.vocab_size;
     if let Some((i, &bad)) = ids.iter().enumerate().find(|&(_, &x)| x as usize >= vocab) {
-        bail!(
-            "{}: token {bad} at index {i} is outside the vocabulary of {vocab}",
-            a.tokens.display()
-        );
+        bail!("{source}: token {bad} at index {i} is outside the vocabulary of {vocab}");
     }
     let mut ws = Workspace::new(b, &model.cfg, t, false, a.ce_chunk);
     // Next-token targets; the last position has none.
