@@ -63,7 +63,10 @@ fn run_on<B: Backend>(b: &B, a: &ForwardArgs) -> Result<()> {
     let model = Llama::load(b, &a.model, precision)?;
     let (mut ids, source) = match (&a.tokens, &a.text) {
         (Some(p), _) => (load_token_file(p)?, p.display().to_string()),
-        (None, Some(p)) => (tokenize_text_file(p, &a.model.join("tokenizer.json"))?, p.display().to_string()),
+        (None, Some(p)) => (
+            tokenize_text_file(p, &a.model.join("tokenizer.json"))?,
+            p.display().to_string(),
+        ),
         (None, None) => bail!("give --tokens or --text"),
     };
     if let Some(n) = a.max_tokens {

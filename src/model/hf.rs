@@ -54,10 +54,10 @@ impl<B: Backend> Llama<B> {
         let json = serde_json::to_string_pretty(&cfg)?;
         io::write_atomic(&dir.join("config.json"), json.as_bytes())?;
         io::save_safetensors_dir(dir, &self.params.to_host(b), dtype, MAX_SHARD_BYTES)?;
-        if let Some(src) = tokenizer_from {
-            if src != dir {
-                io::copy_tokenizer_files(src, dir)?;
-            }
+        if let Some(src) = tokenizer_from
+            && src != dir
+        {
+            io::copy_tokenizer_files(src, dir)?;
         }
         Ok(())
     }

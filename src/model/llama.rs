@@ -694,6 +694,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn whole_model_gradient_matches_finite_differences() {
         let b = CpuBackend::<f64>::new();
         for tied in [false, true] {
