@@ -54,6 +54,13 @@ echo "== 2. losses before the extension"
 s0_128=$(loss_at "$D/stage0-hf" 128)
 s0_1024=$(loss_at "$D/stage0-hf" 1024)
 
+echo "== 3a. YaRN alone, before any training at the new length (one step at LR 0: weights unchanged)"
+$BIN train --config configs/demo/stage1-extend.toml --set log.quiet=true --set train.steps=1 --set optim.lr=0.0 \
+  --set optim.warmup_steps=0 --set optim.weight_decay=0.0 --set train.out_dir=\"$D/yarn0\" > /dev/null
+$BIN export --checkpoint "$D/yarn0" --out "$D/yarn0-hf" --dtype f32
+y0_128=$(loss_at "$D/yarn0-hf" 128)
+y0_1024=$(loss_at "$D/yarn0-hf" 1024)
+
 echo "== 3. extend to 1024 tokens with YaRN (factor 16 over the original 64, beta_fast 4, beta_slow 1) and continue"
 $BIN train --config configs/demo/stage1-extend.toml --set log.quiet=true > "$D/stage1.jsonl"
 $BIN export --checkpoint "$D/stage1" --out "$D/final" --dtype bf16
@@ -69,6 +76,9 @@ cat <<REPORT
 stage 0, 128-token window, llama3 RoPE: training loss ${first} -> ${last}
   held-out loss, first 128 tokens:          ${s0_128}
   held-out loss, 1024 tokens (8x window):   ${s0_1024}
+YaRN x16 applied, no training yet:
+  held-out loss, first 128 tokens:          ${y0_128}
+  held-out loss, 1024 tokens:               ${y0_1024}
 stage 1, YaRN x16 (window 1024), training at 1024 tokens: loss ${e_first} -> ${e_last}
   held-out loss, first 128 tokens:          ${s1_128}
   held-out loss, 1024 tokens:               ${s1_1024}
