@@ -698,6 +698,7 @@ mod tests {
     fn whole_model_gradient_matches_finite_differences() {
         let b = CpuBackend::<f64>::new();
         for tied in [false, true] {
+            let mut worst = (0.0f64, String::new());
             let mut model = tiny_model(&b, tied);
             let (_, grads) = loss_and_grads(&b, &model, true, 3, 40);
             for i in 0..model.params.bufs.len() {
@@ -726,7 +727,14 @@ mod tests {
                     "tied={tied} {}: relative error {e:e}",
                     model.params.specs[i].name
                 );
+                if e > worst.0 {
+                    worst = (e, model.params.specs[i].name.clone());
+                }
             }
+            eprintln!(
+                "whole-model gradient check (tied={tied}): worst relative error {:.2e} in {}",
+                worst.0, worst.1
+            );
         }
     }
 
