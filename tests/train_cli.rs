@@ -15,20 +15,36 @@ fn ten_steps_equal_five_plus_resume_plus_five() {
     std::fs::write(p.join("b.toml"), run_config(10, "b")).unwrap();
     let straight = losses(&ok(p, &["train", "--config", "a.toml"]));
     assert_eq!(straight.len(), 10);
-    let first = losses(&ok(
-        p,
-        &["train", "--config", "b.toml", "--stop-after-steps", "5"],
-    ));
-    let second = losses(&ok(p, &["train", "--config", "b.toml", "--resume"]));
+    // The interrupted run keeps its checkpoints in a directory of its own (checkpoint.dir).
+    let set_dir = ["--set", "checkpoint.dir=\"bck\""];
+    let leg1 = ["train", "--config", "b.toml", "--stop-after-steps", "5"];
+    let first = losses(&ok(p, &[&leg1[..], &set_dir].concat()));
+    assert!(p.join("bck/step-00000005/state.json").exists());
+    let leg2 = ["train", "--config", "b.toml", "--resume"];
+    let second = losses(&ok(p, &[&leg2[..], &set_dir].concat()));
     assert_eq!((first.len(), second.len()), (5, 5));
     let joined: Vec<f64> = first.into_iter().chain(second).collect();
     assert_eq!(straight, joined, "losses must be bitwise identical");
     let wa = load_safetensors_dir(&p.join("a/checkpoints/step-00000010/model")).unwrap();
-    let wb = load_safetensors_dir(&p.join("b/checkpoints/step-00000010/model")).unwrap();
+    let wb = load_safetensors_dir(&p.join("bck/step-00000010/model")).unwrap();
     assert_eq!(wa, wb, "weights must be bitwise identical");
     let oa = std::fs::read(p.join("a/checkpoints/step-00000010/optimizer.safetensors")).unwrap();
-    let ob = std::fs::read(p.join("b/checkpoints/step-00000010/optimizer.safetensors")).unwrap();
+    let ob = std::fs::read(p.join("bck/step-00000010/optimizer.safetensors")).unwrap();
     assert!(oa == ob, "Adam moments must be bitwise identical");
+    // Export finds the newest checkpoint from the checkpoint directory too.
+    ok(
+        p,
+        &[
+            "export",
+            "--checkpoint",
+            "bck",
+            "--out",
+            "hf",
+            "--dtype",
+            "f32",
+        ],
+    );
+    assert_eq!(load_safetensors_dir(&p.join("hf")).unwrap(), wa);
 }
 
 #[test]

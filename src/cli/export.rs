@@ -14,7 +14,8 @@ use crate::train::checkpoint;
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// A run directory (its newest valid checkpoint), or one checkpoint directory (step-…).
+    /// A run directory or a checkpoint directory (its newest valid checkpoint), or one
+    /// checkpoint (step-…).
     #[arg(long)]
     pub checkpoint: PathBuf,
     #[arg(long)]
@@ -30,12 +31,13 @@ pub fn resolve_checkpoint(p: &Path) -> Result<PathBuf> {
         checkpoint::verify(p)?;
         return Ok(p.to_path_buf());
     }
-    let run = if p.file_name().is_some_and(|n| n == "checkpoints") {
-        p.parent().unwrap_or(p)
+    // A checkpoint directory has a `latest` pointer; a run directory holds `checkpoints/`.
+    let root = if p.join("latest").exists() {
+        p.to_path_buf()
     } else {
-        p
+        checkpoint::checkpoints_dir(p)
     };
-    match checkpoint::find_latest(run)? {
+    match checkpoint::find_latest(&root)? {
         Some((d, _)) => Ok(d),
         None => bail!("{}: no valid checkpoint found", p.display()),
     }

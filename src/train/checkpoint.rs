@@ -40,6 +40,7 @@ pub struct TrainState {
     pub files: BTreeMap<String, FileRecord>,
 }
 
+/// The default checkpoint directory of a run (`checkpoint.dir` in the run config overrides it).
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
@@ -74,12 +75,13 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Write a checkpoint of `model` and its optimizer state after `state.step` steps; returns its
-/// directory. Older checkpoints beyond `keep` are removed after the new one is complete.
+/// Write a checkpoint of `model` and its optimizer state after `state.step` steps into the
+/// checkpoint directory `root`; returns its directory. Older checkpoints beyond `keep` are removed
+/// after the new one is complete.
 #[allow(clippy::too_many_arguments)]
 pub fn save<B: Backend>(
     b: &B,
-    run_dir: &Path,
+    root: &Path,
     model: &Llama<B>,
     m: &ParamStore<B>,
     v: &ParamStore<B>,
@@ -87,8 +89,7 @@ pub fn save<B: Backend>(
     tokenizer_from: Option<&Path>,
     keep: usize,
 ) -> Result<PathBuf> {
-    let root = checkpoints_dir(run_dir);
-    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
     let name = step_name(state.step);
     let tmp = root.join(format!(".tmp-{name}"));
     if tmp.exists() {
@@ -138,7 +139,7 @@ pub fn save<B: Backend>(
     std::fs::rename(&tmp, &fin)
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), fin.display()))?;
     io::write_atomic(&root.join("latest"), name.as_bytes())?;
-    prune(&root, keep)?;
+    prune(root, keep)?;
     Ok(fin)
 }
 
@@ -200,11 +201,10 @@ pub fn verify(dir: &Path) -> Result<TrainState> {
     Ok(state)
 }
 
-/// The newest checkpoint that verifies: the `latest` pointer first, then older ones. A checkpoint
-/// that fails verification is skipped with a message naming it.
-pub fn find_latest(run_dir: &Path) -> Result<Option<(PathBuf, TrainState)>> {
-    let root = checkpoints_dir(run_dir);
-    let mut candidates = list_checkpoints(&root)?;
+/// The newest checkpoint in the checkpoint directory `root` that verifies: the `latest` pointer
+/// first, then older ones. A checkpoint that fails verification is skipped with a message naming it.
+pub fn find_latest(root: &Path) -> Result<Option<(PathBuf, TrainState)>> {
+    let mut candidates = list_checkpoints(root)?;
     candidates.reverse();
     if let Ok(name) = std::fs::read_to_string(root.join("latest")) {
         let p = root.join(name.trim());

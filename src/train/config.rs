@@ -121,6 +121,8 @@ impl Default for OptimSection {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CheckpointSection {
+    /// Where checkpoints go (default: `<train.out_dir>/checkpoints`).
+    pub dir: Option<PathBuf>,
     /// Steps between checkpoints (0 = only at the end).
     pub interval: u64,
     /// How many complete checkpoints to keep.
@@ -130,6 +132,7 @@ pub struct CheckpointSection {
 impl Default for CheckpointSection {
     fn default() -> Self {
         CheckpointSection {
+            dir: None,
             interval: 0,
             keep: 2,
         }
@@ -210,6 +213,14 @@ impl RunConfig {
             bail!("checkpoint.keep must be at least 1");
         }
         Ok(())
+    }
+
+    /// The checkpoint directory.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.checkpoint
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.train.out_dir.join("checkpoints"))
     }
 
     /// Sequences per optimizer step.

@@ -173,8 +173,9 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
     let tok_source = tokenizer_of(&tok_dir);
 
     // Model and optimizer state: from the newest valid checkpoint, or fresh.
+    let ckpt_root = cfg.checkpoint_dir();
     let found = if resume {
-        checkpoint::find_latest(out)?
+        checkpoint::find_latest(&ckpt_root)?
     } else {
         None
     };
@@ -191,7 +192,7 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
             if resume {
                 eprintln!(
                     "no checkpoint in {}: starting from {}",
-                    checkpoint::checkpoints_dir(out).display(),
+                    ckpt_root.display(),
                     cfg.model.path.display()
                 );
             }
@@ -341,7 +342,7 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
         if (interval > 0 && step % interval == 0) || step == stop_at {
             checkpoint::save(
                 b,
-                out,
+                &ckpt_root,
                 &model,
                 &m,
                 &v,
@@ -356,7 +357,7 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
     if st.step == total && resumed_from == Some(total) {
         eprintln!("nothing to do: the checkpoint is already at step {total}");
     }
-    let final_checkpoint = checkpoint::find_latest(out)?
+    let final_checkpoint = checkpoint::find_latest(&ckpt_root)?
         .map(|(d, _)| d)
         .unwrap_or_default();
     Ok(RunSummary {

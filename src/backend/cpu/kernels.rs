@@ -290,8 +290,9 @@ pub fn swiglu_backward<T: Real>(gate: &[T], up: &[T], dout: &[T], dgate: &mut [T
         });
 }
 
-/// One chunk of softmax cross-entropy; see `Backend::cross_entropy_chunk`. The log-sum-exp of each
-/// row is taken around its maximum and accumulated in f64.
+/// One chunk of softmax cross-entropy; see `Backend::cross_entropy_chunk`. Per row: one pass of
+/// `exp(x − max)` in the working precision, written in place and summed in f64, then one scaling
+/// pass to `grad_scale · softmax`; the loss is `ln Σ − (x_target − max)`.
 pub fn cross_entropy_chunk<T: Real>(
     logits: &mut [T],
     targets: &[i32],
@@ -316,14 +317,18 @@ pub fn cross_entropy_chunk<T: Real>(
                 tgt < vocab,
                 "target {tgt} out of range for vocabulary {vocab}"
             );
-            let max = row
-                .iter()
-                .fold(f64::NEG_INFINITY, |m, &v| m.max(v.as_f64()));
-            let sum: f64 = row.iter().map(|&v| (v.as_f64() - max).exp()).sum();
-            let lse = max + sum.ln();
-            let loss = lse - row[tgt].as_f64();
+            let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+            let shifted_target = (row[tgt] - max).as_f64();
+            let mut sum = 0.0f64;
             for v in row.iter_mut() {
-                *v = T::of((v.as_f64() - lse).exp() * grad_scale);
+                let e = (*v - max).exp();
+                *v = e;
+                sum += e.as_f64();
+            }
+            let loss = sum.ln() - shifted_target;
+            let k = T::of(grad_scale / sum);
+            for v in row.iter_mut() {
+                *v *= k;
             }
             row[tgt] -= T::of(grad_scale);
             loss
