@@ -143,6 +143,25 @@ pub fn adamw_step<B: Backend>(
     }
 }
 
+/// Drop the metrics lines of steps after `step` (written by a run that died after its last
+/// checkpoint), so a resumed run's log has each step once. A fresh run (`step` 0) starts empty.
+fn trim_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::io::write_atomic(path, kept.as_bytes())
+}
+
 /// The tokenizer that goes with a model directory, if it has one.
 fn tokenizer_of(dir: &Path) -> Option<PathBuf> {
     let p = dir.join("tokenizer.json");
@@ -249,6 +268,7 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
     let mut ws = Workspace::new(b, &model.cfg, seq, cfg.train.recompute, cfg.train.ce_chunk);
     let mut grads = ParamStore::zeros(b, &model.cfg);
     let metrics_path = out.join("metrics.jsonl");
+    trim_metrics(&metrics_path, state.step)?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -367,4 +387,55 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
         resumed_from,
         final_checkpoint,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    #[test]
+    fn clipping_follows_torch_clip_grad_norm() {
+        assert_eq!(clip_factor(0.5, 1.0), 1.0);
+        assert_eq!(clip_factor(5.0, 0.0), 1.0, "0 disables clipping");
+        let f = clip_factor(4.0, 1.0);
+        assert!((f - 1.0 / (4.0 + 1e-6)).abs() < 1e-15);
+        // Global norm over all tensors: sqrt(3² + 4²) = 5.
+        let b = CpuBackend::<f64>::new();
+        let cfg = crate::model::config::ModelConfig::from_json_str(
+            r#"{"vocab_size": 4, "hidden_size": 4, "intermediate_size": 4, "num_hidden_layers": 1,
+                "num_attention_heads": 1, "num_key_value_heads": 1}"#,
+            "t",
+        )
+        .unwrap();
+        let mut g = ParamStore::zeros(&b, &cfg);
+        g.bufs[0] = b.upload_f64(
+            &[3.0; 16]
+                .iter()
+                .enumerate()
+                .map(|(i, v)| if i == 0 { *v } else { 0.0 })
+                .collect::<Vec<_>>(),
+        );
+        let last = g.bufs.len() - 1;
+        let n = g.specs[last].numel();
+        g.bufs[last] = b.upload_f64(
+            &(0..n)
+                .map(|i| if i == 1 { 4.0 } else { 0.0 })
+                .collect::<Vec<_>>(),
+        );
+        assert!((global_grad_norm(&b, &g) - 5.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn metrics_after_the_checkpoint_are_dropped_on_resume() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("metrics.jsonl");
+        std::fs::write(&p, "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n").unwrap();
+        trim_metrics(&p, 2).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "{\"step\":1}\n{\"step\":2}\n"
+        );
+        trim_metrics(&d.path().join("absent.jsonl"), 0).unwrap();
+    }
 }
