@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod data;
 pub mod io;
 pub mod model;
 pub mod train;
