@@ -4,6 +4,7 @@ pub mod bench;
 pub mod export;
 pub mod forward;
 pub mod init;
+pub mod prepare;
 pub mod train;
 
 use anyhow::Result;
@@ -26,6 +27,9 @@ pub enum Command {
     Init(init::InitArgs),
     /// One forward (and optionally backward) pass over a JSON array of token ids.
     Forward(forward::ForwardArgs),
+    /// Build token datasets (Megatron indexed format).
+    #[command(subcommand)]
+    Prepare(prepare::PrepareCommand),
     /// Train (or resume) as a TOML run config says.
     Train(train::TrainArgs),
     /// Write a checkpoint's model as a Hugging Face directory.
@@ -39,6 +43,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init(a) => init::run(a),
         Command::Forward(a) => forward::run(a),
+        Command::Prepare(a) => prepare::run(a),
         Command::Train(a) => train::run(a),
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),

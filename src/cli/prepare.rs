@@ -1,0 +1,112 @@
+//! `ultralong prepare cpt|sft`: token datasets for continued pretraining and for SFT.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+
+use crate::data::prepare::{CptOptions, DomainSource, Resampling, prepare_cpt};
+
+#[derive(Subcommand, Debug)]
+pub enum PrepareCommand {
+    /// Stage-1 data: tokenize, resample by length per domain, join with `<s>`, pack.
+    Cpt(CptArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CptArgs {
+    /// Input files: JSON Lines (.jsonl, .jsonl.gz, .jsonl.zst).
+    #[arg(long, num_args = 1.., required = true)]
+    pub input: Vec<PathBuf>,
+    /// tokenizer.json, or a model directory holding one.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Tokens per packed sequence (the paper: 1048576, 2097152, 4194304).
+    #[arg(long)]
+    pub seq_len: usize,
+    /// Token budget after resampling (the paper: about 1B).
+    #[arg(long)]
+    pub tokens: u64,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// JSON field holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// JSON field holding the domain.
+    #[arg(long, conflicts_with = "domain_from_dir")]
+    pub domain_field: Option<String>,
+    /// Take each input's domain from the name of its directory.
+    #[arg(long)]
+    pub domain_from_dir: bool,
+    /// Separator token between documents (added to the tokenizer when missing).
+    #[arg(long, default_value = "<s>")]
+    pub separator: String,
+    /// Documents shorter than this many tokens are down-sampled.
+    #[arg(long, default_value_t = 4096)]
+    pub short: usize,
+    /// Documents longer than this many tokens are up-sampled.
+    #[arg(long, default_value_t = 8192)]
+    pub long: usize,
+    /// Relative sampling rate of short documents (mid-length = 1).
+    #[arg(long, default_value_t = 0.5)]
+    pub short_weight: f64,
+    /// Relative sampling rate of long documents (mid-length = 1).
+    #[arg(long, default_value_t = 2.0)]
+    pub long_weight: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Megabytes of text tokenized per batch (the memory bound).
+    #[arg(long, default_value_t = 64)]
+    pub buffer_mb: usize,
+    /// Tokenizer threads (default: all cores).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Skip malformed lines, missing fields, invalid UTF-8 and empty documents, counting each.
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+pub fn run(cmd: PrepareCommand) -> Result<()> {
+    match cmd {
+        PrepareCommand::Cpt(a) => {
+            if let Some(n) = a.workers {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build_global()
+                    .ok();
+            }
+            if !(a.short_weight > 0.0 && a.long_weight > 0.0) {
+                bail!("--short-weight and --long-weight must be positive");
+            }
+            if a.short > a.long {
+                bail!("--short ({}) must not exceed --long ({})", a.short, a.long);
+            }
+            let o = CptOptions {
+                inputs: a.input,
+                tokenizer: a.tokenizer,
+                seq_len: a.seq_len,
+                token_budget: a.tokens,
+                out: a.out,
+                text_field: a.text_field,
+                domain: match (a.domain_field, a.domain_from_dir) {
+                    (Some(f), _) => DomainSource::Field(f),
+                    (None, true) => DomainSource::Directory,
+                    (None, false) => DomainSource::Single,
+                },
+                separator: a.separator,
+                resampling: Resampling {
+                    short: a.short,
+                    long: a.long,
+                    short_weight: a.short_weight,
+                    long_weight: a.long_weight,
+                },
+                seed: a.seed,
+                buffer_bytes: a.buffer_mb.max(1) << 20,
+                skip_invalid: a.skip_invalid,
+            };
+            let r = prepare_cpt(&o)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+    }
+}
