@@ -6,11 +6,36 @@ use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 
 use crate::data::prepare::{CptOptions, DomainSource, Resampling, prepare_cpt};
+use crate::data::sft::{SftOptions, prepare_sft};
 
 #[derive(Subcommand, Debug)]
 pub enum PrepareCommand {
     /// Stage-1 data: tokenize, resample by length per domain, join with `<s>`, pack.
     Cpt(CptArgs),
+    /// Stage-2 data: chat samples in the Llama-3 template, loss on assistant turns only.
+    Sft(SftArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SftArgs {
+    /// JSON Lines files with a `messages` array (system/user/assistant).
+    #[arg(long, num_args = 1.., required = true)]
+    pub input: Vec<PathBuf>,
+    /// tokenizer.json (with the Llama-3 special tokens), or a model directory holding one.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Row length; longer samples are dropped and counted, never truncated (the paper: 8192).
+    #[arg(long, default_value_t = 8192)]
+    pub max_len: usize,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// One sample per row instead of packing several consecutive samples per row.
+    #[arg(long)]
+    pub no_pack: bool,
+    #[arg(long)]
+    pub skip_invalid: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Args, Debug)]
@@ -105,6 +130,20 @@ pub fn run(cmd: PrepareCommand) -> Result<()> {
                 skip_invalid: a.skip_invalid,
             };
             let r = prepare_cpt(&o)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        PrepareCommand::Sft(a) => {
+            let o = SftOptions {
+                inputs: a.input,
+                tokenizer: a.tokenizer,
+                max_len: a.max_len,
+                out: a.out,
+                pack: !a.no_pack,
+                skip_invalid: a.skip_invalid,
+                seed: a.seed,
+            };
+            let r = prepare_sft(&o)?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }

@@ -1,1 +1,1187 @@
-//! (in progress: data issue)
+//! `prepare sft`: chat samples (JSON Lines with a `messages` array) rendered with the Llama-3.1
+//! chat template, with a loss mask on the assistant turns, packed into rows of `max_len` tokens.
+//!
+//! Template: exactly what Hugging Face's `apply_chat_template` renders for
+//! meta-llama/Llama-3.1-8B-Instruct (tokenizer_config.json `chat_template`, no tools, no
+//! `date_string` passed, so its fallback date):
+//!
+//! ```text
+//! <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n
+//! Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{system|trim}<|eot_id|>
+//! then per remaining message: <|start_header_id|>{role}<|end_header_id|>\n\n{content|trim}<|eot_id|>
+//! ```
+//!
+//! The system block with the "Cutting Knowledge Date" preamble is always there (with an empty
+//! system text when the first message is not `system`), since that is what the released
+//! Instruct model saw and what inference servers render. A `system` message later in the
+//! conversation is rendered like any other turn. Text between special tokens is tokenized as
+//! one piece, so the ids equal tokenizing the whole rendered string (as HF does).
+//!
+//! Output (`<out>/`), all Megatron indexed datasets with one sequence per row and one document
+//! per row:
+//! - `tokens.{bin,idx}` (int32): rows of exactly `max_len` tokens, the tail padded with
+//!   `<|eot_id|>`;
+//! - `loss_mask.{bin,idx}` (uint8): 1 where the token is a trained target (assistant content
+//!   and its closing `<|eot_id|>`), 0 on headers, system, user and padding; the loader predicts
+//!   `ids[t + 1]` from position `t` and counts it iff `loss_mask[t + 1] == 1`;
+//! - `sample_offsets.{bin,idx}` (int32): per row, the cumulative sample boundaries
+//!   `[0, end_1, ..., end_k]` (`cu_seqlens` style; `end_k` is where padding starts), so a
+//!   sample-masked attention stays possible;
+//! - `tokenizer.json` (copied), `manifest.json` (inputs with sizes and sha256, tokenizer sha256,
+//!   options, template, report).
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use super::indexed::{IndexedWriter, TokenDType};
+use crate::io::{sha256_file, write_atomic};
+
+/// One chat turn of the `messages` format.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// Token ids of the Llama-3 chat template's special tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChatTemplate {
+    pub begin_of_text: u32,
+    pub start_header: u32,
+    pub end_header: u32,
+    pub eot: u32,
+}
+
+/// What the Llama-3.1 template puts at the top of the system block (its fallback date: HF's
+/// Llama-3.1 template only probes `strftime_now` from Llama-3.2 on).
+pub const SYSTEM_PREAMBLE: &str =
+    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n";
+
+const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+impl ChatTemplate {
+    pub fn from_tokenizer(tok: &Tokenizer) -> Result<Self> {
+        let id = |name: &str| {
+            tok.token_to_id(name).ok_or_else(|| {
+                anyhow!(
+                    "the tokenizer has no {name} token: the Llama-3 chat template needs \
+                     <|begin_of_text|>, <|start_header_id|>, <|end_header_id|> and <|eot_id|>"
+                )
+            })
+        };
+        Ok(Self {
+            begin_of_text: id("<|begin_of_text|>")?,
+            start_header: id("<|start_header_id|>")?,
+            end_header: id("<|end_header_id|>")?,
+            eot: id("<|eot_id|>")?,
+        })
+    }
+}
+
+/// Token ids and the loss mask (true on trained targets) of one sample.
+pub type Encoded = (Vec<u32>, Vec<bool>);
+
+/// Jinja's `trim` is Python's `str.strip()`, whose whitespace also includes the separators
+/// U+001C..U+001F that Rust's `char::is_whitespace` leaves out.
+fn jinja_trim(s: &str) -> &str {
+    s.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+}
+
+/// Appends `<|start_header_id|>role<|end_header_id|>` + "\n\n" + `body` + `<|eot_id|>`, with the
+/// mask true on the tokens of `body` and the `<|eot_id|>` when `train`.
+fn push_turn(
+    tok: &Tokenizer,
+    t: &ChatTemplate,
+    role: &str,
+    prefix: &str,
+    body: &str,
+    train: bool,
+    (ids, mask): &mut Encoded,
+) -> Result<()> {
+    let encode = |s: &str| {
+        tok.encode(s, false)
+            .map_err(|e| anyhow!("tokenizing {s:?}: {e}"))
+    };
+    ids.push(t.start_header);
+    ids.extend_from_slice(encode(role)?.get_ids());
+    ids.push(t.end_header);
+    mask.resize(ids.len(), false);
+    // "\n\n" + preamble + body is one piece of text between special tokens in the rendered
+    // string: tokenize it as one, and mark as body the tokens that end inside the body.
+    let text = format!("\n\n{prefix}{body}");
+    let head = text.len() - body.len();
+    let enc = encode(&text)?;
+    for (&id, &(_, end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
+        ids.push(id);
+        mask.push(train && end > head);
+    }
+    ids.push(t.eot);
+    mask.push(train);
+    Ok(())
+}
+
+/// Llama-3.1 chat template (see the module comment) and the loss mask: true exactly on the
+/// tokens of assistant message contents and their closing `<|eot_id|>` (the model must learn to
+/// stop), false on everything else. Roles must be system, user or assistant.
+pub fn encode_chat(tok: &Tokenizer, t: &ChatTemplate, messages: &[Message]) -> Result<Encoded> {
+    let (system, rest) = match messages.split_first() {
+        Some((m, rest)) if m.role == "system" => (jinja_trim(&m.content), rest),
+        _ => ("", messages),
+    };
+    let mut out: Encoded = (vec![t.begin_of_text], vec![false]);
+    push_turn(tok, t, "system", SYSTEM_PREAMBLE, system, false, &mut out)?;
+    for m in rest {
+        if !ROLES.contains(&m.role.as_str()) {
+            bail!("role {:?} is not one of {ROLES:?}", m.role);
+        }
+        let train = m.role == "assistant";
+        push_turn(tok, t, &m.role, "", jinja_trim(&m.content), train, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Why an input line is not a usable sample; each kind is counted in the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Invalid {
+    Utf8(String),
+    Json(String),
+    MissingMessages,
+    BadMessage(usize),
+    BadRole(usize, String),
+    Empty(usize),
+    NoAssistant,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Invalid::Utf8(e) => write!(f, "invalid UTF-8 ({e})"),
+            Invalid::Json(e) => write!(f, "malformed JSON ({e})"),
+            Invalid::MissingMessages => write!(f, "no `messages` array"),
+            Invalid::BadMessage(i) => write!(
+                f,
+                "messages[{i}] is not an object with string `role` and `content`"
+            ),
+            Invalid::BadRole(i, r) => write!(
+                f,
+                "messages[{i}] has role {r:?}, expected one of system, user, assistant"
+            ),
+            Invalid::Empty(i) => write!(f, "messages[{i}] has empty content"),
+            Invalid::NoAssistant => write!(f, "no assistant turn (nothing to train on)"),
+        }
+    }
+}
+
+/// Parses one JSON Lines record of the `messages` format. Empty content (after the template's
+/// trim) is refused for user and assistant turns; an empty system message is allowed.
+fn parse_sample(line: &[u8]) -> Result<Vec<Message>, Invalid> {
+    let text = std::str::from_utf8(line).map_err(|e| Invalid::Utf8(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| Invalid::Json(e.to_string()))?;
+    let arr = v
+        .get("messages")
+        .and_then(|m| m.as_array())
+        .ok_or(Invalid::MissingMessages)?;
+    if arr.is_empty() {
+        return Err(Invalid::MissingMessages);
+    }
+    let mut out = Vec::with_capacity(arr.len());
+    for (i, m) in arr.iter().enumerate() {
+        let msg: Message = serde_json::from_value(m.clone()).map_err(|_| Invalid::BadMessage(i))?;
+        if !ROLES.contains(&msg.role.as_str()) {
+            return Err(Invalid::BadRole(i, msg.role));
+        }
+        if msg.role != "system" && jinja_trim(&msg.content).is_empty() {
+            return Err(Invalid::Empty(i));
+        }
+        out.push(msg);
+    }
+    if !out.iter().any(|m| m.role == "assistant") {
+        return Err(Invalid::NoAssistant);
+    }
+    Ok(out)
+}
+
+/// One output row: exactly `max_len` tokens once padded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Row {
+    tokens: Vec<u32>,
+    mask: Vec<u8>,
+    /// `[0, end_1, ..., end_k]`: the samples' boundaries in the row.
+    offsets: Vec<u32>,
+}
+
+impl Row {
+    fn new() -> Self {
+        Self {
+            tokens: Vec::new(),
+            mask: Vec::new(),
+            offsets: vec![0],
+        }
+    }
+}
+
+/// Greedy packing of consecutive samples into rows of exactly `max_len` tokens (`pack`), or one
+/// sample per row; the tail of a row is `pad` with mask 0. Samples never cross rows.
+struct Packer {
+    max_len: usize,
+    pad: u32,
+    pack: bool,
+    cur: Row,
+}
+
+impl Packer {
+    fn new(max_len: usize, pad: u32, pack: bool) -> Self {
+        Self {
+            max_len,
+            pad,
+            pack,
+            cur: Row::new(),
+        }
+    }
+
+    /// Adds a sample (`ids.len() <= max_len`); returns the row it closed, if any.
+    fn push(&mut self, ids: &[u32], mask: &[bool]) -> Option<Row> {
+        debug_assert!(ids.len() <= self.max_len && ids.len() == mask.len());
+        let closed = if !self.cur.tokens.is_empty()
+            && (!self.pack || self.cur.tokens.len() + ids.len() > self.max_len)
+        {
+            self.take()
+        } else {
+            None
+        };
+        self.cur.tokens.extend_from_slice(ids);
+        self.cur.mask.extend(mask.iter().map(|&m| u8::from(m)));
+        self.cur.offsets.push(self.cur.tokens.len() as u32);
+        closed
+    }
+
+    /// Pads and returns the row under construction, if it has any sample.
+    fn take(&mut self) -> Option<Row> {
+        if self.cur.tokens.is_empty() {
+            return None;
+        }
+        let mut row = std::mem::replace(&mut self.cur, Row::new());
+        row.tokens.resize(self.max_len, self.pad);
+        row.mask.resize(self.max_len, 0);
+        Some(row)
+    }
+}
+
+/// Options of `prepare sft`.
+#[derive(Clone, Debug, Serialize)]
+pub struct SftOptions {
+    /// JSON Lines files, one `{"messages": [{"role", "content"}, ...]}` per line.
+    pub inputs: Vec<PathBuf>,
+    /// A tokenizer.json, or a directory holding one.
+    pub tokenizer: PathBuf,
+    /// Row length; samples longer than this are dropped (and counted), never truncated.
+    pub max_len: usize,
+    pub out: PathBuf,
+    /// Several consecutive samples per row (greedy), or one sample per row.
+    pub pack: bool,
+    /// Skip and count bad lines instead of stopping at the first.
+    pub skip_invalid: bool,
+    /// Recorded in the manifest. Rows keep the input order (the training loader shuffles rows
+    /// per epoch with its own seed), so the output does not depend on it.
+    pub seed: u64,
+}
+
+/// Counts of a `prepare sft` run (also in manifest.json).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SftReport {
+    /// Non-blank input lines.
+    pub samples_in: u64,
+    pub samples_written: u64,
+    pub dropped_too_long: u64,
+    pub invalid_utf8: u64,
+    pub invalid_json: u64,
+    pub missing_messages: u64,
+    /// A message that is not an object with string `role` and `content`.
+    pub bad_message: u64,
+    pub bad_role: u64,
+    /// A user or assistant message with empty content (after the template's trim).
+    pub empty: u64,
+    pub no_assistant: u64,
+    /// Rows written, each `max_len` tokens.
+    pub sequences: u64,
+    /// Sample tokens written (without padding).
+    pub tokens: u64,
+    pub padding_tokens: u64,
+    /// Tokens with loss mask 1 (assistant contents and their `<|eot_id|>`).
+    pub assistant_tokens: u64,
+}
+
+impl SftReport {
+    fn count_invalid(&mut self, why: &Invalid) {
+        *match why {
+            Invalid::Utf8(_) => &mut self.invalid_utf8,
+            Invalid::Json(_) => &mut self.invalid_json,
+            Invalid::MissingMessages => &mut self.missing_messages,
+            Invalid::BadMessage(_) => &mut self.bad_message,
+            Invalid::BadRole(..) => &mut self.bad_role,
+            Invalid::Empty(_) => &mut self.empty,
+            Invalid::NoAssistant => &mut self.no_assistant,
+        } += 1;
+    }
+}
+
+impl std::fmt::Display for SftReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rows: [(&str, u64); 14] = [
+            ("samples in", self.samples_in),
+            ("samples written", self.samples_written),
+            ("dropped (too long)", self.dropped_too_long),
+            ("invalid UTF-8", self.invalid_utf8),
+            ("malformed JSON", self.invalid_json),
+            ("no messages", self.missing_messages),
+            ("bad message", self.bad_message),
+            ("bad role", self.bad_role),
+            ("empty content", self.empty),
+            ("no assistant turn", self.no_assistant),
+            ("sequences", self.sequences),
+            ("tokens", self.tokens),
+            ("padding tokens", self.padding_tokens),
+            ("assistant tokens", self.assistant_tokens),
+        ];
+        for (name, n) in rows {
+            writeln!(f, "{name:<20} {n:>14}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Lines parsed and tokenized in parallel per chunk, then packed in input order.
+const LINES_PER_CHUNK: usize = 1024;
+
+/// The three output datasets, written row by row.
+struct SftWriters {
+    tokens: IndexedWriter,
+    loss_mask: IndexedWriter,
+    sample_offsets: IndexedWriter,
+}
+
+impl SftWriters {
+    fn create(dir: &Path) -> Result<Self> {
+        Ok(Self {
+            tokens: IndexedWriter::create(&dir.join("tokens"), TokenDType::I32)?,
+            loss_mask: IndexedWriter::create(&dir.join("loss_mask"), TokenDType::U8)?,
+            sample_offsets: IndexedWriter::create(&dir.join("sample_offsets"), TokenDType::I32)?,
+        })
+    }
+
+    fn write(&mut self, row: &Row, report: &mut SftReport) -> Result<()> {
+        let mask: Vec<u32> = row.mask.iter().map(|&m| u32::from(m)).collect();
+        self.tokens.add_sequence(&row.tokens)?;
+        self.tokens.end_document();
+        self.loss_mask.add_sequence(&mask)?;
+        self.loss_mask.end_document();
+        self.sample_offsets.add_sequence(&row.offsets)?;
+        self.sample_offsets.end_document();
+        let real = *row.offsets.last().expect("starts with 0") as u64;
+        report.sequences += 1;
+        report.tokens += real;
+        report.padding_tokens += row.tokens.len() as u64 - real;
+        report.assistant_tokens += row.mask.iter().map(|&m| u64::from(m)).sum::<u64>();
+        Ok(())
+    }
+
+    fn finish(self) -> Result<()> {
+        self.tokens.finish()?;
+        self.loss_mask.finish()?;
+        self.sample_offsets.finish()
+    }
+}
+
+/// A directory removed on drop unless kept: an interrupted run leaves no partial output.
+struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// `<out>` with `suffix` appended to its last component.
+fn sibling(out: &Path, suffix: &str) -> Result<PathBuf> {
+    let name = out
+        .file_name()
+        .with_context(|| format!("output {} has no directory name", out.display()))?;
+    let mut name = name.to_os_string();
+    name.push(suffix);
+    Ok(out.with_file_name(name))
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("fsync of directory {}", dir.display()))
+}
+
+/// Reads the next line (without its `\n` / `\r\n`) into `buf`; false at end of file.
+fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>, path: &Path, lineno: usize) -> Result<bool> {
+    buf.clear();
+    let n = r
+        .read_until(b'\n', buf)
+        .with_context(|| format!("{}:{lineno}: read error", path.display()))?;
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+    }
+    Ok(n > 0)
+}
+
+/// Encodes one input file's samples and writes the rows they complete.
+fn encode_file(
+    path: &Path,
+    tok: &Tokenizer,
+    t: &ChatTemplate,
+    o: &SftOptions,
+    packer: &mut Packer,
+    writers: &mut SftWriters,
+    report: &mut SftReport,
+) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut lineno = 0usize;
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk: Vec<(usize, Vec<u8>)> = Vec::with_capacity(LINES_PER_CHUNK);
+        let mut eof = false;
+        while chunk.len() < LINES_PER_CHUNK {
+            lineno += 1;
+            if !read_line(&mut reader, &mut buf, path, lineno)? {
+                eof = true;
+                break;
+            }
+            if !buf.iter().all(u8::is_ascii_whitespace) {
+                chunk.push((lineno, buf.clone()));
+            }
+        }
+        let encoded: Vec<Result<Result<Encoded, Invalid>>> = chunk
+            .par_iter()
+            .map(|(_, line)| match parse_sample(line) {
+                Ok(messages) => encode_chat(tok, t, &messages).map(Ok),
+                Err(why) => Ok(Err(why)),
+            })
+            .collect();
+        for ((line, _), sample) in chunk.iter().zip(encoded) {
+            report.samples_in += 1;
+            let sample = sample.with_context(|| format!("{}:{line}", path.display()))?;
+            match sample {
+                Err(why) if o.skip_invalid => report.count_invalid(&why),
+                Err(why) => bail!(
+                    "{}:{line}: {why} (--skip-invalid skips and counts such lines)",
+                    path.display()
+                ),
+                Ok((ids, _)) if ids.len() > o.max_len => report.dropped_too_long += 1,
+                Ok((ids, mask)) => {
+                    report.samples_written += 1;
+                    if let Some(row) = packer.push(&ids, &mask) {
+                        writers.write(&row, report)?;
+                    }
+                }
+            }
+        }
+        if eof {
+            return Ok(());
+        }
+    }
+}
+
+/// `prepare sft`: reads the `messages` JSON Lines, renders and tokenizes each sample with the
+/// Llama-3.1 chat template, drops (and counts) samples over `max_len`, packs rows and writes the
+/// datasets described in the module comment. Everything is written under `<out>.tmp-<pid>` and
+/// renamed to `<out>` at the end, replacing an older output; the result is deterministic.
+pub fn prepare_sft(o: &SftOptions) -> Result<SftReport> {
+    if o.max_len == 0 || o.max_len > i32::MAX as usize {
+        bail!("max_len must be in 1..={}, got {}", i32::MAX, o.max_len);
+    }
+    if o.inputs.is_empty() {
+        bail!("prepare sft: no input files");
+    }
+    let tokenizer_path = if o.tokenizer.is_dir() {
+        o.tokenizer.join("tokenizer.json")
+    } else {
+        o.tokenizer.clone()
+    };
+    let tok = Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tokenizer_path.display()))?;
+    let template = ChatTemplate::from_tokenizer(&tok)
+        .with_context(|| format!("tokenizer {}", tokenizer_path.display()))?;
+
+    let tmp = TempDir {
+        path: sibling(&o.out, &format!(".tmp-{}", std::process::id()))?,
+        keep: false,
+    };
+    if tmp.path.exists() {
+        fs::remove_dir_all(&tmp.path)
+            .with_context(|| format!("removing stale {}", tmp.path.display()))?;
+    }
+    fs::create_dir_all(&tmp.path).with_context(|| format!("creating {}", tmp.path.display()))?;
+
+    let mut report = SftReport::default();
+    let mut writers = SftWriters::create(&tmp.path)?;
+    let mut packer = Packer::new(o.max_len, template.eot, o.pack);
+    let mut inputs = Vec::with_capacity(o.inputs.len());
+    for path in &o.inputs {
+        encode_file(
+            path,
+            &tok,
+            &template,
+            o,
+            &mut packer,
+            &mut writers,
+            &mut report,
+        )?;
+        let bytes = fs::metadata(path)
+            .with_context(|| format!("reading metadata of {}", path.display()))?
+            .len();
+        inputs.push(serde_json::json!({
+            "path": path.display().to_string(),
+            "bytes": bytes,
+            "sha256": sha256_file(path)?,
+        }));
+    }
+    if let Some(row) = packer.take() {
+        writers.write(&row, &mut report)?;
+    }
+    writers.finish()?;
+
+    let tokenizer_bytes = fs::read(&tokenizer_path)
+        .with_context(|| format!("reading {}", tokenizer_path.display()))?;
+    write_atomic(&tmp.path.join("tokenizer.json"), &tokenizer_bytes)?;
+    let manifest = serde_json::json!({
+        "kind": "sft",
+        "inputs": inputs,
+        "tokenizer": {
+            "path": tokenizer_path.display().to_string(),
+            "sha256": sha256_file(&tokenizer_path)?,
+        },
+        "options": o,
+        "template": {
+            "name": "llama-3.1-instruct (HF chat_template, no tools)",
+            "system_preamble": SYSTEM_PREAMBLE,
+            "begin_of_text": template.begin_of_text,
+            "start_header_id": template.start_header,
+            "end_header_id": template.end_header,
+            "eot_id": template.eot,
+            "pad_id": template.eot,
+        },
+        "files": {
+            "tokens": "tokens.{bin,idx}: int32, one row of max_len tokens per sequence and document",
+            "loss_mask": "loss_mask.{bin,idx}: uint8, 1 where the token is a trained target",
+            "sample_offsets": "sample_offsets.{bin,idx}: int32, per row [0, end_1, ..., end_k]",
+        },
+        "report": report,
+    });
+    let text = serde_json::to_string_pretty(&manifest).context("serializing manifest.json")?;
+    write_atomic(
+        &tmp.path.join("manifest.json"),
+        format!("{text}\n").as_bytes(),
+    )?;
+    fsync_dir(&tmp.path)?;
+
+    // Swap in: an older output moves aside first and goes only once the new one is in place.
+    let old = sibling(&o.out, &format!(".old-{}", std::process::id()))?;
+    let replaced = o.out.exists();
+    if replaced {
+        fs::rename(&o.out, &old)
+            .with_context(|| format!("moving the older {} aside", o.out.display()))?;
+    }
+    if let Err(e) = fs::rename(&tmp.path, &o.out) {
+        if replaced {
+            let _ = fs::rename(&old, &o.out);
+        }
+        return Err(e)
+            .with_context(|| format!("renaming {} to {}", tmp.path.display(), o.out.display()));
+    }
+    let mut tmp = tmp;
+    tmp.keep = true;
+    if replaced {
+        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    if let Some(parent) = o.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fsync_dir(parent)?;
+    }
+    print!("{report}");
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::AddedToken;
+    use tokenizers::models::TrainerWrapper;
+    use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+    const SPECIALS: [&str; 4] = [
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ];
+
+    /// A small byte-level BPE (the Llama-3 tokenizer's kind) trained on a few KB, with the
+    /// Llama-3 special tokens.
+    pub(super) fn test_tokenizer() -> Tokenizer {
+        let corpus: Vec<String> = (0..200)
+            .map(|i| {
+                format!(
+                    "The quick brown fox {i} jumps over the lazy dog.\nWhat is {i} plus {i}? \
+                     It is {}. Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n\
+                     system user assistant hello world, answer the question.",
+                    2 * i
+                )
+            })
+            .collect();
+        let mut tok = Tokenizer::new(BPE::default());
+        tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        tok.with_decoder(Some(ByteLevel::default()));
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(500)
+            .show_progress(false)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build()
+            .into();
+        tok.train(&mut trainer, corpus.iter()).unwrap();
+        tok.add_special_tokens(SPECIALS.iter().map(|s| AddedToken::from(*s, true)))
+            .unwrap();
+        tok
+    }
+
+    fn msg(role: &str, content: &str) -> Message {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    /// The Llama-3.1 template rendered as a string, independently of `encode_chat`.
+    fn render(messages: &[Message]) -> String {
+        let mut s = String::from("<|begin_of_text|>");
+        let (sys, rest) = if messages[0].role == "system" {
+            (messages[0].content.trim(), &messages[1..])
+        } else {
+            ("", messages)
+        };
+        s += "<|start_header_id|>system<|end_header_id|>\n\n";
+        s += "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n";
+        s += sys;
+        s += "<|eot_id|>";
+        for m in rest {
+            s += &format!(
+                "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>",
+                m.role,
+                m.content.trim()
+            );
+        }
+        s
+    }
+
+    fn conversation() -> Vec<Message> {
+        vec![
+            msg("system", "  You answer the question.\n"),
+            msg("user", "What is 3 plus 3?"),
+            msg("assistant", "It is 6.\n"),
+            msg("user", " hello world, (quick) fox?"),
+            msg(
+                "assistant",
+                "The lazy dog jumps over the brown fox 42 times.",
+            ),
+        ]
+    }
+
+    #[test]
+    fn chat_template_matches_the_rendered_string() {
+        let tok = test_tokenizer();
+        let t = ChatTemplate::from_tokenizer(&tok).unwrap();
+        for msgs in [
+            conversation(),
+            conversation()[1..].to_vec(),
+            vec![msg("user", "hi"), msg("assistant", "hello")],
+        ] {
+            let (ids, mask) = encode_chat(&tok, &t, &msgs).unwrap();
+            assert_eq!(ids.len(), mask.len());
+            let want = render(&msgs);
+            assert_eq!(tok.decode(&ids, false).unwrap(), want);
+            // The same ids as tokenizing the whole rendered string, as HF's
+            // apply_chat_template(tokenize=True) does.
+            let whole = tok.encode(want.as_str(), false).unwrap();
+            assert_eq!(ids, whole.get_ids());
+            assert_eq!(ids[0], t.begin_of_text);
+            assert_eq!(ids.iter().filter(|&&i| i == t.begin_of_text).count(), 1);
+            let turns = 1 + msgs.iter().filter(|m| m.role != "system").count();
+            assert_eq!(ids.iter().filter(|&&i| i == t.eot).count(), turns);
+            assert_eq!(ids.iter().filter(|&&i| i == t.start_header).count(), turns);
+            assert_eq!(*ids.last().unwrap(), t.eot);
+        }
+    }
+
+    #[test]
+    fn sft_masks_cover_exactly_the_assistant_tokens() {
+        let tok = test_tokenizer();
+        let t = ChatTemplate::from_tokenizer(&tok).unwrap();
+        let msgs = conversation();
+        let (ids, mask) = encode_chat(&tok, &t, &msgs).unwrap();
+        let assistant: Vec<&str> = msgs
+            .iter()
+            .filter(|m| m.role == "assistant")
+            .map(|m| m.content.trim())
+            .collect();
+        let want: usize = assistant
+            .iter()
+            .map(|c| tok.encode(*c, false).unwrap().get_ids().len() + 1)
+            .sum();
+        assert_eq!(mask.iter().filter(|&&m| m).count(), want);
+        // The masked tokens form one run per assistant turn: its content, then <|eot_id|>,
+        // right after the assistant header.
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (i, &m) in mask.iter().enumerate() {
+            match (m, runs.last_mut()) {
+                (true, Some((_, end))) if *end == i => *end = i + 1,
+                (true, _) => runs.push((i, i + 1)),
+                _ => {}
+            }
+        }
+        assert_eq!(runs.len(), assistant.len());
+        let header = tok
+            .encode("<|start_header_id|>assistant<|end_header_id|>\n\n", false)
+            .unwrap();
+        let header = header.get_ids();
+        for ((start, end), content) in runs.iter().zip(&assistant) {
+            assert_eq!(ids[end - 1], t.eot);
+            assert_eq!(&ids[start - header.len()..*start], header);
+            assert_eq!(
+                tok.decode(&ids[*start..*end], false).unwrap(),
+                format!("{content}<|eot_id|>")
+            );
+        }
+    }
+
+    #[test]
+    fn missing_special_token_is_named() {
+        let mut tok = Tokenizer::new(BPE::default());
+        tok.add_special_tokens(SPECIALS[..3].iter().map(|s| AddedToken::from(*s, true)))
+            .unwrap();
+        let err = ChatTemplate::from_tokenizer(&tok).unwrap_err();
+        assert!(err.to_string().contains("<|eot_id|>"), "{err}");
+    }
+
+    #[test]
+    fn jinja_trim_is_python_strip() {
+        assert_eq!(jinja_trim("\u{1f} \t a b\n\u{1c}\u{a0}"), "a b");
+        assert_eq!(jinja_trim("x"), "x");
+    }
+
+    #[test]
+    fn bad_samples_are_classified() {
+        let cases: [(&[u8], &str); 8] = [
+            (b"{\"messages\": [", "malformed JSON"),
+            (b"\xff{}", "invalid UTF-8"),
+            (b"{\"text\": \"hi\"}", "no `messages`"),
+            (b"{\"messages\": [1]}", "messages[0] is not an object"),
+            (
+                b"{\"messages\": [{\"role\": \"bot\", \"content\": \"x\"}]}",
+                "role \"bot\"",
+            ),
+            (
+                b"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"assistant\", \"content\": \" \\n\"}]}",
+                "messages[1] has empty content",
+            ),
+            (
+                b"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}",
+                "no assistant turn",
+            ),
+            (b"{\"messages\": []}", "no `messages`"),
+        ];
+        for (line, want) in cases {
+            let err = parse_sample(line).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} lacks {want}");
+        }
+        let ok = parse_sample(
+            br#"{"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "id": 3}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 3);
+    }
+
+    #[test]
+    fn packer_fills_rows_greedily_and_pads() {
+        let mut p = Packer::new(8, 99, true);
+        let s = |n: u32| {
+            (
+                (0..n).map(|i| 10 * n + i).collect::<Vec<_>>(),
+                vec![true; n as usize],
+            )
+        };
+        let mut rows = Vec::new();
+        for n in [3, 4, 2, 8, 1] {
+            let (ids, mask) = s(n);
+            rows.extend(p.push(&ids, &mask));
+        }
+        rows.extend(p.take());
+        let offsets: Vec<Vec<u32>> = rows.iter().map(|r| r.offsets.clone()).collect();
+        assert_eq!(
+            offsets,
+            vec![vec![0, 3, 7], vec![0, 2], vec![0, 8], vec![0, 1]]
+        );
+        for r in &rows {
+            assert_eq!(r.tokens.len(), 8);
+            assert_eq!(r.mask.len(), 8);
+            let end = *r.offsets.last().unwrap() as usize;
+            assert!(r.tokens[end..].iter().all(|&x| x == 99));
+            assert!(r.mask[..end].iter().all(|&m| m == 1));
+            assert!(r.mask[end..].iter().all(|&m| m == 0));
+        }
+        assert_eq!(&rows[0].tokens[..7], &[30, 31, 32, 40, 41, 42, 43]);
+
+        let mut p = Packer::new(8, 99, false);
+        let mut rows = Vec::new();
+        for n in [3, 4] {
+            let (ids, mask) = s(n);
+            rows.extend(p.push(&ids, &mask));
+        }
+        rows.extend(p.take());
+        let offsets: Vec<Vec<u32>> = rows.iter().map(|r| r.offsets.clone()).collect();
+        assert_eq!(offsets, vec![vec![0, 3], vec![0, 4]]);
+    }
+
+    /// The `prepare_sft` fixture: a tokenizer file and JSON Lines written to a temp dir.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        tok: Tokenizer,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let tok = test_tokenizer();
+            tok.save(dir.path().join("tokenizer.json"), false).unwrap();
+            Self { dir, tok }
+        }
+
+        fn input(&self, name: &str, lines: &[String]) -> PathBuf {
+            let p = self.dir.path().join(name);
+            fs::write(&p, lines.join("\n") + "\n").unwrap();
+            p
+        }
+
+        fn options(&self, inputs: Vec<PathBuf>, max_len: usize, pack: bool) -> SftOptions {
+            SftOptions {
+                inputs,
+                tokenizer: self.dir.path().to_path_buf(),
+                max_len,
+                out: self.dir.path().join("out"),
+                pack,
+                skip_invalid: false,
+                seed: 1,
+            }
+        }
+    }
+
+    fn line(messages: &[Message]) -> String {
+        serde_json::json!({ "messages": messages }).to_string()
+    }
+
+    /// Samples of varied lengths, 1 to 3 user/assistant turns each; every tenth one long.
+    fn samples(n: usize) -> Vec<Vec<Message>> {
+        (0..n)
+            .map(|i| {
+                let mut m = Vec::new();
+                if i % 3 == 0 {
+                    m.push(msg("system", "You answer the question."));
+                }
+                for k in 0..(1 + i % 3) {
+                    m.push(msg("user", &format!("What is {i} plus {k}?")));
+                    let repeat = if i % 10 == 9 { 80 } else { 1 + i % 4 };
+                    m.push(msg(
+                        "assistant",
+                        &format!("It is {}.", i + k).repeat(repeat),
+                    ));
+                }
+                m
+            })
+            .collect()
+    }
+
+    fn open(out: &Path, name: &str) -> IndexedDataset {
+        IndexedDataset::open(&out.join(name)).unwrap()
+    }
+
+    fn dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().into_string().unwrap(),
+                    fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn siblings(f: &Fixture) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(f.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("out"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    use super::super::indexed::IndexedDataset;
+
+    #[test]
+    fn packed_rows_reproduce_the_samples_and_their_masks() {
+        let f = Fixture::new();
+        let t = ChatTemplate::from_tokenizer(&f.tok).unwrap();
+        let all = samples(40);
+        let encoded: Vec<_> = all
+            .iter()
+            .map(|m| encode_chat(&f.tok, &t, m).unwrap())
+            .collect();
+        // Every tenth sample too long; the others two or more to a row.
+        let mut lens: Vec<usize> = encoded.iter().map(|(ids, _)| ids.len()).collect();
+        lens.sort();
+        let max_len = 2 * lens[lens.len() - 5];
+        let long = encoded
+            .iter()
+            .filter(|(ids, _)| ids.len() > max_len)
+            .count();
+        assert!(
+            long > 0 && long < all.len(),
+            "{long} too long: tune the fixture"
+        );
+        let a = f.input(
+            "a.jsonl",
+            &all[..25].iter().map(|m| line(m)).collect::<Vec<_>>(),
+        );
+        let b = f.input(
+            "b.jsonl",
+            &all[25..].iter().map(|m| line(m)).collect::<Vec<_>>(),
+        );
+        for pack in [true, false] {
+            let o = f.options(vec![a.clone(), b.clone()], max_len, pack);
+            let report = prepare_sft(&o).unwrap();
+            let kept: Vec<_> = encoded
+                .iter()
+                .filter(|(ids, _)| ids.len() <= max_len)
+                .collect();
+            assert_eq!(report.samples_in, 40);
+            assert_eq!(report.dropped_too_long, long as u64);
+            assert_eq!(report.samples_written, kept.len() as u64);
+
+            let tokens = open(&o.out, "tokens");
+            let mask = open(&o.out, "loss_mask");
+            let offsets = open(&o.out, "sample_offsets");
+            assert_eq!(tokens.len(), report.sequences as usize);
+            assert_eq!(mask.len(), tokens.len());
+            assert_eq!(offsets.len(), tokens.len());
+            let docs: Vec<i64> = (0..=tokens.len() as i64).collect();
+            assert_eq!(tokens.document_indices(), &docs[..]);
+            assert!(tokens.sizes().iter().all(|&s| s as usize == max_len));
+            assert!(mask.sizes().iter().all(|&s| s as usize == max_len));
+            if !pack {
+                assert_eq!(tokens.len(), kept.len());
+            } else {
+                assert!(tokens.len() < kept.len());
+            }
+
+            let mut got = Vec::new();
+            let mut assistant = 0u64;
+            for r in 0..tokens.len() {
+                let (ids, m, off) = (
+                    tokens.get(r).unwrap(),
+                    mask.get(r).unwrap(),
+                    offsets.get(r).unwrap(),
+                );
+                assert_eq!(off[0], 0);
+                let end = *off.last().unwrap() as usize;
+                for w in off.windows(2) {
+                    let (s, e) = (w[0] as usize, w[1] as usize);
+                    let bools: Vec<bool> = m[s..e].iter().map(|&x| x == 1).collect();
+                    got.push((ids[s..e].to_vec(), bools));
+                }
+                assert!(ids[end..].iter().all(|&x| x == t.eot));
+                assert!(m[end..].iter().all(|&x| x == 0));
+                assistant += m.iter().map(|&x| x as u64).sum::<u64>();
+                if pack && r + 1 < tokens.len() {
+                    // Greedy: the next row's first sample did not fit here.
+                    let next = offsets.get(r + 1).unwrap();
+                    assert!(end + next[1] as usize > max_len);
+                }
+            }
+            let want: Vec<_> = kept.iter().map(|s| (*s).clone()).collect();
+            assert_eq!(got, want);
+            assert_eq!(report.assistant_tokens, assistant);
+            assert_eq!(
+                report.tokens + report.padding_tokens,
+                (max_len * tokens.len()) as u64
+            );
+
+            let manifest: serde_json::Value =
+                serde_json::from_slice(&fs::read(o.out.join("manifest.json")).unwrap()).unwrap();
+            assert_eq!(manifest["inputs"][0]["sha256"], sha256_file(&a).unwrap());
+            assert_eq!(
+                manifest["inputs"][1]["bytes"],
+                fs::metadata(&b).unwrap().len()
+            );
+            assert_eq!(
+                manifest["tokenizer"]["sha256"],
+                sha256_file(&f.dir.path().join("tokenizer.json")).unwrap()
+            );
+            assert_eq!(manifest["options"]["pack"], pack);
+            let r: SftReport = serde_json::from_value(manifest["report"].clone()).unwrap();
+            assert_eq!(r, report);
+            assert_eq!(siblings(&f), vec!["out".to_string()]);
+        }
+    }
+
+    #[test]
+    fn malformed_line_error_names_file_and_line() {
+        let f = Fixture::new();
+        let good = line(&samples(1)[0]);
+        let cases: [(&str, &str); 4] = [
+            ("{\"messages\": [", "malformed JSON"),
+            ("{\"text\": \"x\"}", "no `messages`"),
+            (
+                "{\"messages\": [{\"role\": \"tool\", \"content\": \"x\"}]}",
+                "role \"tool\"",
+            ),
+            (
+                "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}",
+                "no assistant turn",
+            ),
+        ];
+        for (bad, what) in cases {
+            let p = f.input("bad.jsonl", &[good.clone(), String::new(), bad.to_string()]);
+            let err = prepare_sft(&f.options(vec![p], 512, true)).unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(msg.contains("bad.jsonl:3:"), "{msg}");
+            assert!(msg.contains(what), "{msg}");
+        }
+        let p = f.dir.path().join("utf8.jsonl");
+        fs::write(
+            &p,
+            [good.as_bytes(), b"\n{\"messages\": \"\xff\"}\n"].concat(),
+        )
+        .unwrap();
+        let err = prepare_sft(&f.options(vec![p], 512, true)).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("utf8.jsonl:2:") && msg.contains("UTF-8"),
+            "{msg}"
+        );
+        // Every failed run left nothing behind.
+        assert!(siblings(&f).is_empty(), "{:?}", siblings(&f));
+    }
+
+    #[test]
+    fn skip_invalid_counts_each_kind() {
+        let f = Fixture::new();
+        let good = samples(3).iter().map(|m| line(m)).collect::<Vec<_>>();
+        let lines = vec![
+            good[0].clone(),
+            "{\"messages\": [".into(),
+            "[1, 2]".into(),
+            "{\"messages\": [{\"role\": 1, \"content\": \"x\"}]}".into(),
+            "{\"messages\": [{\"role\": \"bot\", \"content\": \"x\"}]}".into(),
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}".into(),
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}".into(),
+            good[1].clone(),
+            "   ".into(),
+            good[2].clone(),
+        ];
+        let p = f.input("mixed.jsonl", &lines);
+        let q = f.dir.path().join("bytes.jsonl");
+        fs::write(&q, b"\xc3\x28\n").unwrap();
+        let mut o = f.options(vec![p, q], 512, true);
+        o.skip_invalid = true;
+        let r = prepare_sft(&o).unwrap();
+        let want = SftReport {
+            samples_in: 10,
+            samples_written: 3,
+            invalid_utf8: 1,
+            invalid_json: 1,
+            missing_messages: 1,
+            bad_message: 1,
+            bad_role: 1,
+            empty: 1,
+            no_assistant: 1,
+            ..r.clone()
+        };
+        assert_eq!(r, want);
+        assert_eq!(r.dropped_too_long, 0);
+        assert_eq!(r.sequences, 1);
+    }
+
+    #[test]
+    fn rerun_replaces_the_output_byte_identically() {
+        let f = Fixture::new();
+        let p = f.input(
+            "a.jsonl",
+            &samples(30).iter().map(|m| line(m)).collect::<Vec<_>>(),
+        );
+        let o = f.options(vec![p.clone()], 256, true);
+        prepare_sft(&o).unwrap();
+        let first = dir_bytes(&o.out);
+        let names: Vec<&str> = first.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "loss_mask.bin",
+                "loss_mask.idx",
+                "manifest.json",
+                "sample_offsets.bin",
+                "sample_offsets.idx",
+                "tokenizer.json",
+                "tokens.bin",
+                "tokens.idx",
+            ]
+        );
+        // A stray file in the old output must not survive the replacement.
+        fs::write(o.out.join("stray"), b"x").unwrap();
+        prepare_sft(&o).unwrap();
+        assert_eq!(dir_bytes(&o.out), first);
+        assert_eq!(siblings(&f), vec!["out".to_string()]);
+    }
+
+    #[test]
+    fn interrupted_run_leaves_no_output() {
+        let f = Fixture::new();
+        let mut lines: Vec<String> = samples(60).iter().map(|m| line(m)).collect();
+        let p = f.input("good.jsonl", &lines);
+        lines.push("{\"messages\": [".into());
+        let bad = f.input("bad.jsonl", &lines);
+        // Fails after rows were written: no `out`, no temporary directory.
+        let o = f.options(vec![bad.clone()], 128, true);
+        assert!(prepare_sft(&o).is_err());
+        assert!(siblings(&f).is_empty(), "{:?}", siblings(&f));
+        // With a complete older output, a failed run leaves it as it was.
+        let o = f.options(vec![p], 128, true);
+        prepare_sft(&o).unwrap();
+        let before = dir_bytes(&o.out);
+        assert!(prepare_sft(&f.options(vec![bad], 128, true)).is_err());
+        assert_eq!(dir_bytes(&o.out), before);
+        assert_eq!(siblings(&f), vec!["out".to_string()]);
+    }
+}

@@ -28,8 +28,11 @@ pub struct FileRecord {
 pub struct TrainState {
     /// Optimizer steps completed.
     pub step: u64,
-    /// Training windows consumed (the data position).
+    /// Training windows consumed (the data position of text/token-file runs).
     pub data_position: u64,
+    /// The dataset loader's position (epoch, index) for `data.dataset` runs.
+    #[serde(default)]
+    pub loader: Option<crate::data::loader::LoaderState>,
     pub tokens_seen: u64,
     pub seed: u64,
     /// SHA-256 of the run config that wrote it (informational: resuming with a changed config is

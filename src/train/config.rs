@@ -55,6 +55,9 @@ pub struct RopeOverride {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
+    /// A dataset directory written by `ultralong prepare cpt|sft` (Megatron indexed tokens, and
+    /// loss masks for SFT), read in a seeded order per epoch.
+    pub dataset: Option<PathBuf>,
     /// A UTF-8 text file, tokenized with the model's tokenizer.json.
     pub text: Option<PathBuf>,
     /// Or a token file: a JSON array of ids (`.json`) or little-endian u32 (`.bin`).
@@ -190,10 +193,15 @@ impl RunConfig {
         if t.ce_chunk == 0 {
             bail!("train.ce_chunk must be at least 1");
         }
-        match (&self.data.text, &self.data.tokens) {
-            (Some(_), Some(_)) => bail!("data: give either `text` or `tokens`, not both"),
-            (None, None) => bail!("data: missing key `text` or `tokens`"),
-            _ => {}
+        let given = [
+            self.data.dataset.is_some(),
+            self.data.text.is_some(),
+            self.data.tokens.is_some(),
+        ];
+        match given.iter().filter(|&&g| g).count() {
+            0 => bail!("data: missing key `dataset`, `text` or `tokens`"),
+            1 => {}
+            _ => bail!("data: give only one of `dataset`, `text` and `tokens`"),
         }
         let o = &self.optim;
         if !["constant", "cosine", "linear"].contains(&o.schedule.as_str()) {

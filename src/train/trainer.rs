@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamW, Backend};
+use crate::data::loader::Loader;
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::llama::{Head, Llama, Workspace};
 use crate::model::params::ParamStore;
@@ -162,6 +163,91 @@ fn trim_metrics(path: &Path, step: u64) -> Result<()> {
     crate::io::write_atomic(path, kept.as_bytes())
 }
 
+/// Where training sequences come from: a prepared dataset (CPT or SFT, with loss masks) or, for
+/// quick runs, a text or token file cut into windows.
+enum DataSource {
+    Dataset(Loader),
+    Stream(TokenStream),
+}
+
+impl DataSource {
+    fn open(
+        cfg: &RunConfig,
+        mcfg: &ModelConfig,
+        tokenizer: Option<&Path>,
+        state: &TrainState,
+    ) -> Result<Self> {
+        let seq = cfg.train.seq_len;
+        if let Some(dir) = &cfg.data.dataset {
+            let mut l = Loader::open(dir, seq, cfg.train.seed)?;
+            if let Some(s) = &state.loader {
+                l.set_state(s.clone());
+            }
+            check_vocab(dir, mcfg.vocab_size)?;
+            return Ok(DataSource::Dataset(l));
+        }
+        let (tokens, source) = match (&cfg.data.text, &cfg.data.tokens) {
+            (Some(text), _) => {
+                let tok = cfg
+                    .data
+                    .tokenizer
+                    .clone()
+                    .or_else(|| tokenizer.map(Path::to_path_buf))
+                    .with_context(|| {
+                        format!(
+                            "data.text needs a tokenizer: none in {} and no data.tokenizer",
+                            cfg.model.path.display()
+                        )
+                    })?;
+                (tokenize_text_file(text, &tok)?, text.display().to_string())
+            }
+            (None, Some(t)) => (load_token_file(t)?, t.display().to_string()),
+            (None, None) => bail!("data: missing key `dataset`, `text` or `tokens`"),
+        };
+        Ok(DataSource::Stream(TokenStream::new(
+            tokens,
+            seq,
+            mcfg.vocab_size,
+            &source,
+        )?))
+    }
+
+    /// The next (ids, targets) and the data position advanced in `st`.
+    fn next(&mut self, st: &mut TrainState) -> Result<(Vec<u32>, Vec<i32>)> {
+        match self {
+            DataSource::Dataset(l) => {
+                let s = l.next_sample()?;
+                st.loader = Some(l.state());
+                Ok((s.ids, s.targets))
+            }
+            DataSource::Stream(t) => {
+                let w = t.window(st.data_position);
+                st.data_position += 1;
+                Ok(w)
+            }
+        }
+    }
+}
+
+/// A prepared dataset's manifest must fit the model's vocabulary.
+fn check_vocab(dir: &Path, vocab: usize) -> Result<()> {
+    let p = dir.join("manifest.json");
+    let Ok(text) = std::fs::read_to_string(&p) else {
+        return Ok(());
+    };
+    let m: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: malformed", p.display()))?;
+    if let Some(v) = m["vocab_size"].as_u64()
+        && v as usize > vocab
+    {
+        bail!(
+            "{}: the dataset's tokenizer has {v} tokens, more than the model's vocab_size {vocab}",
+            p.display()
+        );
+    }
+    Ok(())
+}
+
 /// The tokenizer that goes with a model directory, if it has one.
 fn tokenizer_of(dir: &Path) -> Option<PathBuf> {
     let p = dir.join("tokenizer.json");
@@ -227,6 +313,7 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
             let state = TrainState {
                 step: 0,
                 data_position: 0,
+                loader: None,
                 tokens_seen: 0,
                 seed: cfg.train.seed,
                 config_hash: config_hash(cfg),
@@ -245,26 +332,7 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
             model.cfg.max_position_embeddings
         );
     }
-    let (tokens, source) = match (&cfg.data.text, &cfg.data.tokens) {
-        (Some(text), _) => {
-            let tok = cfg
-                .data
-                .tokenizer
-                .clone()
-                .or_else(|| tok_source.clone())
-                .with_context(|| {
-                    format!(
-                        "data.text needs a tokenizer: none in {} and no data.tokenizer",
-                        cfg.model.path.display()
-                    )
-                })?;
-            (tokenize_text_file(text, &tok)?, text.display().to_string())
-        }
-        (None, Some(t)) => (load_token_file(t)?, t.display().to_string()),
-        (None, None) => bail!("data: missing key `text` or `tokens`"),
-    };
-    let stream = TokenStream::new(tokens, seq, model.cfg.vocab_size, &source)?;
-
+    let mut source = DataSource::open(cfg, &model.cfg, tok_source.as_deref(), &state)?;
     let mut ws = Workspace::new(b, &model.cfg, seq, cfg.train.recompute, cfg.train.ce_chunk);
     let mut grads = ParamStore::zeros(b, &model.cfg);
     let metrics_path = out.join("metrics.jsonl");
@@ -298,17 +366,24 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
     while st.step < stop_at {
         let t0 = Instant::now();
         grads.zero_all(b);
-        let n_targets = (per_step as usize * seq) as f64;
+        // The step's sequences first: the loss is averaged over the step's counted targets.
+        let batch: Vec<(Vec<u32>, Vec<i32>)> = (0..per_step)
+            .map(|_| source.next(&mut st))
+            .collect::<Result<_>>()?;
+        let n_targets = batch
+            .iter()
+            .map(|(_, t)| t.iter().filter(|&&x| x >= 0).count())
+            .sum::<usize>()
+            .max(1) as f64;
         let mut loss_sum = 0.0;
-        for i in 0..per_step {
-            let (ids, targets) = stream.window(st.data_position + i);
+        for (ids, targets) in &batch {
             loss_sum += model.forward_backward(
                 b,
                 &mut ws,
-                &ids,
+                ids,
                 0,
                 Head::Loss {
-                    targets: &targets,
+                    targets,
                     grad_scale: 1.0 / n_targets,
                 },
                 Some(&mut grads),
@@ -336,7 +411,6 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
         };
         adamw_step(b, &mut model.params, &grads, &mut m, &mut v, hp);
         st.step = step;
-        st.data_position += per_step;
         st.tokens_seen += per_step * seq as u64;
 
         let dt = t0.elapsed().as_secs_f64();
