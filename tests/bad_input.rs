@@ -155,7 +155,7 @@ fn bad_tokens_are_named() {
     fails_with(
         p,
         &["forward", "--model", "m", "--tokens", "ids.json"],
-        &["999", "index 2", "256"],
+        &["999", "index 2", "384"],
     );
     std::fs::write(p.join("ids.json"), "[1, -2]").unwrap();
     fails_with(

@@ -35,7 +35,7 @@ fn separators_packing_and_determinism() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     tiny_model(p);
-    write_corpus(&p.join("c.jsonl"), 400);
+    write_corpus(&p.join("c.jsonl"), 1000);
     let args = |out: &str| {
         vec![
             "prepare",
@@ -47,7 +47,7 @@ fn separators_packing_and_determinism() {
             "--seq-len",
             "64",
             "--tokens",
-            "20000",
+            "200000",
             "--out",
             out,
             "--domain-field",
@@ -68,7 +68,7 @@ fn separators_packing_and_determinism() {
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let tokens_out = report["tokens_out"].as_u64().unwrap();
     assert!(
-        (tokens_out as f64 / 20000.0 - 1.0).abs() < 0.01,
+        (tokens_out as f64 / 200000.0 - 1.0).abs() < 0.01,
         "budget: {tokens_out}"
     );
     let sep = report["separator_id"].as_u64().unwrap() as u32;

@@ -26,7 +26,11 @@ fn ten_steps_equal_five_plus_resume_plus_five() {
     let joined: Vec<f64> = first.into_iter().chain(second).collect();
     assert_eq!(straight, joined, "losses must be bitwise identical");
     let log = std::fs::read_to_string(p.join("b/metrics.jsonl")).unwrap();
-    assert_eq!(losses(&log), straight, "the resumed run's metrics.jsonl has each step once");
+    assert_eq!(
+        losses(&log),
+        straight,
+        "the resumed run's metrics.jsonl has each step once"
+    );
     let wa = load_safetensors_dir(&p.join("a/checkpoints/step-00000010/model")).unwrap();
     let wb = load_safetensors_dir(&p.join("bck/step-00000010/model")).unwrap();
     assert_eq!(wa, wb, "weights must be bitwise identical");

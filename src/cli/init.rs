@@ -37,9 +37,16 @@ pub struct InitArgs {
     pub dtype: String,
 }
 
-/// Special tokens of our trained tokenizers: Llama 3's begin/end of text, and the paper's `<s>`
-/// document separator.
-pub const SPECIAL_TOKENS: [&str; 3] = ["<|begin_of_text|>", "<|end_of_text|>", "<s>"];
+/// Special tokens of our trained tokenizers: Llama 3's begin/end of text and chat-template tokens,
+/// and the paper's `<s>` document separator.
+pub const SPECIAL_TOKENS: [&str; 6] = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<s>",
+];
 
 /// Train a byte-level BPE (GPT-2/Llama-3 style pre-tokenisation) with `vocab_size` entries.
 pub fn train_bpe_tokenizer(text: &Path, vocab_size: usize, out: &Path) -> Result<()> {

@@ -54,7 +54,7 @@ pub fn fails_with(dir: &Path, args: &[&str], needles: &[&str]) {
 }
 
 pub const TINY_CONFIG: &str = r#"{
-  "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+  "vocab_size": 384, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
   "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
   "max_position_embeddings": 128,
   "rope_scaling": {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0,
