@@ -166,7 +166,7 @@ fn trim_metrics(path: &Path, step: u64) -> Result<()> {
 /// Where training sequences come from: a prepared dataset (CPT or SFT, with loss masks) or, for
 /// quick runs, a text or token file cut into windows.
 enum DataSource {
-    Dataset(Loader),
+    Dataset(Box<Loader>),
     Stream(TokenStream),
 }
 
@@ -184,7 +184,7 @@ impl DataSource {
                 l.set_state(s.clone());
             }
             check_vocab(dir, mcfg.vocab_size)?;
-            return Ok(DataSource::Dataset(l));
+            return Ok(DataSource::Dataset(Box::new(l)));
         }
         let (tokens, source) = match (&cfg.data.text, &cfg.data.tokens) {
             (Some(text), _) => {
