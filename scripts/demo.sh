@@ -14,7 +14,7 @@ rm -rf "$D"
 mkdir -p "$D"
 t_start=$(date +%s)
 
-echo "== 0. corpus: documents of facts (generated), and a tokenizer trained on them"
+echo "== 0. corpus: documents of facts (generated), a tokenizer trained on them, and datasets made by prepare"
 # Each document: a topic, facts "the code of <thing> is <number>", filler, and a recall of an
 # earlier fact, so long-range context helps prediction.
 awk 'BEGIN {
@@ -35,9 +35,20 @@ awk 'BEGIN {
 }' > "$D/all.txt"
 # Three lines per document: the first 900 documents train, the last 60 are held out.
 head -n 2700 "$D/all.txt" > "$D/corpus.txt"
-tail -n +2701 "$D/all.txt" > "$D/eval.txt"
+# Held-out documents in the training format: "Document N.\n<facts>", joined by the <s> separator.
+tail -n +2701 "$D/all.txt" | awk 'NR % 3 == 1 { head = $0 } NR % 3 == 2 { printf "%s%s\n%s", (n++ ? "<s>" : ""), head, $0 }' > "$D/eval.txt"
 echo "   training text $(wc -c < "$D/corpus.txt") bytes, held-out text $(wc -c < "$D/eval.txt") bytes"
 $BIN init --config configs/demo/model.json --seed 1 --out "$D/init" --train-tokenizer "$D/corpus.txt"
+# One JSON line per document ("Document N." line + its facts), as a user's corpus would come.
+awk 'NR % 3 == 1 { head = $0 } NR % 3 == 2 { gsub(/"/, "\\\""); printf "{\"text\": \"%s\\n%s\", \"domain\": \"facts\"}\n", head, $0 }' \
+  "$D/corpus.txt" > "$D/corpus.jsonl"
+# The paper's data recipe at toy scale: length-based resampling (thresholds scaled down from
+# 4K/8K to 150/300 tokens), documents joined by the <s> separator, packed to the stage's length.
+for L in 128 1024; do
+  $BIN prepare cpt --input "$D/corpus.jsonl" --tokenizer "$D/init" --seq-len $L --tokens 400000 \
+    --short 150 --long 300 --domain-field domain --seed 1 --out "$D/data-$L" > /dev/null 2> "$D/data-$L.report"
+done
+cat "$D/data-1024.report"
 
 loss_at() { # model dir, tokens -> mean next-token loss on the held-out tail of the corpus
   $BIN forward --model "$1" --text "$D/eval.txt" --max-tokens "$2" | sed -E 's/.*"loss":([0-9.eE+-]+).*/\1/' | xargs printf '%.4f'
