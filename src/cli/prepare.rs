@@ -80,8 +80,9 @@ pub struct CptArgs {
     pub long_weight: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Megabytes of text tokenized per batch (the memory bound).
-    #[arg(long, default_value_t = 64)]
+    /// Megabytes of text tokenized per batch (the memory bound: tokenized batches take roughly
+    /// 10x their text size while in flight).
+    #[arg(long, default_value_t = 16)]
     pub buffer_mb: usize,
     /// Tokenizer threads (default: all cores).
     #[arg(long)]
