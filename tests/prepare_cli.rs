@@ -200,3 +200,69 @@ fn corpus_larger_than_the_buffer_streams() {
     let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(r["documents_in"], 9000);
 }
+
+#[test]
+fn parquet_and_jsonl_inputs_give_the_same_dataset() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    tiny_model(p);
+    let fx = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parquet");
+    for (input, out) in [("docs.parquet", "pq"), ("docs.jsonl", "js")] {
+        let input = fx.join(input);
+        let input = input.to_str().unwrap();
+        ok(
+            p,
+            &[
+                "prepare",
+                "cpt",
+                "--input",
+                input,
+                "--tokenizer",
+                "m",
+                "--seq-len",
+                "32",
+                "--tokens",
+                "3000",
+                "--out",
+                out,
+                "--domain-field",
+                "domain",
+            ],
+        );
+    }
+    for f in ["tokens.bin", "tokens.idx", "doc_starts.u64"] {
+        assert!(
+            std::fs::read(p.join("pq").join(f)).unwrap()
+                == std::fs::read(p.join("js").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p.join("pq/report.json")).unwrap()).unwrap();
+    assert_eq!(r["documents_in"], 40);
+    assert_eq!(
+        r["buckets"].as_object().unwrap().len(),
+        3,
+        "three domains from the domain column"
+    );
+    // A file that is not Parquet is named.
+    std::fs::write(p.join("bad.parquet"), b"PAR1 this is not parquet").unwrap();
+    fails_with(
+        p,
+        &[
+            "prepare",
+            "cpt",
+            "--input",
+            "bad.parquet",
+            "--tokenizer",
+            "m",
+            "--seq-len",
+            "32",
+            "--tokens",
+            "3000",
+            "--out",
+            "x",
+        ],
+        &["bad.parquet", "Parquet"],
+    );
+}

@@ -40,7 +40,7 @@ pub struct SftArgs {
 
 #[derive(Args, Debug)]
 pub struct CptArgs {
-    /// Input files: JSON Lines (.jsonl, .jsonl.gz, .jsonl.zst).
+    /// Input files: JSON Lines (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet (.parquet, as HF datasets).
     #[arg(long, num_args = 1.., required = true)]
     pub input: Vec<PathBuf>,
     /// tokenizer.json, or a model directory holding one.

@@ -1,4 +1,4 @@
-//! `prepare cpt`: the paper's stage-1 data. Documents from JSON Lines (plain, .gz, .zst) are
+//! `prepare cpt`: the paper's stage-1 data. Documents from JSON Lines (plain, .gz, .zst) or Parquet are
 //! tokenized in parallel batches, resampled per domain by length (PAPER.md, after Fu et al. 2024:
 //! short documents down-sampled, long ones up-sampled, domain shares kept), joined with a single
 //! separator token (`<s>`) between documents, packed into sequences of exactly `seq_len` tokens
@@ -272,6 +272,10 @@ fn read_inputs(
             .and_then(|d| d.file_name())
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "default".into());
+        if input.extension().is_some_and(|e| e == "parquet") {
+            read_parquet(o, tok, p1, invalid, input, &dir_domain)?;
+            continue;
+        }
         let mut r = open_input(input)?;
         let mut line = Vec::new();
         let mut lineno = 0u64;
@@ -309,47 +313,123 @@ fn read_inputs(
                     bail!("{}: malformed JSON: {e}", at());
                 }
             };
-            let Some(doc) = v.get(&o.text_field).and_then(|t| t.as_str()) else {
-                if o.skip_invalid {
-                    invalid.missing_text += 1;
-                    continue;
-                }
-                bail!("{}: no string field {:?}", at(), o.text_field);
+            let domain_field = match &o.domain {
+                DomainSource::Field(f) => v.get(f).and_then(|d| d.as_str()),
+                _ => None,
             };
-            if doc.trim().is_empty() {
-                if o.skip_invalid {
-                    invalid.empty_document += 1;
-                    continue;
-                }
-                bail!("{}: empty document in field {:?}", at(), o.text_field);
-            }
-            let domain = match &o.domain {
-                DomainSource::Field(f) => match v.get(f).and_then(|d| d.as_str()) {
-                    Some(d) => d.to_string(),
-                    None => {
-                        if o.skip_invalid {
-                            invalid.missing_text += 1;
-                            continue;
-                        }
-                        bail!("{}: no string domain field {f:?}", at());
-                    }
-                },
-                DomainSource::Directory => dir_domain.clone(),
-                DomainSource::Single => "default".into(),
-            };
-            let domain = p1.domain_id(&domain);
-            p1.pending_bytes += doc.len();
-            p1.pending.push(Pending {
-                text: doc.to_string(),
-                domain,
-            });
-            if p1.pending_bytes >= o.buffer_bytes {
-                p1.flush(tok, invalid, o.skip_invalid)
-                    .with_context(|| format!("{}: before line {lineno}", input.display()))?;
-            }
+            let text = v.get(&o.text_field).and_then(|t| t.as_str());
+            accept_document(o, tok, p1, invalid, text, domain_field, &dir_domain, &at())?;
         }
     }
     p1.flush(tok, invalid, o.skip_invalid)
+}
+
+/// Check one document (text and domain as found at `at`) and queue it for tokenization.
+#[allow(clippy::too_many_arguments)]
+fn accept_document(
+    o: &CptOptions,
+    tok: &Tokenizer,
+    p1: &mut Pass1,
+    invalid: &mut InvalidCounts,
+    text: Option<&str>,
+    domain_field: Option<&str>,
+    dir_domain: &str,
+    at: &str,
+) -> Result<()> {
+    let Some(doc) = text else {
+        if o.skip_invalid {
+            invalid.missing_text += 1;
+            return Ok(());
+        }
+        bail!("{at}: no string field {:?}", o.text_field);
+    };
+    if doc.trim().is_empty() {
+        if o.skip_invalid {
+            invalid.empty_document += 1;
+            return Ok(());
+        }
+        bail!("{at}: empty document in field {:?}", o.text_field);
+    }
+    let domain = match &o.domain {
+        DomainSource::Field(f) => match domain_field {
+            Some(d) => d.to_string(),
+            None => {
+                if o.skip_invalid {
+                    invalid.missing_text += 1;
+                    return Ok(());
+                }
+                bail!("{at}: no string domain field {f:?}");
+            }
+        },
+        DomainSource::Directory => dir_domain.to_string(),
+        DomainSource::Single => "default".into(),
+    };
+    let domain = p1.domain_id(&domain);
+    p1.pending_bytes += doc.len();
+    p1.pending.push(Pending {
+        text: doc.to_string(),
+        domain,
+    });
+    if p1.pending_bytes >= o.buffer_bytes {
+        p1.flush(tok, invalid, o.skip_invalid)
+            .with_context(|| format!("{at}: in the batch ending here"))?;
+    }
+    Ok(())
+}
+
+/// Read a Parquet file (the format of HF datasets) row group by row group; errors name the row
+/// group and row.
+fn read_parquet(
+    o: &CptOptions,
+    tok: &Tokenizer,
+    p1: &mut Pass1,
+    invalid: &mut InvalidCounts,
+    input: &Path,
+    dir_domain: &str,
+) -> Result<()> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    let f = std::fs::File::open(input)
+        .with_context(|| format!("cannot open input {}", input.display()))?;
+    let reader = SerializedFileReader::new(f)
+        .with_context(|| format!("{}: not a readable Parquet file", input.display()))?;
+    let domain_col = match &o.domain {
+        DomainSource::Field(f) => Some(f.as_str()),
+        _ => None,
+    };
+    for g in 0..reader.metadata().num_row_groups() {
+        let group = reader
+            .get_row_group(g)
+            .with_context(|| format!("{}: cannot read row group {g}", input.display()))?;
+        let rows = group
+            .get_row_iter(None)
+            .with_context(|| format!("{}: cannot read rows of row group {g}", input.display()))?;
+        for (r, row) in rows.enumerate() {
+            let at = format!("{}: row group {g}, row {r}", input.display());
+            let row = match row {
+                Ok(row) => row,
+                Err(e) => {
+                    if o.skip_invalid {
+                        invalid.malformed_json += 1;
+                        continue;
+                    }
+                    bail!("{at}: unreadable row: {e}");
+                }
+            };
+            let (mut text, mut domain) = (None, None);
+            for (name, field) in row.get_column_iter() {
+                if let Field::Str(s) = field {
+                    if name == &o.text_field {
+                        text = Some(s.as_str());
+                    } else if Some(name.as_str()) == domain_col {
+                        domain = Some(s.as_str());
+                    }
+                }
+            }
+            accept_document(o, tok, p1, invalid, text, domain, dir_domain, &at)?;
+        }
+    }
+    Ok(())
 }
 
 /// Copies of each document: per (domain, bucket) a rate `k_domain × weight_bucket`, with `k` set so
