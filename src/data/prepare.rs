@@ -781,6 +781,31 @@ mod tests {
     }
 
     #[test]
+    fn separator_is_added_as_a_special_token_when_missing() {
+        use tokenizers::models::wordlevel::WordLevel;
+        let vocab = [
+            ("a".to_string(), 0u32),
+            ("b".to_string(), 1),
+            ("[UNK]".to_string(), 2),
+        ]
+        .into_iter()
+        .collect();
+        let model = WordLevel::builder()
+            .vocab(vocab)
+            .unk_token("[UNK]".into())
+            .build()
+            .unwrap();
+        let mut tok = Tokenizer::new(model);
+        tok.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
+        let (id, added) = ensure_separator(&mut tok, "<s>").unwrap();
+        assert!(added);
+        assert_eq!(id, 3);
+        // Now one token, never split, and found again without adding.
+        assert_eq!(tok.encode("a<s>b", false).unwrap().get_ids(), &[0, 3, 1]);
+        assert_eq!(ensure_separator(&mut tok, "<s>").unwrap(), (3, false));
+    }
+
+    #[test]
     fn resampling_is_deterministic_for_a_seed() {
         let (dom, len) = corpus();
         let r = Resampling::default();
