@@ -157,13 +157,18 @@ fn bucket_of(len: usize, r: &Resampling) -> usize {
     }
 }
 
-/// Load a tokenizer from a file or a directory's tokenizer.json.
-pub fn load_tokenizer(p: &Path) -> Result<Tokenizer> {
-    let file = if p.is_dir() {
+/// `p` itself, or `p/tokenizer.json` when `p` is a (model or dataset) directory.
+pub fn tokenizer_file(p: &Path) -> PathBuf {
+    if p.is_dir() {
         p.join("tokenizer.json")
     } else {
         p.to_path_buf()
-    };
+    }
+}
+
+/// Load a tokenizer from a file or a directory's tokenizer.json.
+pub fn load_tokenizer(p: &Path) -> Result<Tokenizer> {
+    let file = tokenizer_file(p);
     Tokenizer::from_file(&file)
         .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", file.display()))
 }

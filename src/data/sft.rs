@@ -513,13 +513,8 @@ pub fn prepare_sft(o: &SftOptions) -> Result<SftReport> {
     if o.inputs.is_empty() {
         bail!("prepare sft: no input files");
     }
-    let tokenizer_path = if o.tokenizer.is_dir() {
-        o.tokenizer.join("tokenizer.json")
-    } else {
-        o.tokenizer.clone()
-    };
-    let tok = Tokenizer::from_file(&tokenizer_path)
-        .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tokenizer_path.display()))?;
+    let tokenizer_path = crate::data::prepare::tokenizer_file(&o.tokenizer);
+    let tok = crate::data::prepare::load_tokenizer(&tokenizer_path)?;
     let template = ChatTemplate::from_tokenizer(&tok)
         .with_context(|| format!("tokenizer {}", tokenizer_path.display()))?;
 
