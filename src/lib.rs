@@ -9,5 +9,6 @@ pub mod cli;
 pub mod data;
 pub mod io;
 pub mod model;
+pub mod parallel;
 pub mod train;
 pub mod util;

@@ -1,0 +1,179 @@
+//! `Comm`: how ranks talk, on host buffers. The model and the optimizer are written against this
+//! trait; `mpi` implements it over MPI (rsmpi + raw FFI for `MPI_IN_PLACE` and non-blocking
+//! exchanges), `thread` over threads of one process (unit tests of the ring and the TP pairs),
+//! and `SelfComm` is the world of one rank (no MPI at all).
+//!
+//! Every collective is blocking and called by every rank of the communicator in the same order.
+//! The only non-blocking operation is `exchange_start`: the point-to-point step of the
+//! context-parallel ring, overlapped with the local block's compute.
+
+use std::cell::Cell;
+use std::time::Instant;
+
+/// Element types a collective can carry. `KIND` picks the MPI datatype.
+pub trait Elem: bytemuck::Pod + Default + PartialOrd + Send + Sync + 'static {
+    const KIND: ElemKind;
+    fn add(self, o: Self) -> Self;
+    fn max_of(self, o: Self) -> Self {
+        if o > self { o } else { self }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElemKind {
+    F32,
+    F64,
+    U8,
+    I32,
+    U64,
+}
+
+macro_rules! elem {
+    ($t:ty, $k:ident) => {
+        impl Elem for $t {
+            const KIND: ElemKind = ElemKind::$k;
+            fn add(self, o: Self) -> Self {
+                self + o
+            }
+        }
+    };
+}
+elem!(f32, F32);
+elem!(f64, F64);
+elem!(i32, I32);
+elem!(u64, U64);
+impl Elem for u8 {
+    const KIND: ElemKind = ElemKind::U8;
+    fn add(self, o: Self) -> Self {
+        self.wrapping_add(o)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+}
+
+/// A non-blocking exchange in flight: `wait` returns the send buffer (for reuse) and the filled
+/// receive buffer. Dropping it without `wait` waits (the buffers must outlive the transfer).
+pub struct Exchange<T: Elem> {
+    inner: Option<Box<dyn PendingExchange<T>>>,
+}
+
+/// What an implementation keeps for an exchange in flight.
+pub trait PendingExchange<T: Elem> {
+    /// Block until both directions completed; give the buffers back.
+    fn wait(self: Box<Self>) -> (Vec<T>, Vec<T>);
+}
+
+impl<T: Elem> Exchange<T> {
+    pub fn new(p: Box<dyn PendingExchange<T>>) -> Self {
+        Exchange { inner: Some(p) }
+    }
+    /// Block until done. `waited` (seconds) is added to the communicator's wait clock by
+    /// `Comm::wait`; call that instead to account for the time.
+    fn finish(mut self) -> (Vec<T>, Vec<T>) {
+        self.inner.take().expect("exchange waited twice").wait()
+    }
+}
+
+impl<T: Elem> Drop for Exchange<T> {
+    fn drop(&mut self) {
+        if let Some(p) = self.inner.take() {
+            let _ = p.wait();
+        }
+    }
+}
+
+/// Seconds spent blocked in exchange waits (the ring's exposed communication).
+#[derive(Default)]
+pub struct WaitClock(Cell<f64>);
+
+impl WaitClock {
+    pub fn add(&self, s: f64) {
+        self.0.set(self.0.get() + s);
+    }
+    pub fn get(&self) -> f64 {
+        self.0.get()
+    }
+}
+
+pub trait Comm {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+
+    /// In place: every rank ends with the element-wise reduction over all ranks.
+    fn all_reduce<T: Elem>(&self, buf: &mut [T], op: ReduceOp);
+    /// `recv.len() == send.len() * size`; rank `i`'s `send` lands at `recv[i*n .. (i+1)*n]`.
+    fn all_gather<T: Elem>(&self, send: &[T], recv: &mut [T]);
+    /// `send.len() == recv.len() * size`; `recv = Σ over ranks of their send[rank*n .. (rank+1)*n]`
+    /// for this rank's block `rank`.
+    fn reduce_scatter<T: Elem>(&self, send: &[T], recv: &mut [T]);
+    fn broadcast<T: Elem>(&self, buf: &mut [T], root: usize);
+    fn barrier(&self);
+    /// Start sending `send` to rank `to` and receiving `recv.len()` elements from rank `from`.
+    fn exchange_start<T: Elem>(
+        &self,
+        send: Vec<T>,
+        to: usize,
+        recv: Vec<T>,
+        from: usize,
+    ) -> Exchange<T>;
+    /// The clock `wait` adds to.
+    fn wait_clock(&self) -> &WaitClock;
+
+    /// Finish an exchange, adding the time blocked to `wait_clock`.
+    fn wait<T: Elem>(&self, x: Exchange<T>) -> (Vec<T>, Vec<T>) {
+        let t0 = Instant::now();
+        let r = x.finish();
+        self.wait_clock().add(t0.elapsed().as_secs_f64());
+        r
+    }
+}
+
+/// The world of one rank: every collective is the identity.
+#[derive(Default)]
+pub struct SelfComm {
+    clock: WaitClock,
+}
+
+struct Immediate<T>(Vec<T>, Vec<T>);
+
+impl<T: Elem> PendingExchange<T> for Immediate<T> {
+    fn wait(self: Box<Self>) -> (Vec<T>, Vec<T>) {
+        (self.0, self.1)
+    }
+}
+
+impl Comm for SelfComm {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_reduce<T: Elem>(&self, _buf: &mut [T], _op: ReduceOp) {}
+    fn all_gather<T: Elem>(&self, send: &[T], recv: &mut [T]) {
+        recv.copy_from_slice(send);
+    }
+    fn reduce_scatter<T: Elem>(&self, send: &[T], recv: &mut [T]) {
+        recv.copy_from_slice(send);
+    }
+    fn broadcast<T: Elem>(&self, _buf: &mut [T], _root: usize) {}
+    fn barrier(&self) {}
+    fn exchange_start<T: Elem>(
+        &self,
+        send: Vec<T>,
+        to: usize,
+        mut recv: Vec<T>,
+        from: usize,
+    ) -> Exchange<T> {
+        assert!(to == 0 && from == 0, "SelfComm: only rank 0 exists");
+        recv.copy_from_slice(&send);
+        Exchange::new(Box::new(Immediate(send, recv)))
+    }
+    fn wait_clock(&self) -> &WaitClock {
+        &self.clock
+    }
+}

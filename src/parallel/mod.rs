@@ -1,0 +1,14 @@
+//! Parallelism over ranks: the world split into DP × CP × TP groups (`topology`), how ranks talk
+//! (`comm` trait; `mpi`, `thread`, and the world of one in `comm::SelfComm`, all behind `any`),
+//! tensor + sequence parallelism as conjugate pairs (`tensor`), the context-parallel zigzag ring
+//! attention (`context`), and the ZeRO-1 sharded optimizer over DP × CP (`zero`).
+
+pub mod any;
+pub mod comm;
+pub mod context;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+pub mod tensor;
+pub mod thread;
+pub mod topology;
+pub mod zero;
