@@ -39,8 +39,24 @@ pub struct AdamW {
     pub grad_scale: f64,
 }
 
+/// One row's cross-entropy statistics over a vocabulary shard (see `cross_entropy_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CeStats {
+    pub max: f64,
+    pub sum: f64,
+    pub target: Option<f64>,
+}
+
+/// Target code for a row that is not counted (loss mask 0, padding).
+pub const TARGET_IGNORE: i32 = -1;
+/// Target code for a counted row whose target token lives on another vocabulary shard.
+pub const TARGET_ELSEWHERE: i32 = -2;
+pub use cpu::kernels::NOT_IN_SHARD;
+
 pub trait Backend: Sync {
     type Buf: Send + Sync;
+    /// The element type buffers are staged through on the host for communication.
+    type Host: crate::parallel::comm::Elem;
 
     /// Human-readable name, e.g. "cpu-f32".
     fn name(&self) -> String;
@@ -55,6 +71,10 @@ pub trait Backend: Sync {
     fn fill_zero(&self, b: &mut Self::Buf);
     /// `dst[dst_off .. dst_off+n] = src[src_off .. src_off+n]`.
     fn copy(&self, src: &Self::Buf, src_off: usize, dst: &mut Self::Buf, dst_off: usize, n: usize);
+    /// `out = b[off .. off + out.len()]` in the host staging type.
+    fn read_host(&self, b: &Self::Buf, off: usize, out: &mut [Self::Host]);
+    /// `b[off .. off + data.len()] = data`.
+    fn write_host(&self, b: &mut Self::Buf, off: usize, data: &[Self::Host]);
     /// Bytes currently held by live buffers of this backend (for peak-memory reports).
     fn bytes_in_use(&self) -> usize;
     fn peak_bytes(&self) -> usize;
@@ -62,6 +82,15 @@ pub trait Backend: Sync {
     // ---- elementwise --------------------------------------------------------------------------
     /// `dst += src` (residual connections, gradient sums).
     fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// `dst[dst_off .. dst_off+n] += src[src_off .. src_off+n]`.
+    fn add_at(
+        &self,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        src: &Self::Buf,
+        src_off: usize,
+        n: usize,
+    );
     fn scale(&self, b: &mut Self::Buf, s: f64);
     /// Σ b² in f64 (gradient norms).
     fn sum_squares(&self, b: &Self::Buf) -> f64;
@@ -195,6 +224,45 @@ pub trait Backend: Sync {
         vocab: usize,
         grad_scale: f64,
     ) -> f64;
+
+    /// Vocabulary-parallel cross-entropy, pass 1: per row of `logits [rows, vocab]` (one shard
+    /// of the vocabulary) its maximum, `Σ exp(z − max)` and, if `targets[r] >= 0` (a shard-local
+    /// index), the target's logit. `TARGET_IGNORE` rows give zeros; `TARGET_ELSEWHERE` rows no
+    /// target. The ranks of a shard group combine these into the global max and sum.
+    fn cross_entropy_stats(
+        &self,
+        logits: &Self::Buf,
+        targets: &[i32],
+        vocab: usize,
+    ) -> Vec<CeStats>;
+    /// Pass 2: `logits ← grad_scale · (exp(z − max[r]) / sum[r] − [j = target])` with the
+    /// global `max` and `sum` of each row; `TARGET_IGNORE` rows become 0.
+    fn cross_entropy_grad(
+        &self,
+        logits: &mut Self::Buf,
+        targets: &[i32],
+        vocab: usize,
+        max: &[f64],
+        sum: &[f64],
+        grad_scale: f64,
+    );
+
+    /// Merge a ring step's attention result (`out_b [rows, heads, d]`, `lse_b [heads, rows]`)
+    /// into rows `row0 .. row0+rows` of the running `out [q_len, heads, d]`, `lse [heads, q_len]`
+    /// with the overflow-free log-sum-exp form (DESIGN.md).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_merge(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        out_b: &Self::Buf,
+        lse_b: &Self::Buf,
+        row0: usize,
+        rows: usize,
+        q_len: usize,
+        heads: usize,
+        head_dim: usize,
+    );
 
     /// In-place AdamW on one tensor; `m`, `v` are its first and second moments.
     fn adamw(

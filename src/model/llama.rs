@@ -1,44 +1,78 @@
 //! The Llama decoder: explicit forward and backward of one layer side by side (no autograd, as
-//! llm.c), the whole-model pass over one sequence, and the chunked LM head + cross-entropy.
+//! llm.c), the whole-model pass over one sequence, and the chunked LM head + cross-entropy —
+//! written once for one rank or many (tensor, sequence and context parallel).
 //!
-//! One training pass over a sequence of `T` tokens:
-//!   embed → L × [RMSNorm → q,k,v → RoPE → causal GQA attention → o (+res) → RMSNorm →
+//! One training pass over this rank's `t` local tokens (its zigzag chunks when cp > 1):
+//!   embed → L × [RMSNorm → q,k,v → RoPE → ring attention → o (+res) → RMSNorm →
 //!   gate,up → SwiGLU → down (+res)] → RMSNorm → LM head + CE in chunks of tokens
-//! and back. Layer inputs are always kept (`Workspace::xs`); the rest of a layer's activations are
-//! kept for every layer, or — with full recompute — for one layer at a time, recomputed from its
-//! input during the backward pass. All buffers are allocated once, in `Workspace::new`.
+//! and back. Under TP the residual stream, norms and their inputs are sequence-sharded (`ts = t/tp`
+//! rows per TP rank); `gather_seq` before each column-parallel block (q/k/v, gate/up, LM head),
+//! `reduce_scatter_seq` after each row-parallel one (o, down, embedding) — `parallel::tensor`.
+//! Attention runs over the CP ring (`parallel::context`); with cp = tp = 1 every collective is
+//! the identity and nothing is copied.
+//!
+//! Layer inputs are always kept (`Workspace::xs`); the rest of a layer's activations are kept
+//! for every layer, or — with full recompute — for one layer at a time, recomputed from its input
+//! during the backward pass. All buffers are allocated once, in `Workspace::new`.
 
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{Backend, NOT_IN_SHARD, TARGET_ELSEWHERE, TARGET_IGNORE};
 use crate::model::config::ModelConfig;
 use crate::model::params::{
-    EMBED, LayerTensor as LT, ParamStore, final_norm_index, layer_index, lm_head_index,
+    EMBED, LayerTensor as LT, ParamStore, Shard, final_norm_index, layer_index, lm_head_index,
 };
 use crate::model::rope::Rope;
+use crate::parallel::comm::Comm;
+use crate::parallel::context::{
+    RingScratch, RingShape, ring_attention_backward, ring_attention_forward,
+};
+use crate::parallel::tensor::{
+    gather_seq_backward, gather_seq_forward, reduce_scatter_seq_backward,
+    reduce_scatter_seq_forward,
+};
+use crate::parallel::topology::Topology;
 
-/// Sizes of one pass, taken from the config.
+/// Sizes of one pass on one rank, taken from the config and the rank's shard.
 #[derive(Clone, Copy, Debug)]
 pub struct Dims {
+    /// Local tokens (this CP rank's chunks; the whole sequence with cp = 1).
     pub t: usize,
+    /// Sequence-parallel rows of the residual stream on this TP rank: `t / tp`.
+    pub ts: usize,
+    pub tp: usize,
     pub hidden: usize,
+    /// Per-TP-rank FFN width, query heads, KV heads and vocabulary rows.
     pub ffn: usize,
     pub n_q: usize,
     pub n_kv: usize,
     pub head_dim: usize,
     pub vocab: usize,
+    /// First vocabulary row of this rank's shard.
+    pub vocab_off: usize,
     pub layers: usize,
     pub eps: f64,
 }
 
 impl Dims {
     pub fn new(cfg: &ModelConfig, t: usize) -> Self {
+        Self::local(cfg, t, Shard::WHOLE)
+    }
+
+    /// The sizes `shard` of a TP group sees for `t` local tokens.
+    pub fn local(cfg: &ModelConfig, t: usize, shard: Shard) -> Self {
+        let tp = shard.size;
+        assert!(t % tp == 0, "{t} local tokens do not split over tp {tp}");
+        let vocab = cfg.vocab_size / tp;
         Dims {
             t,
+            ts: t / tp,
+            tp,
             hidden: cfg.hidden_size,
-            ffn: cfg.intermediate_size,
-            n_q: cfg.num_attention_heads,
-            n_kv: cfg.num_key_value_heads,
+            ffn: cfg.intermediate_size / tp,
+            n_q: cfg.num_attention_heads / tp,
+            n_kv: cfg.num_key_value_heads / tp,
             head_dim: cfg.head_dim,
-            vocab: cfg.vocab_size,
+            vocab,
+            vocab_off: shard.rank * vocab,
             layers: cfg.num_hidden_layers,
             eps: cfg.rms_norm_eps,
         }
@@ -49,12 +83,22 @@ impl Dims {
     fn kv_width(&self) -> usize {
         self.n_kv * self.head_dim
     }
+    fn ring(&self) -> RingShape {
+        RingShape {
+            t: self.t,
+            n_q: self.n_q,
+            n_kv: self.n_kv,
+            head_dim: self.head_dim,
+        }
+    }
 }
 
 /// Everything one layer's backward pass needs from its forward pass.
 pub struct LayerActs<B: Backend> {
     xn1: B::Buf,
     rstd1: B::Buf,
+    /// `xn1` gathered over the TP group (`[t, hidden]`); absent when tp = 1.
+    xn1f: Option<B::Buf>,
     q: B::Buf,
     k: B::Buf,
     v: B::Buf,
@@ -63,6 +107,7 @@ pub struct LayerActs<B: Backend> {
     x_mid: B::Buf,
     xn2: B::Buf,
     rstd2: B::Buf,
+    xn2f: Option<B::Buf>,
     gate: B::Buf,
     up: B::Buf,
     h: B::Buf,
@@ -70,18 +115,21 @@ pub struct LayerActs<B: Backend> {
 
 impl<B: Backend> LayerActs<B> {
     fn new(b: &B, d: &Dims) -> Self {
-        let (t, h) = (d.t, d.hidden);
+        let (t, ts, h) = (d.t, d.ts, d.hidden);
+        let full = || (d.tp > 1).then(|| b.zeros(t * h));
         LayerActs {
-            xn1: b.zeros(t * h),
-            rstd1: b.zeros(t),
+            xn1: b.zeros(ts * h),
+            rstd1: b.zeros(ts),
+            xn1f: full(),
             q: b.zeros(t * d.q_width()),
             k: b.zeros(t * d.kv_width()),
             v: b.zeros(t * d.kv_width()),
             attn: b.zeros(t * d.q_width()),
             lse: b.zeros(d.n_q * t),
-            x_mid: b.zeros(t * h),
-            xn2: b.zeros(t * h),
-            rstd2: b.zeros(t),
+            x_mid: b.zeros(ts * h),
+            xn2: b.zeros(ts * h),
+            rstd2: b.zeros(ts),
+            xn2f: full(),
             gate: b.zeros(t * d.ffn),
             up: b.zeros(t * d.ffn),
             h: b.zeros(t * d.ffn),
@@ -91,8 +139,14 @@ impl<B: Backend> LayerActs<B> {
 
 /// Gradient scratch shared by all layers in the backward pass.
 struct GradScratch<B: Backend> {
+    /// ∂L/∂(residual stream) `[ts, hidden]`.
     dx: B::Buf,
+    /// ∂L/∂(norm output) `[ts, hidden]`.
     dxn: B::Buf,
+    /// Full-sequence (`[t, hidden]`) forms under TP: the gathered output gradient of a
+    /// row-parallel block, and the partial input gradient of a column-parallel block.
+    dfull: Option<B::Buf>,
+    dxnf: Option<B::Buf>,
     dq: B::Buf,
     dk: B::Buf,
     dv: B::Buf,
@@ -102,46 +156,70 @@ struct GradScratch<B: Backend> {
     dh: B::Buf,
 }
 
-/// All activation memory of one pass over `t` tokens, allocated once per run.
+/// All activation memory of one pass over `t` local tokens, allocated once per run.
 pub struct Workspace<B: Backend> {
     pub dims: Dims,
     pub recompute: bool,
-    /// Layer inputs `xs[l]` (and `xs[L]`, the input of the final norm).
+    /// Layer inputs `xs[l]` (and `xs[L]`, the input of the final norm), `[ts, hidden]`.
     xs: Vec<B::Buf>,
     /// One set per layer, or a single set reused by every layer under full recompute.
     acts: Vec<LayerActs<B>>,
     xf: B::Buf,
     rstd_f: B::Buf,
+    /// `xf` gathered over TP (`[t, hidden]`), absent when tp = 1.
+    xff: Option<B::Buf>,
+    /// Partial sums of a row-parallel block before its reduce-scatter (`[t, hidden]`), tp > 1.
+    part: Option<B::Buf>,
     logits: B::Buf,
     pub ce_chunk: usize,
     cos: B::Buf,
     sin: B::Buf,
-    /// Position of the first token the cos/sin tables were built for.
-    rope_pos0: Option<u64>,
+    /// Positions the cos/sin tables were built for.
+    rope_positions: Vec<u64>,
+    ring: Option<RingScratch<B>>,
     grads: GradScratch<B>,
 }
 
 impl<B: Backend> Workspace<B> {
-    /// `ce_chunk`: tokens per LM-head/cross-entropy chunk (at most `ce_chunk × vocab` logits live).
+    /// One rank alone: `t` tokens. `ce_chunk`: tokens per LM-head/cross-entropy chunk (at most
+    /// `ce_chunk × vocab` logits live).
     pub fn new(b: &B, cfg: &ModelConfig, t: usize, recompute: bool, ce_chunk: usize) -> Self {
-        let d = Dims::new(cfg, t);
+        Self::for_rank(b, cfg, &Topology::single(), t, recompute, ce_chunk)
+    }
+
+    /// This rank's workspace for `t` local tokens (the sequence length / cp).
+    pub fn for_rank(
+        b: &B,
+        cfg: &ModelConfig,
+        topo: &Topology,
+        t: usize,
+        recompute: bool,
+        ce_chunk: usize,
+    ) -> Self {
+        let d = Dims::local(cfg, t, topo.shard());
         let n_sets = if recompute { 1 } else { d.layers };
         let ce_chunk = ce_chunk.clamp(1, t.max(1));
+        let full = || (d.tp > 1).then(|| b.zeros(t * d.hidden));
         Workspace {
             dims: d,
             recompute,
-            xs: (0..=d.layers).map(|_| b.zeros(t * d.hidden)).collect(),
+            xs: (0..=d.layers).map(|_| b.zeros(d.ts * d.hidden)).collect(),
             acts: (0..n_sets).map(|_| LayerActs::new(b, &d)).collect(),
-            xf: b.zeros(t * d.hidden),
-            rstd_f: b.zeros(t),
+            xf: b.zeros(d.ts * d.hidden),
+            rstd_f: b.zeros(d.ts),
+            xff: full(),
+            part: full(),
             logits: b.zeros(ce_chunk * d.vocab),
             ce_chunk,
             cos: b.zeros(t * d.head_dim / 2),
             sin: b.zeros(t * d.head_dim / 2),
-            rope_pos0: None,
+            rope_positions: Vec::new(),
+            ring: RingScratch::new(b, &d.ring(), topo.layout.cp),
             grads: GradScratch {
-                dx: b.zeros(t * d.hidden),
-                dxn: b.zeros(t * d.hidden),
+                dx: b.zeros(d.ts * d.hidden),
+                dxn: b.zeros(d.ts * d.hidden),
+                dfull: full(),
+                dxnf: full(),
                 dq: b.zeros(t * d.q_width()),
                 dk: b.zeros(t * d.kv_width()),
                 dv: b.zeros(t * d.kv_width()),
@@ -158,20 +236,8 @@ impl<B: Backend> Workspace<B> {
     }
 }
 
-fn attn_shape(d: &Dims, pos0: i64) -> AttnShape {
-    AttnShape {
-        q_len: d.t,
-        kv_len: d.t,
-        n_q_heads: d.n_q,
-        n_kv_heads: d.n_kv,
-        head_dim: d.head_dim,
-        q_pos0: pos0,
-        k_pos0: pos0,
-        causal: true,
-    }
-}
-
 /// `y [rows, out] = x [rows, in] · Wᵀ` for an HF weight `W [out, in]`.
+#[allow(clippy::too_many_arguments)]
 fn linear<B: Backend>(
     b: &B,
     y: &mut B::Buf,
@@ -203,209 +269,285 @@ fn linear_backward<B: Backend>(
     b.gemm(dw, 0, dy, 0, x, 0, out, inp, rows, true, false, true);
 }
 
+/// Everything a layer pass reads besides its buffers.
+struct Ctx<'a, B: Backend> {
+    b: &'a B,
+    d: &'a Dims,
+    topo: &'a Topology,
+    cos: &'a B::Buf,
+    sin: &'a B::Buf,
+}
+
+impl<B: Backend> Ctx<'_, B> {
+    /// `gather_seq` forward into `full` (tp > 1), returning the full-sequence input of a
+    /// column-parallel block.
+    fn gathered<'x>(&self, local: &'x B::Buf, full: &'x mut Option<B::Buf>) -> &'x B::Buf {
+        match full {
+            Some(f) => {
+                gather_seq_forward(self.b, &self.topo.tp, local, self.d.ts * self.d.hidden, f);
+                f
+            }
+            None => local,
+        }
+    }
+
+    /// A row-parallel projection with its residual: `out = residual + reduce_scatter_seq(x·Wᵀ)`.
+    #[allow(clippy::too_many_arguments)]
+    fn row_parallel(
+        &self,
+        x: &B::Buf,
+        w: &B::Buf,
+        inp: usize,
+        residual: &B::Buf,
+        out: &mut B::Buf,
+        part: &mut Option<B::Buf>,
+    ) {
+        let (b, d) = (self.b, self.d);
+        b.copy(residual, 0, out, 0, d.ts * d.hidden);
+        match part {
+            None => linear(b, out, x, w, d.t, d.hidden, inp, true),
+            Some(p) => {
+                linear(b, p, x, w, d.t, d.hidden, inp, false);
+                reduce_scatter_seq_forward(b, &self.topo.tp, p, d.ts * d.hidden, out, true);
+            }
+        }
+    }
+}
+
 /// One decoder layer forward: `x_out = layer(x_in)`, filling `a`.
 fn layer_forward<B: Backend>(
-    b: &B,
-    d: &Dims,
+    c: &Ctx<'_, B>,
     p: &ParamStore<B>,
     l: usize,
     x_in: &B::Buf,
     a: &mut LayerActs<B>,
     x_out: &mut B::Buf,
-    cos: &B::Buf,
-    sin: &B::Buf,
-    pos0: i64,
+    part: &mut Option<B::Buf>,
+    ring: Option<&mut RingScratch<B>>,
 ) {
+    let (b, d) = (c.b, c.d);
     let w = |t: LT| &p.bufs[layer_index(l, t)];
-    let (t, h) = (d.t, d.hidden);
-    b.rmsnorm_forward(x_in, w(LT::AttnNorm), d.eps, t, h, &mut a.xn1, &mut a.rstd1);
-    linear(b, &mut a.q, &a.xn1, w(LT::Q), t, d.q_width(), h, false);
-    linear(b, &mut a.k, &a.xn1, w(LT::K), t, d.kv_width(), h, false);
-    linear(b, &mut a.v, &a.xn1, w(LT::V), t, d.kv_width(), h, false);
-    b.rope_forward(&mut a.q, cos, sin, t, d.n_q, d.head_dim);
-    b.rope_forward(&mut a.k, cos, sin, t, d.n_kv, d.head_dim);
+    let (t, ts, h) = (d.t, d.ts, d.hidden);
+    b.rmsnorm_forward(
+        x_in,
+        w(LT::AttnNorm),
+        d.eps,
+        ts,
+        h,
+        &mut a.xn1,
+        &mut a.rstd1,
+    );
+    let xn1 = c.gathered(&a.xn1, &mut a.xn1f);
+    linear(b, &mut a.q, xn1, w(LT::Q), t, d.q_width(), h, false);
+    linear(b, &mut a.k, xn1, w(LT::K), t, d.kv_width(), h, false);
+    linear(b, &mut a.v, xn1, w(LT::V), t, d.kv_width(), h, false);
+    b.rope_forward(&mut a.q, c.cos, c.sin, t, d.n_q, d.head_dim);
+    b.rope_forward(&mut a.k, c.cos, c.sin, t, d.n_kv, d.head_dim);
     let scale = 1.0 / (d.head_dim as f64).sqrt();
-    b.attention_forward(
+    ring_attention_forward(
+        b,
+        &c.topo.cp,
+        &d.ring(),
+        scale,
         &a.q,
         &a.k,
         &a.v,
-        &attn_shape(d, pos0),
-        scale,
         &mut a.attn,
         &mut a.lse,
+        ring,
     );
-    b.copy(x_in, 0, &mut a.x_mid, 0, t * h);
-    linear(b, &mut a.x_mid, &a.attn, w(LT::O), t, h, d.q_width(), true);
+    c.row_parallel(&a.attn, w(LT::O), d.q_width(), x_in, &mut a.x_mid, part);
     b.rmsnorm_forward(
         &a.x_mid,
         w(LT::MlpNorm),
         d.eps,
-        t,
+        ts,
         h,
         &mut a.xn2,
         &mut a.rstd2,
     );
-    linear(b, &mut a.gate, &a.xn2, w(LT::Gate), t, d.ffn, h, false);
-    linear(b, &mut a.up, &a.xn2, w(LT::Up), t, d.ffn, h, false);
+    let xn2 = c.gathered(&a.xn2, &mut a.xn2f);
+    linear(b, &mut a.gate, xn2, w(LT::Gate), t, d.ffn, h, false);
+    linear(b, &mut a.up, xn2, w(LT::Up), t, d.ffn, h, false);
     b.swiglu_forward(&a.gate, &a.up, &mut a.h);
-    b.copy(&a.x_mid, 0, x_out, 0, t * h);
-    linear(b, x_out, &a.h, w(LT::Down), t, h, d.ffn, true);
+    c.row_parallel(&a.h, w(LT::Down), d.ffn, &a.x_mid, x_out, part);
+}
+
+/// `reduce_scatter_seq` backward: the full-sequence gradient of a row-parallel block's output.
+fn gathered_grad<'x, B: Backend>(
+    c: &Ctx<'_, B>,
+    dlocal: &'x B::Buf,
+    dfull: &'x mut Option<B::Buf>,
+) -> &'x B::Buf {
+    match dfull {
+        Some(f) => {
+            reduce_scatter_seq_backward(c.b, &c.topo.tp, dlocal, c.d.ts * c.d.hidden, f);
+            f
+        }
+        None => dlocal,
+    }
 }
 
 /// One decoder layer backward. On entry `g.dx` holds ∂L/∂x_out, on exit ∂L/∂x_in; parameter
 /// gradients are accumulated into `grads`.
-#[allow(clippy::too_many_arguments)]
 fn layer_backward<B: Backend>(
-    b: &B,
-    d: &Dims,
+    c: &Ctx<'_, B>,
     p: &ParamStore<B>,
     grads: &mut ParamStore<B>,
     l: usize,
     x_in: &B::Buf,
     a: &LayerActs<B>,
     g: &mut GradScratch<B>,
-    cos: &B::Buf,
-    sin: &B::Buf,
-    pos0: i64,
+    ring: Option<&mut RingScratch<B>>,
 ) {
+    let (b, d) = (c.b, c.d);
     let w = |t: LT| &p.bufs[layer_index(l, t)];
     let gi = |t: LT| layer_index(l, t);
-    let (t, h) = (d.t, d.hidden);
+    let (t, ts, h) = (d.t, d.ts, d.hidden);
+    let xn2 = a.xn2f.as_ref().unwrap_or(&a.xn2);
+    let xn1 = a.xn1f.as_ref().unwrap_or(&a.xn1);
     // MLP: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))).
-    b.gemm(
-        &mut g.dh,
-        0,
-        &g.dx,
-        0,
-        w(LT::Down),
-        0,
-        t,
-        d.ffn,
-        h,
-        false,
-        false,
-        false,
-    );
-    b.gemm(
-        &mut grads.bufs[gi(LT::Down)],
-        0,
-        &g.dx,
-        0,
-        &a.h,
-        0,
-        h,
-        d.ffn,
-        t,
-        true,
-        false,
-        true,
-    );
+    {
+        let dy = gathered_grad(c, &g.dx, &mut g.dfull);
+        linear_backward(
+            b,
+            dy,
+            &a.h,
+            w(LT::Down),
+            &mut g.dh,
+            &mut grads.bufs[gi(LT::Down)],
+            t,
+            h,
+            d.ffn,
+            false,
+        );
+    }
     b.swiglu_backward(&a.gate, &a.up, &g.dh, &mut g.dgate, &mut g.dup);
-    linear_backward(
-        b,
-        &g.dgate,
-        &a.xn2,
-        w(LT::Gate),
-        &mut g.dxn,
-        &mut grads.bufs[gi(LT::Gate)],
-        t,
-        d.ffn,
-        h,
-        false,
-    );
-    linear_backward(
-        b,
-        &g.dup,
-        &a.xn2,
-        w(LT::Up),
-        &mut g.dxn,
-        &mut grads.bufs[gi(LT::Up)],
-        t,
-        d.ffn,
-        h,
-        true,
-    );
+    {
+        let dxn = g.dxnf.as_mut().unwrap_or(&mut g.dxn);
+        let (gate, up) = (gi(LT::Gate), gi(LT::Up));
+        linear_backward(
+            b,
+            &g.dgate,
+            xn2,
+            w(LT::Gate),
+            dxn,
+            &mut grads.bufs[gate],
+            t,
+            d.ffn,
+            h,
+            false,
+        );
+        linear_backward(
+            b,
+            &g.dup,
+            xn2,
+            w(LT::Up),
+            dxn,
+            &mut grads.bufs[up],
+            t,
+            d.ffn,
+            h,
+            true,
+        );
+    }
+    if let Some(f) = &g.dxnf {
+        gather_seq_backward(b, &c.topo.tp, f, ts * h, &mut g.dxn, false);
+    }
     b.rmsnorm_backward(
         &g.dxn,
         &a.x_mid,
         w(LT::MlpNorm),
         &a.rstd2,
-        t,
+        ts,
         h,
         &mut g.dx,
         &mut grads.bufs[gi(LT::MlpNorm)],
     );
     // Attention: x_mid = x_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))).
-    linear_backward(
-        b,
-        &g.dx,
-        &a.attn,
-        w(LT::O),
-        &mut g.dattn,
-        &mut grads.bufs[gi(LT::O)],
-        t,
-        h,
-        d.q_width(),
-        false,
-    );
+    {
+        let dy = gathered_grad(c, &g.dx, &mut g.dfull);
+        linear_backward(
+            b,
+            dy,
+            &a.attn,
+            w(LT::O),
+            &mut g.dattn,
+            &mut grads.bufs[gi(LT::O)],
+            t,
+            h,
+            d.q_width(),
+            false,
+        );
+    }
     let scale = 1.0 / (d.head_dim as f64).sqrt();
-    b.attention_backward(
+    ring_attention_backward(
+        b,
+        &c.topo.cp,
+        &d.ring(),
+        scale,
         &a.q,
         &a.k,
         &a.v,
         &a.attn,
         &g.dattn,
         &a.lse,
-        &attn_shape(d, pos0),
-        scale,
         &mut g.dq,
         &mut g.dk,
         &mut g.dv,
+        ring,
     );
-    b.rope_backward(&mut g.dq, cos, sin, t, d.n_q, d.head_dim);
-    b.rope_backward(&mut g.dk, cos, sin, t, d.n_kv, d.head_dim);
-    linear_backward(
-        b,
-        &g.dq,
-        &a.xn1,
-        w(LT::Q),
-        &mut g.dxn,
-        &mut grads.bufs[gi(LT::Q)],
-        t,
-        d.q_width(),
-        h,
-        false,
-    );
-    linear_backward(
-        b,
-        &g.dk,
-        &a.xn1,
-        w(LT::K),
-        &mut g.dxn,
-        &mut grads.bufs[gi(LT::K)],
-        t,
-        d.kv_width(),
-        h,
-        true,
-    );
-    linear_backward(
-        b,
-        &g.dv,
-        &a.xn1,
-        w(LT::V),
-        &mut g.dxn,
-        &mut grads.bufs[gi(LT::V)],
-        t,
-        d.kv_width(),
-        h,
-        true,
-    );
+    b.rope_backward(&mut g.dq, c.cos, c.sin, t, d.n_q, d.head_dim);
+    b.rope_backward(&mut g.dk, c.cos, c.sin, t, d.n_kv, d.head_dim);
+    {
+        let dxn = g.dxnf.as_mut().unwrap_or(&mut g.dxn);
+        let (q, k, v) = (gi(LT::Q), gi(LT::K), gi(LT::V));
+        linear_backward(
+            b,
+            &g.dq,
+            xn1,
+            w(LT::Q),
+            dxn,
+            &mut grads.bufs[q],
+            t,
+            d.q_width(),
+            h,
+            false,
+        );
+        linear_backward(
+            b,
+            &g.dk,
+            xn1,
+            w(LT::K),
+            dxn,
+            &mut grads.bufs[k],
+            t,
+            d.kv_width(),
+            h,
+            true,
+        );
+        linear_backward(
+            b,
+            &g.dv,
+            xn1,
+            w(LT::V),
+            dxn,
+            &mut grads.bufs[v],
+            t,
+            d.kv_width(),
+            h,
+            true,
+        );
+    }
+    if let Some(f) = &g.dxnf {
+        gather_seq_backward(b, &c.topo.tp, f, ts * h, &mut g.dxn, false);
+    }
     b.rmsnorm_backward(
         &g.dxn,
         x_in,
         w(LT::AttnNorm),
         &a.rstd1,
-        t,
+        ts,
         h,
         &mut g.dx,
         &mut grads.bufs[gi(LT::AttnNorm)],
@@ -414,145 +556,245 @@ fn layer_backward<B: Backend>(
 
 /// What to do with the logits of each chunk of the LM head.
 pub enum Head<'a> {
-    /// Cross-entropy against `targets` (negative = not counted); the gradient of
-    /// `grad_scale × Σ loss` is back-propagated when parameter gradients are requested.
+    /// Cross-entropy against `targets` (one per local token; negative = not counted); the
+    /// gradient of `grad_scale × Σ loss` is back-propagated when parameter gradients are
+    /// requested.
     Loss { targets: &'a [i32], grad_scale: f64 },
-    /// Copy the logits `[T, vocab]` out to the host (for `forward --out`); no loss.
+    /// Append the logits `[t, vocab]` of the local tokens (all of the vocabulary, gathered over
+    /// TP) to a host vector (for `forward --out`); no loss.
     Logits(&'a mut Vec<f32>),
 }
 
-/// A Llama model over backend `B`: config, RoPE tables generator, parameters.
+/// A Llama model over backend `B`: config, RoPE tables generator, parameters (this rank's shard).
 pub struct Llama<B: Backend> {
     pub cfg: ModelConfig,
     pub rope: Rope,
     pub params: ParamStore<B>,
 }
 
+/// Combine per-shard cross-entropy statistics `[max, sum, target]` of each row over the TP group:
+/// the global max, sum and loss.
+fn combine_ce_stats(
+    parts: &[Vec<crate::backend::CeStats>],
+    rows: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut mx, mut sm, mut loss) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+    for r in 0..rows {
+        let m = parts
+            .iter()
+            .map(|p| p[r].max)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let s: f64 = parts.iter().map(|p| p[r].sum * (p[r].max - m).exp()).sum();
+        let z = parts.iter().find_map(|p| p[r].target);
+        mx[r] = m;
+        sm[r] = s;
+        loss[r] = z.map_or(0.0, |z| s.ln() + m - z);
+    }
+    (mx, sm, loss)
+}
+
 impl<B: Backend> Llama<B> {
-    /// Fill the workspace's cos/sin tables for tokens at positions `pos0 .. pos0 + T`.
-    fn load_rope_tables(&self, b: &B, ws: &mut Workspace<B>, pos0: u64) {
-        if ws.rope_pos0 == Some(pos0) {
+    /// Fill the workspace's cos/sin tables for tokens at `positions`.
+    fn load_rope_tables(&self, b: &B, ws: &mut Workspace<B>, positions: &[u64]) {
+        if ws.rope_positions == positions {
             return;
         }
-        ws.rope_pos0 = Some(pos0);
-        let positions: Vec<u64> = (0..ws.dims.t as u64).map(|i| pos0 + i).collect();
-        let (cos, sin) = self.rope.cos_sin::<f64>(&positions);
+        ws.rope_positions = positions.to_vec();
+        let (cos, sin) = self.rope.cos_sin::<f64>(positions);
         ws.cos = b.upload_f64(&cos);
         ws.sin = b.upload_f64(&sin);
     }
 
-    /// Forward over one sequence `ids` at positions `pos0..`, then (if `grads` is given and the
-    /// head is `Loss`) the backward pass, accumulating into `grads`. Returns Σ loss over counted
-    /// targets (0 for `Head::Logits`).
+    /// One rank alone: forward over `ids` at positions `pos0..`, then (if `grads` is given and
+    /// the head is `Loss`) the backward pass, accumulating into `grads`. Returns Σ loss over
+    /// counted targets (0 for `Head::Logits`).
     pub fn forward_backward(
         &self,
         b: &B,
         ws: &mut Workspace<B>,
         ids: &[u32],
         pos0: u64,
+        head: Head<'_>,
+        grads: Option<&mut ParamStore<B>>,
+    ) -> f64 {
+        let positions: Vec<u64> = (pos0..pos0 + ids.len() as u64).collect();
+        self.forward_backward_rank(b, &Topology::single(), ws, ids, &positions, head, grads)
+    }
+
+    /// This rank's part of the pass over one sequence: `ids`/`positions` are its local tokens
+    /// (zigzag chunks under CP; the same on every TP rank of a group). Returns Σ loss over this
+    /// rank's counted targets (equal on the ranks of a TP group).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_rank(
+        &self,
+        b: &B,
+        topo: &Topology,
+        ws: &mut Workspace<B>,
+        ids: &[u32],
+        positions: &[u64],
         mut head: Head<'_>,
         mut grads: Option<&mut ParamStore<B>>,
     ) -> f64 {
         let d = ws.dims;
-        assert_eq!(
+        assert!(
+            ids.len() == d.t && positions.len() == d.t,
+            "forward_backward: {} ids, {} positions for a workspace of {} tokens",
             ids.len(),
-            d.t,
-            "forward_backward: {} ids for a workspace of {} tokens",
-            ids.len(),
+            positions.len(),
             d.t
         );
         let p = &self.params;
-        let pos = pos0 as i64;
-        self.load_rope_tables(b, ws, pos0);
+        self.load_rope_tables(b, ws, positions);
+        let (t, ts, h) = (d.t, d.ts, d.hidden);
 
-        b.embedding_forward(&p.bufs[EMBED], ids, d.hidden, &mut ws.xs[0]);
-        for l in 0..d.layers {
-            let set = ws.act_set(l);
-            let (before, after) = ws.xs.split_at_mut(l + 1);
-            layer_forward(
+        // Vocab-parallel embedding: rows of other shards are zero, summed by the reduce-scatter.
+        let local_ids: Vec<u32> = ids
+            .iter()
+            .map(|&i| {
+                let i = i as usize;
+                if i >= d.vocab_off && i < d.vocab_off + d.vocab {
+                    (i - d.vocab_off) as u32
+                } else if d.tp == 1 {
+                    i as u32 // out of range: the kernel names it
+                } else {
+                    NOT_IN_SHARD
+                }
+            })
+            .collect();
+        match &mut ws.part {
+            None => b.embedding_forward(&p.bufs[EMBED], &local_ids, h, &mut ws.xs[0]),
+            Some(part) => {
+                b.embedding_forward(&p.bufs[EMBED], &local_ids, h, part);
+                reduce_scatter_seq_forward(b, &topo.tp, part, ts * h, &mut ws.xs[0], false);
+            }
+        }
+        {
+            let c = Ctx {
                 b,
-                &d,
-                p,
-                l,
-                &before[l],
-                &mut ws.acts[set],
-                &mut after[0],
-                &ws.cos,
-                &ws.sin,
-                pos,
-            );
+                d: &d,
+                topo,
+                cos: &ws.cos,
+                sin: &ws.sin,
+            };
+            for l in 0..d.layers {
+                let set = ws.act_set(l);
+                let (before, after) = ws.xs.split_at_mut(l + 1);
+                layer_forward(
+                    &c,
+                    p,
+                    l,
+                    &before[l],
+                    &mut ws.acts[set],
+                    &mut after[0],
+                    &mut ws.part,
+                    ws.ring.as_mut(),
+                );
+            }
         }
         let fnorm = final_norm_index(&self.cfg);
         b.rmsnorm_forward(
             &ws.xs[d.layers],
             &p.bufs[fnorm],
             d.eps,
-            d.t,
-            d.hidden,
+            ts,
+            h,
             &mut ws.xf,
             &mut ws.rstd_f,
         );
+        if let Some(f) = &mut ws.xff {
+            gather_seq_forward(b, &topo.tp, &ws.xf, ts * h, f);
+        }
+        let xf = ws.xff.as_ref().unwrap_or(&ws.xf);
 
         // LM head + cross-entropy, `ce_chunk` tokens at a time; the chunk's logits buffer is
-        // turned into its gradient in place and consumed before the next chunk.
+        // turned into its gradient in place and consumed before the next chunk. Vocab-parallel:
+        // each TP rank holds `vocab` rows of the head; per-row max and Σexp are combined over the
+        // group, so the full logits are never gathered.
         let backward = grads.is_some() && matches!(head, Head::Loss { .. });
         let lm = lm_head_index(&self.cfg);
+        let dxf_full: &mut B::Buf = ws.grads.dxnf.as_mut().unwrap_or(&mut ws.grads.dxn);
         if backward {
-            b.fill_zero(&mut ws.grads.dxn);
+            b.fill_zero(dxf_full);
         }
         let mut loss_sum = 0.0;
-        let c = ws.ce_chunk;
-        for r0 in (0..d.t).step_by(c) {
-            let rows = c.min(d.t - r0);
+        let ch = ws.ce_chunk;
+        for r0 in (0..t).step_by(ch) {
+            let rows = ch.min(t - r0);
             b.gemm(
                 &mut ws.logits,
                 0,
-                &ws.xf,
-                r0 * d.hidden,
+                xf,
+                r0 * h,
                 &p.bufs[lm],
                 0,
                 rows,
                 d.vocab,
-                d.hidden,
+                h,
                 false,
                 true,
                 false,
             );
             match &mut head {
                 Head::Logits(out) => {
-                    let chunk = b.download(&ws.logits);
-                    out.extend_from_slice(&chunk[..rows * d.vocab]);
+                    let mut chunk = vec![0f32; ch * d.vocab];
+                    let local = b.download(&ws.logits);
+                    chunk.copy_from_slice(&local);
+                    if d.tp == 1 {
+                        out.extend_from_slice(&chunk[..rows * d.vocab]);
+                    } else {
+                        let mut all = vec![0f32; chunk.len() * d.tp];
+                        topo.tp.all_gather(&chunk, &mut all);
+                        for r in 0..rows {
+                            for k in 0..d.tp {
+                                out.extend_from_slice(
+                                    &all[k * chunk.len() + r * d.vocab..][..d.vocab],
+                                );
+                            }
+                        }
+                    }
                 }
                 Head::Loss {
                     targets,
                     grad_scale,
                 } => {
-                    if rows < c {
-                        // The last chunk is short: shrink the logits view by computing into a
-                        // zero-target tail (ignored rows contribute neither loss nor gradient).
-                        let mut tg: Vec<i32> = targets[r0..r0 + rows].to_vec();
-                        tg.resize(c, -1);
-                        loss_sum +=
-                            b.cross_entropy_chunk(&mut ws.logits, &tg, d.vocab, *grad_scale);
+                    // Shard-local target codes; the short last chunk's tail rows are ignored.
+                    let mut tl: Vec<i32> = targets[r0..r0 + rows]
+                        .iter()
+                        .map(|&x| {
+                            if x < 0 {
+                                TARGET_IGNORE
+                            } else if (x as usize) >= d.vocab_off
+                                && (x as usize) < d.vocab_off + d.vocab
+                            {
+                                (x as usize - d.vocab_off) as i32
+                            } else if d.tp == 1 {
+                                x // out of range: the kernel names it
+                            } else {
+                                TARGET_ELSEWHERE
+                            }
+                        })
+                        .collect();
+                    tl.resize(ch, TARGET_IGNORE);
+                    let stats = b.cross_entropy_stats(&ws.logits, &tl, d.vocab);
+                    let parts = if d.tp == 1 {
+                        vec![stats]
                     } else {
-                        loss_sum += b.cross_entropy_chunk(
-                            &mut ws.logits,
-                            &targets[r0..r0 + rows],
-                            d.vocab,
-                            *grad_scale,
-                        );
-                    }
+                        gather_ce_stats(&topo.tp, &stats)
+                    };
+                    let (mx, sm, loss) = combine_ce_stats(&parts, ch);
+                    loss_sum += loss.iter().sum::<f64>();
                     if let Some(g) = grads.as_deref_mut() {
+                        b.cross_entropy_grad(&mut ws.logits, &tl, d.vocab, &mx, &sm, *grad_scale);
                         // dxf[rows] = dlogits · W_lm ; dW_lm += dlogitsᵀ · xf[rows]
                         b.gemm(
-                            &mut ws.grads.dxn,
-                            r0 * d.hidden,
+                            dxf_full,
+                            r0 * h,
                             &ws.logits,
                             0,
                             &p.bufs[lm],
                             0,
                             rows,
-                            d.hidden,
+                            h,
                             d.vocab,
                             false,
                             false,
@@ -563,10 +805,10 @@ impl<B: Backend> Llama<B> {
                             0,
                             &ws.logits,
                             0,
-                            &ws.xf,
-                            r0 * d.hidden,
+                            xf,
+                            r0 * h,
                             d.vocab,
-                            d.hidden,
+                            h,
                             rows,
                             true,
                             false,
@@ -581,53 +823,91 @@ impl<B: Backend> Llama<B> {
             return loss_sum;
         }
 
+        if let Some(f) = &ws.grads.dxnf {
+            gather_seq_backward(b, &topo.tp, f, ts * h, &mut ws.grads.dxn, false);
+        }
         b.fill_zero(&mut ws.grads.dx);
         b.rmsnorm_backward(
             &ws.grads.dxn,
             &ws.xs[d.layers],
             &p.bufs[fnorm],
             &ws.rstd_f,
-            d.t,
-            d.hidden,
+            ts,
+            h,
             &mut ws.grads.dx,
             &mut g.bufs[fnorm],
         );
+        let c = Ctx {
+            b,
+            d: &d,
+            topo,
+            cos: &ws.cos,
+            sin: &ws.sin,
+        };
         for l in (0..d.layers).rev() {
             let set = ws.act_set(l);
             if ws.recompute && l + 1 != d.layers {
                 // Full recompute: rebuild this layer's activations from its saved input.
                 let mut scratch_out = std::mem::replace(&mut ws.grads.dxn, b.zeros(0));
                 layer_forward(
-                    b,
-                    &d,
+                    &c,
                     p,
                     l,
                     &ws.xs[l],
                     &mut ws.acts[set],
                     &mut scratch_out,
-                    &ws.cos,
-                    &ws.sin,
-                    pos,
+                    &mut ws.part,
+                    ws.ring.as_mut(),
                 );
                 ws.grads.dxn = scratch_out;
             }
             layer_backward(
-                b,
-                &d,
+                &c,
                 p,
                 g,
                 l,
                 &ws.xs[l],
                 &ws.acts[set],
                 &mut ws.grads,
-                &ws.cos,
-                &ws.sin,
-                pos,
+                ws.ring.as_mut(),
             );
         }
-        b.embedding_backward(&mut g.bufs[EMBED], ids, d.hidden, &ws.grads.dx);
+        // Embedding backward: the gradient of the reduce-scatter is an all-gather.
+        let dx0 = match &mut ws.grads.dfull {
+            Some(f) => {
+                reduce_scatter_seq_backward(b, &topo.tp, &ws.grads.dx, ts * h, f);
+                &*f
+            }
+            None => &ws.grads.dx,
+        };
+        b.embedding_backward(&mut g.bufs[EMBED], &local_ids, h, dx0);
         loss_sum
     }
+}
+
+/// All-gather each TP rank's cross-entropy statistics (3 f64 per row; no target = NaN).
+fn gather_ce_stats<C: Comm>(
+    tp: &C,
+    stats: &[crate::backend::CeStats],
+) -> Vec<Vec<crate::backend::CeStats>> {
+    let rows = stats.len();
+    let send: Vec<f64> = stats
+        .iter()
+        .flat_map(|s| [s.max, s.sum, s.target.unwrap_or(f64::NAN)])
+        .collect();
+    let mut all = vec![0f64; send.len() * tp.size()];
+    tp.all_gather(&send, &mut all);
+    all.chunks(rows * 3)
+        .map(|part| {
+            part.chunks(3)
+                .map(|x| crate::backend::CeStats {
+                    max: x[0],
+                    sum: x[1],
+                    target: (!x[2].is_nan()).then_some(x[2]),
+                })
+                .collect()
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,117 @@
+//! Tensor + sequence parallelism as conjugate pairs (Megatron-Core's `mappings.py`): each
+//! communication the model makes is one of these names, whose backward is the transpose of its
+//! forward. Activations are `[rows, width]` row-major, and sequence parallelism splits the rows:
+//! TP rank r of `tp` holds rows `r·n .. (r+1)·n` of the rank's local tokens.
+//!
+//! | pair                   | forward                    | backward                  |
+//! |------------------------|----------------------------|---------------------------|
+//! | `gather_seq`           | all-gather rows            | reduce-scatter rows (sum) |
+//! | `reduce_scatter_seq`   | reduce-scatter rows (sum)  | all-gather rows           |
+//! | `all_reduce_grads`     | (replicated weight)        | all-reduce (sum)          |
+//!
+//! Column-parallel layers (q/k/v, gate/up) sit after `gather_seq`; row-parallel layers (o,
+//! down) and the vocab-parallel embedding produce partial sums that `reduce_scatter_seq` sums and
+//! splits back into sequence shards. The host-staged forms here work for every backend; a GPU
+//! backend with NCCL replaces the staging, not the pairs.
+
+use crate::backend::Backend;
+use crate::parallel::comm::{Comm, Elem, ReduceOp};
+
+fn stage<B: Backend>(b: &B, buf: &B::Buf, off: usize, n: usize) -> Vec<B::Host> {
+    let mut v = vec![B::Host::default(); n];
+    b.read_host(buf, off, &mut v);
+    v
+}
+
+/// `gather_seq` forward: `full [size·n]` = the group's `local [n]` blocks in rank order.
+pub fn gather_seq_forward<B: Backend, C: Comm>(
+    b: &B,
+    comm: &C,
+    local: &B::Buf,
+    n: usize,
+    full: &mut B::Buf,
+) {
+    if comm.size() == 1 {
+        b.copy(local, 0, full, 0, n);
+        return;
+    }
+    let send = stage(b, local, 0, n);
+    let mut recv = vec![B::Host::default(); n * comm.size()];
+    comm.all_gather(&send, &mut recv);
+    b.write_host(full, 0, &recv);
+}
+
+/// `gather_seq` backward: `dlocal (+)= Σ over ranks of their dfull[rank block]`.
+pub fn gather_seq_backward<B: Backend, C: Comm>(
+    b: &B,
+    comm: &C,
+    dfull: &B::Buf,
+    n: usize,
+    dlocal: &mut B::Buf,
+    accumulate: bool,
+) {
+    reduce_scatter_into(b, comm, dfull, n, dlocal, accumulate);
+}
+
+/// `reduce_scatter_seq` forward: `out (+)= this rank's block of Σ over ranks of partial [size·n]`
+/// (with `accumulate`, the residual connection is the `+`).
+pub fn reduce_scatter_seq_forward<B: Backend, C: Comm>(
+    b: &B,
+    comm: &C,
+    partial: &B::Buf,
+    n: usize,
+    out: &mut B::Buf,
+    accumulate: bool,
+) {
+    reduce_scatter_into(b, comm, partial, n, out, accumulate);
+}
+
+/// `reduce_scatter_seq` backward: `dpartial [size·n]` = all-gather of `dout [n]`.
+pub fn reduce_scatter_seq_backward<B: Backend, C: Comm>(
+    b: &B,
+    comm: &C,
+    dout: &B::Buf,
+    n: usize,
+    dpartial: &mut B::Buf,
+) {
+    gather_seq_forward(b, comm, dout, n, dpartial);
+}
+
+fn reduce_scatter_into<B: Backend, C: Comm>(
+    b: &B,
+    comm: &C,
+    full: &B::Buf,
+    n: usize,
+    out: &mut B::Buf,
+    accumulate: bool,
+) {
+    if comm.size() == 1 {
+        if accumulate {
+            b.add_at(out, 0, full, 0, n);
+        } else {
+            b.copy(full, 0, out, 0, n);
+        }
+        return;
+    }
+    let send = stage(b, full, 0, n * comm.size());
+    let mut recv = vec![B::Host::default(); n];
+    comm.reduce_scatter(&send, &mut recv);
+    if accumulate {
+        let cur = stage(b, out, 0, n);
+        for (r, c) in recv.iter_mut().zip(cur) {
+            *r = c.add(*r);
+        }
+    }
+    b.write_host(out, 0, &recv);
+}
+
+/// Sum a buffer over the group in place (gradients of replicated weights, partial sums).
+pub fn all_reduce_buf<B: Backend, C: Comm>(b: &B, comm: &C, buf: &mut B::Buf) {
+    if comm.size() == 1 {
+        return;
+    }
+    let n = b.len(buf);
+    let mut v = stage(b, buf, 0, n);
+    comm.all_reduce(&mut v, ReduceOp::Sum);
+    b.write_host(buf, 0, &v);
+}

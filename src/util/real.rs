@@ -17,6 +17,7 @@ pub trait Real:
     + SubAssign
     + MulAssign
     + DivAssign
+    + crate::parallel::comm::Elem
     + 'static
 {
     /// The nearest value of this type to `x`.

@@ -103,6 +103,10 @@ pub fn gemm<T: Real>(
     }
 }
 
+/// An id whose row lives on another vocabulary shard (vocab-parallel embedding): its output row
+/// is zero and its gradient is dropped.
+pub const NOT_IN_SHARD: u32 = u32::MAX;
+
 pub fn embedding_forward<T: Real>(table: &[T], ids: &[u32], dim: usize, out: &mut [T]) {
     assert_eq!(
         out.len(),
@@ -113,6 +117,10 @@ pub fn embedding_forward<T: Real>(table: &[T], ids: &[u32], dim: usize, out: &mu
     out.par_chunks_mut(dim)
         .zip(ids.par_iter())
         .for_each(|(row, &id)| {
+            if id == NOT_IN_SHARD {
+                row.fill(T::zero());
+                return;
+            }
             let id = id as usize;
             assert!(
                 id < vocab,
@@ -130,6 +138,9 @@ pub fn embedding_backward<T: Real>(dtable: &mut [T], ids: &[u32], dim: usize, do
         "embedding_backward: dout has the wrong size"
     );
     for (t, &id) in ids.iter().enumerate() {
+        if id == NOT_IN_SHARD {
+            continue;
+        }
         let id = id as usize;
         let dst = &mut dtable[id * dim..(id + 1) * dim];
         for (d, &g) in dst.iter_mut().zip(&dout[t * dim..(t + 1) * dim]) {
@@ -335,6 +346,122 @@ pub fn cross_entropy_chunk<T: Real>(
         })
         .collect();
     losses.iter().sum()
+}
+
+/// Per row of one vocabulary shard's `logits [rows, vocab]`: the row maximum, `Σ exp(z − max)`
+/// (f64) and the target's logit when the target is in this shard (`targets[r] >= 0`). Rows with
+/// target `IGNORE` (−1) give zeros.
+pub fn cross_entropy_stats<T: Real>(
+    logits: &[T],
+    targets: &[i32],
+    vocab: usize,
+) -> Vec<crate::backend::CeStats> {
+    assert_eq!(logits.len(), targets.len() * vocab);
+    logits
+        .par_chunks(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &tgt)| {
+            if tgt == -1 {
+                return crate::backend::CeStats::default();
+            }
+            let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+            let sum: f64 = row.iter().map(|&v| (v - max).exp().as_f64()).sum();
+            let target = if tgt >= 0 {
+                assert!(
+                    (tgt as usize) < vocab,
+                    "target {tgt} out of shard of {vocab}"
+                );
+                Some(row[tgt as usize].as_f64())
+            } else {
+                None
+            };
+            crate::backend::CeStats {
+                max: max.as_f64(),
+                sum,
+                target,
+            }
+        })
+        .collect()
+}
+
+/// `logits ← grad_scale · (exp(z − max[r]) / sum[r] − [j = target])` per row (the global max and
+/// sum over all shards); rows with target −1 become 0.
+pub fn cross_entropy_grad<T: Real>(
+    logits: &mut [T],
+    targets: &[i32],
+    vocab: usize,
+    max: &[f64],
+    sum: &[f64],
+    grad_scale: f64,
+) {
+    assert_eq!(logits.len(), targets.len() * vocab);
+    logits
+        .par_chunks_mut(vocab)
+        .zip(targets.par_iter())
+        .enumerate()
+        .for_each(|(r, (row, &tgt))| {
+            if tgt == -1 {
+                row.fill(T::zero());
+                return;
+            }
+            let m = T::of(max[r]);
+            let k = T::of(grad_scale / sum[r]);
+            for v in row.iter_mut() {
+                *v = (*v - m).exp() * k;
+            }
+            if tgt >= 0 {
+                row[tgt as usize] -= T::of(grad_scale);
+            }
+        });
+}
+
+/// Merge one ring step's attention result into the running one, per row and head, with the
+/// overflow-free form (DESIGN.md): `out −= σ(lse_b − lse)·(out − out_b)`,
+/// `lse ← max + ln(1 + exp(min − max))`. Neither exponent can overflow, whatever the logits'
+/// scale; a side with lse = −∞ (no visible key) contributes nothing. `out [q_len, heads, d]` rows
+/// `row0 .. row0 + rows` against `out_b [rows, heads, d]`; `lse [heads, q_len]`, `lse_b [heads, rows]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_merge<T: Real>(
+    out: &mut [T],
+    lse: &mut [T],
+    out_b: &[T],
+    lse_b: &[T],
+    row0: usize,
+    rows: usize,
+    q_len: usize,
+    heads: usize,
+    d: usize,
+) {
+    assert!(out.len() == q_len * heads * d && lse.len() == heads * q_len);
+    assert!(out_b.len() == rows * heads * d && lse_b.len() == heads * rows && row0 + rows <= q_len);
+    let new_lse: Vec<(T, T)> = (0..rows * heads)
+        .map(|i| {
+            let (r, h) = (i / heads, i % heads);
+            let a = lse[h * q_len + row0 + r];
+            let bb = lse_b[h * rows + r];
+            if bb == T::neg_infinity() {
+                return (a, T::zero());
+            }
+            if a == T::neg_infinity() {
+                return (bb, T::one());
+            }
+            // w = σ(b − a): the weight of the new block in the merged output.
+            let w = T::one() / (T::one() + (a - bb).exp());
+            let (hi, lo) = if a > bb { (a, bb) } else { (bb, a) };
+            (hi + (lo - hi).exp().ln_1p(), w)
+        })
+        .collect();
+    for r in 0..rows {
+        for h in 0..heads {
+            let (l, w) = new_lse[r * heads + h];
+            lse[h * q_len + row0 + r] = l;
+            let o = &mut out[((row0 + r) * heads + h) * d..][..d];
+            let ob = &out_b[(r * heads + h) * d..][..d];
+            for (x, &y) in o.iter_mut().zip(ob) {
+                *x -= w * (*x - y);
+            }
+        }
+    }
 }
 
 /// AdamW with decoupled weight decay (as torch.optim.AdamW):

@@ -9,7 +9,7 @@ use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::backend::{AdamW, AttnShape, Backend};
+use crate::backend::{AdamW, AttnShape, Backend, CeStats};
 use crate::util::Real;
 
 static BYTES_IN_USE: AtomicUsize = AtomicUsize::new(0);
@@ -72,6 +72,7 @@ impl<T: Real> CpuBackend<T> {
 
 impl<T: Real> Backend for CpuBackend<T> {
     type Buf = CpuBuf<T>;
+    type Host = T;
 
     fn name(&self) -> String {
         format!("cpu-{}", T::NAME)
@@ -97,6 +98,25 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
     fn fill_zero(&self, b: &mut CpuBuf<T>) {
         b.data.fill(T::zero());
+    }
+    fn read_host(&self, b: &CpuBuf<T>, off: usize, out: &mut [T]) {
+        out.copy_from_slice(&b.data[off..off + out.len()]);
+    }
+    fn write_host(&self, b: &mut CpuBuf<T>, off: usize, data: &[T]) {
+        b.data[off..off + data.len()].copy_from_slice(data);
+    }
+    fn add_at(
+        &self,
+        dst: &mut CpuBuf<T>,
+        dst_off: usize,
+        src: &CpuBuf<T>,
+        src_off: usize,
+        n: usize,
+    ) {
+        kernels::add_assign(
+            &mut dst.data[dst_off..dst_off + n],
+            &src.data[src_off..src_off + n],
+        );
     }
     fn copy(&self, src: &CpuBuf<T>, src_off: usize, dst: &mut CpuBuf<T>, dst_off: usize, n: usize) {
         dst.data[dst_off..dst_off + n].copy_from_slice(&src.data[src_off..src_off + n]);
@@ -320,6 +340,49 @@ impl<T: Real> Backend for CpuBackend<T> {
         kernels::cross_entropy_chunk(&mut logits.data, targets, vocab, grad_scale)
     }
 
+    fn cross_entropy_stats(
+        &self,
+        logits: &CpuBuf<T>,
+        targets: &[i32],
+        vocab: usize,
+    ) -> Vec<CeStats> {
+        kernels::cross_entropy_stats(&logits.data, targets, vocab)
+    }
+    fn cross_entropy_grad(
+        &self,
+        logits: &mut CpuBuf<T>,
+        targets: &[i32],
+        vocab: usize,
+        max: &[f64],
+        sum: &[f64],
+        grad_scale: f64,
+    ) {
+        kernels::cross_entropy_grad(&mut logits.data, targets, vocab, max, sum, grad_scale)
+    }
+    fn attention_merge(
+        &self,
+        out: &mut CpuBuf<T>,
+        lse: &mut CpuBuf<T>,
+        out_b: &CpuBuf<T>,
+        lse_b: &CpuBuf<T>,
+        row0: usize,
+        rows: usize,
+        q_len: usize,
+        heads: usize,
+        head_dim: usize,
+    ) {
+        kernels::attention_merge(
+            &mut out.data,
+            &mut lse.data,
+            &out_b.data,
+            &lse_b.data,
+            row0,
+            rows,
+            q_len,
+            heads,
+            head_dim,
+        )
+    }
     fn adamw(
         &self,
         param: &mut CpuBuf<T>,
