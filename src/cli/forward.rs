@@ -12,7 +12,12 @@ use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
 use crate::io::{self, DType, HostTensor, TensorMap};
 use crate::model::llama::{Head, Llama, Workspace};
-use crate::model::params::ParamStore;
+use crate::data::loader::{Sample, zigzag_chunks, zigzag_slice};
+use crate::model::params::Split;
+use crate::parallel::any::init_world;
+use crate::parallel::comm::{Comm, ReduceOp};
+use crate::parallel::tensor::{all_reduce_buf, gather_full_host};
+use crate::parallel::topology::Topology;
 use crate::model::rope::RopePrecision;
 use crate::train::data::{load_token_file, tokenize_text_file};
 
@@ -48,6 +53,15 @@ pub struct ForwardArgs {
     /// Tokens per LM-head + cross-entropy chunk.
     #[arg(long, default_value_t = 256)]
     pub ce_chunk: usize,
+    /// Cut the tokens into this many sequences of equal length (a batch; DP ranks share it).
+    #[arg(long, default_value_t = 1)]
+    pub sequences: usize,
+    /// Tensor-parallel ranks (under `mpirun -np N`; dp = N / (tp·cp)).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Context-parallel ranks.
+    #[arg(long, default_value_t = 1)]
+    pub cp: usize,
 }
 
 pub fn run(a: ForwardArgs) -> Result<()> {
@@ -59,8 +73,12 @@ pub fn run(a: ForwardArgs) -> Result<()> {
 }
 
 fn run_on<B: Backend>(b: &B, a: &ForwardArgs) -> Result<()> {
+    let world = init_world()?;
+    let topo = Topology::new(world.comm(), a.tp, a.cp)?;
+    let layout = topo.layout;
     let precision: RopePrecision = a.rope_precision.parse()?;
-    let model = Llama::load(b, &a.model, precision)?;
+    let model = Llama::load_shard(b, &a.model, precision, topo.shard())?;
+    layout.check_model(&model.cfg)?;
     let (mut ids, source) = match (&a.tokens, &a.text) {
         (Some(p), _) => (load_token_file(p)?, p.display().to_string()),
         (None, Some(p)) => (
@@ -73,31 +91,65 @@ fn run_on<B: Backend>(b: &B, a: &ForwardArgs) -> Result<()> {
         ids.truncate(n);
     }
     let t = ids.len();
-    if t < 2 {
-        bail!("{source}: need at least 2 tokens for a next-token loss, got {t}");
+    let n_seq = a.sequences.max(1);
+    if t % n_seq != 0 {
+        bail!("{source}: {t} tokens do not split into {n_seq} sequences of equal length");
     }
+    let len = t / n_seq;
+    if len < 2 {
+        bail!("{source}: need at least 2 tokens per sequence for a next-token loss, got {len}");
+    }
+    if n_seq % layout.dp != 0 {
+        bail!("--sequences {n_seq} does not divide over dp {}", layout.dp);
+    }
+    layout.check_seq_len(len)?;
     let vocab = model.cfg.vocab_size;
     if let Some((i, &bad)) = ids.iter().enumerate().find(|&(_, &x)| x as usize >= vocab) {
         bail!("{source}: token {bad} at index {i} is outside the vocabulary of {vocab}");
     }
-    let mut ws = Workspace::new(b, &model.cfg, t, false, a.ce_chunk);
-    // Next-token targets; the last position has none.
-    let mut targets: Vec<i32> = ids[1..].iter().map(|&x| x as i32).collect();
-    targets.push(-1);
-    let n = (t - 1) as f64;
+    let t_local = len / layout.cp;
+    let mut ws = Workspace::for_rank(b, &model.cfg, &topo, t_local, false, a.ce_chunk);
+    // This rank's sequences (DP) and chunks of each (CP); next-token targets within a sequence.
+    let mine: Vec<Sample> = (topo.dp_rank..n_seq)
+        .step_by(layout.dp)
+        .map(|k| {
+            let seq = &ids[k * len..(k + 1) * len];
+            let mut targets: Vec<i32> = seq[1..].iter().map(|&x| x as i32).collect();
+            targets.push(-1);
+            let s = Sample {
+                ids: seq.to_vec(),
+                targets,
+                positions: (a.position_offset..a.position_offset + len as u64).collect(),
+            };
+            if layout.cp > 1 {
+                zigzag_slice(&s, layout.cp, topo.cp_rank)
+            } else {
+                Ok(s)
+            }
+        })
+        .collect::<Result<_>>()?;
+    let n = (n_seq * (len - 1)) as f64;
 
-    let mut grads = a.grads.as_ref().map(|_| ParamStore::zeros(b, &model.cfg));
-    let loss_sum = model.forward_backward(
-        b,
-        &mut ws,
-        &ids,
-        a.position_offset,
-        Head::Loss {
-            targets: &targets,
-            grad_scale: 1.0 / n,
-        },
-        grads.as_mut(),
-    );
+    let mut grads = a.grads.as_ref().map(|_| model.params.zeros_like(b));
+    let mut loss_sum = 0.0;
+    for s in &mine {
+        loss_sum += model.forward_backward_rank(
+            b,
+            &topo,
+            &mut ws,
+            &s.ids,
+            &s.positions,
+            Head::Loss {
+                targets: &s.targets,
+                grad_scale: 1.0 / n,
+            },
+            grads.as_mut(),
+        );
+    }
+    let mut ls = [loss_sum];
+    topo.dpcp.all_reduce(&mut ls, ReduceOp::Sum);
+    let loss_sum = ls[0];
+    let lead = topo.world_rank == 0;
     let meta = |kind: &str| {
         HashMap::from([(
             "producer".to_string(),
@@ -105,27 +157,56 @@ fn run_on<B: Backend>(b: &B, a: &ForwardArgs) -> Result<()> {
         )])
     };
     if let Some(out) = &a.out {
-        let mut logits = Vec::with_capacity(t * vocab);
-        model.forward_backward(
-            b,
-            &mut ws,
-            &ids,
-            a.position_offset,
-            Head::Logits(&mut logits),
-            None,
-        );
-        let map = TensorMap::from([(
-            "logits".to_string(),
-            HostTensor::new(vec![t, vocab], logits),
-        )]);
-        io::save_safetensors_file(out, &map, DType::F32, Some(meta("logits")))?;
+        let mut logits = Vec::with_capacity(mine.len() * t_local * vocab);
+        for s in &mine {
+            model.forward_backward_rank(b, &topo, &mut ws, &s.ids, &s.positions, Head::Logits(&mut logits), None);
+        }
+        // Every DP × CP rank's rows, put back in sequence order.
+        let mut all = vec![0f32; logits.len() * topo.dpcp.size()];
+        topo.dpcp.all_gather(&logits, &mut all);
+        if lead {
+            let mut full = vec![0f32; t * vocab];
+            for (k, part) in all.chunks(logits.len()).enumerate() {
+                let (c, d) = (k % layout.cp, k / layout.cp);
+                for (j, sq) in (d..n_seq).step_by(layout.dp).enumerate() {
+                    let rows = &part[j * t_local * vocab..(j + 1) * t_local * vocab];
+                    let chunks = if layout.cp > 1 {
+                        zigzag_chunks(len, layout.cp, c).to_vec()
+                    } else {
+                        vec![(0, len)]
+                    };
+                    let mut r = 0;
+                    for (start, clen) in chunks {
+                        let dst = (sq * len + start) * vocab;
+                        full[dst..dst + clen * vocab].copy_from_slice(&rows[r * vocab..(r + clen) * vocab]);
+                        r += clen;
+                    }
+                }
+            }
+            let map = TensorMap::from([("logits".to_string(), HostTensor::new(vec![t, vocab], full))]);
+            io::save_safetensors_file(out, &map, DType::F32, Some(meta("logits")))?;
+        }
     }
-    if let (Some(path), Some(g)) = (&a.grads, &grads) {
-        io::save_safetensors_file(path, &g.to_host(b), DType::F32, Some(meta("grads")))?;
+    if let (Some(path), Some(g)) = (&a.grads, &mut grads) {
+        // Replicated weights saw a sequence shard per TP rank; every weight saw a share of the
+        // batch per DP × CP rank.
+        for (spec, buf) in g.specs.iter().zip(g.bufs.iter_mut()) {
+            if spec.split == Split::Replicated {
+                all_reduce_buf(b, &topo.tp, buf);
+            }
+            all_reduce_buf(b, &topo.dpcp, buf);
+        }
+        let full = gather_full_host(b, &topo.tp, g, "");
+        if lead {
+            io::save_safetensors_file(path, &full, DType::F32, Some(meta("grads")))?;
+        }
     }
-    println!(
-        "{}",
-        serde_json::json!({"loss": loss_sum / n, "tokens": t, "backend": b.name(), "rope_precision": a.rope_precision})
-    );
+    if lead {
+        let mut j = serde_json::json!({"loss": loss_sum / n, "tokens": t, "backend": b.name(), "rope_precision": a.rope_precision});
+        if layout.world() > 1 {
+            j["layout"] = serde_json::json!({"tp": layout.tp, "cp": layout.cp, "dp": layout.dp});
+        }
+        println!("{j}");
+    }
     Ok(())
 }

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use crate::backend::cpu::CpuBackend;
+use crate::parallel::any::init_world;
+use crate::parallel::topology::Topology;
 use crate::train::config::RunConfig;
 use crate::train::trainer;
 
@@ -22,17 +25,38 @@ pub struct TrainArgs {
     /// Stop (with a checkpoint) after this many steps of this invocation; `--resume` continues.
     #[arg(long)]
     pub stop_after_steps: Option<u64>,
+    /// Tensor-parallel ranks (overrides parallel.tp); under `mpirun -np N`, dp = N / (tp·cp).
+    #[arg(long)]
+    pub tp: Option<usize>,
+    /// Context-parallel ranks (overrides parallel.cp).
+    #[arg(long)]
+    pub cp: Option<usize>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let cfg = RunConfig::load(&a.config, &a.set)?;
-    let s = trainer::train(
+    let mut set = a.set.clone();
+    set.extend(a.tp.map(|v| format!("parallel.tp={v}")));
+    set.extend(a.cp.map(|v| format!("parallel.cp={v}")));
+    let cfg = RunConfig::load(&a.config, &set)?;
+    let world = init_world()?;
+    let topo = Topology::new(world.comm(), cfg.parallel.tp, cfg.parallel.cp)?;
+    let b = CpuBackend::<f32>::new();
+    let s = trainer::train_on(
+        &b,
+        &topo,
         &cfg,
         trainer::RunOptions {
             resume: a.resume,
             stop_after_steps: a.stop_after_steps,
         },
     )?;
+    if topo.world_rank != 0 {
+        return Ok(());
+    }
+    let l = topo.layout;
+    if l.world() > 1 {
+        eprintln!("layout: tp {} × cp {} × dp {} = {} ranks", l.tp, l.cp, l.dp, l.world());
+    }
     eprintln!(
         "trained to step {} (loss {} -> {}); checkpoint {}",
         s.steps_done,

@@ -8,7 +8,7 @@ use crate::backend::Backend;
 use crate::io::{self, DType};
 use crate::model::config::ModelConfig;
 use crate::model::llama::Llama;
-use crate::model::params::ParamStore;
+use crate::model::params::{ParamStore, Shard};
 use crate::model::rope::{Rope, RopePrecision};
 
 /// Shards above this size, as transformers' default `max_shard_size` of 5 GB.
@@ -22,9 +22,14 @@ impl<B: Backend> Llama<B> {
 
     /// Load `dir/config.json` and its weights.
     pub fn load(b: &B, dir: &Path, precision: RopePrecision) -> Result<Self> {
+        Self::load_shard(b, dir, precision, Shard::WHOLE)
+    }
+
+    /// Load the part of `dir`'s weights that TP rank `shard` holds.
+    pub fn load_shard(b: &B, dir: &Path, precision: RopePrecision, shard: Shard) -> Result<Self> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let map = io::load_safetensors_dir(dir)?;
-        let params = ParamStore::from_host(b, &cfg, &map, &dir.display().to_string())?;
+        let params = ParamStore::from_host_shard(b, &cfg, &map, &dir.display().to_string(), shard)?;
         Llama::new(cfg, precision, params)
     }
 
@@ -37,8 +42,22 @@ impl<B: Backend> Llama<B> {
         dtype: DType,
         tokenizer_from: Option<&Path>,
     ) -> Result<()> {
+        save_hf_dir(dir, &self.cfg, &self.params.to_host(b), dtype, tokenizer_from)
+    }
+}
+
+/// Write a Hugging Face directory: config.json of `cfg`, the tensors of `map` in `dtype`, and the
+/// tokenizer files of `tokenizer_from` (if any).
+pub fn save_hf_dir(
+    dir: &Path,
+    cfg: &ModelConfig,
+    map: &io::TensorMap,
+    dtype: DType,
+    tokenizer_from: Option<&Path>,
+) -> Result<()> {
+    {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut cfg = self.cfg.to_hf_json();
+        let mut cfg = cfg.to_hf_json();
         // The dtype the weights are stored in (transformers 4.x `torch_dtype`, 5.x `dtype`).
         let name = match dtype {
             DType::F32 => "float32",
@@ -53,7 +72,7 @@ impl<B: Backend> Llama<B> {
         }
         let json = serde_json::to_string_pretty(&cfg)?;
         io::write_atomic(&dir.join("config.json"), json.as_bytes())?;
-        io::save_safetensors_dir(dir, &self.params.to_host(b), dtype, MAX_SHARD_BYTES)?;
+        io::save_safetensors_dir(dir, map, dtype, MAX_SHARD_BYTES)?;
         if let Some(src) = tokenizer_from
             && src != dir
         {

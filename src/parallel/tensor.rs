@@ -115,3 +115,30 @@ pub fn all_reduce_buf<B: Backend, C: Comm>(b: &B, comm: &C, buf: &mut B::Buf) {
     comm.all_reduce(&mut v, ReduceOp::Sum);
     b.write_host(buf, 0, &v);
 }
+
+/// The full tensors of a store of TP shards (every rank of the TP group gets all of them), with
+/// `prefix` before each name (e.g. `m.` for a moment); for checkpoints and exports.
+pub fn gather_full_host<B: Backend, C: Comm>(
+    b: &B,
+    tp: &C,
+    store: &crate::model::params::ParamStore<B>,
+    prefix: &str,
+) -> crate::io::TensorMap {
+    use crate::model::params::Split;
+    let mut map = crate::io::TensorMap::new();
+    for (s, buf) in store.specs.iter().zip(&store.bufs) {
+        let local = b.download(buf);
+        let data = if tp.size() == 1 || s.split == Split::Replicated {
+            local
+        } else {
+            let mut all = vec![0f32; local.len() * tp.size()];
+            tp.all_gather(&local, &mut all);
+            s.join_shards(&all, tp.size())
+        };
+        map.insert(
+            format!("{prefix}{}", s.name),
+            crate::io::HostTensor::new(s.full_shape.clone(), data),
+        );
+    }
+    map
+}

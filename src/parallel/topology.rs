@@ -106,8 +106,9 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Split `world` into the groups of `(tp, cp)`; collective over the world.
-    pub fn new(world: AnyComm, tp: usize, cp: usize) -> Result<Topology> {
+    /// Split `world` into the groups of `(tp, cp)`; collective over the world (which is
+    /// duplicated, so the topology owns all of its communicators).
+    pub fn new(world: &AnyComm, tp: usize, cp: usize) -> Result<Topology> {
         let layout = Layout::of_world(world.size(), tp, cp)?;
         let r = world.rank();
         let (t, c, d) = layout.coords(r);
@@ -115,6 +116,7 @@ impl Topology {
         let cpc = world.split(t + tp * d, c);
         let dpc = world.split(t + tp * c, d);
         let dpcp = world.split(t, c + cp * d);
+        let world = world.split(0, r);
         Ok(Topology {
             layout,
             world_rank: r,
@@ -188,7 +190,7 @@ mod tests {
         let e = Layout::of_world(6, 4, 1).unwrap_err().to_string();
         assert!(e.contains("do not factor"), "{e}");
         let cfg = ModelConfig::from_json_str(
-            r#"{"vocab_size": 384, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+            r#"{"vocab_size": 384, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 1,
                 "num_attention_heads": 6, "num_key_value_heads": 2}"#,
             "t",
         )

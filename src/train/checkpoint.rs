@@ -14,8 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::io::{self, DType, HostTensor, TensorMap};
+use crate::model::config::ModelConfig;
+use crate::model::hf::save_hf_dir;
 use crate::model::llama::Llama;
-use crate::model::params::ParamStore;
+use crate::model::params::{ParamStore, Shard};
 use crate::model::rope::RopePrecision;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -88,6 +90,27 @@ pub fn save<B: Backend>(
     model: &Llama<B>,
     m: &ParamStore<B>,
     v: &ParamStore<B>,
+    state: TrainState,
+    tokenizer_from: Option<&Path>,
+    keep: usize,
+) -> Result<PathBuf> {
+    save_host(
+        root,
+        &model.cfg,
+        &model.params.to_host(b),
+        &moments_to_host(b, m, v),
+        state,
+        tokenizer_from,
+        keep,
+    )
+}
+
+/// `save` from host tensors: the full weights (HF names) and moments (`m.`/`v.` + HF name).
+pub fn save_host(
+    root: &Path,
+    cfg: &ModelConfig,
+    weights: &TensorMap,
+    moments: &TensorMap,
     mut state: TrainState,
     tokenizer_from: Option<&Path>,
     keep: usize,
@@ -100,10 +123,10 @@ pub fn save<B: Backend>(
             .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
     }
     let mut write = || -> Result<()> {
-        model.save(b, &tmp.join("model"), DType::F32, tokenizer_from)?;
+        save_hf_dir(&tmp.join("model"), cfg, weights, DType::F32, tokenizer_from)?;
         io::save_safetensors_file(
             &tmp.join("optimizer.safetensors"),
-            &moments_to_host(b, m, v),
+            moments,
             DType::F32,
             None,
         )?;
@@ -229,26 +252,37 @@ pub fn load<B: Backend>(
     dir: &Path,
     precision: RopePrecision,
 ) -> Result<(Llama<B>, ParamStore<B>, ParamStore<B>)> {
-    let model = Llama::load(b, &dir.join("model"), precision)?;
+    load_shard(b, dir, precision, Shard::WHOLE)
+}
+
+/// Load TP rank `shard`'s part of a checkpoint (written by any layout: checkpoints hold full
+/// tensors, so resuming on another (tp, cp, dp) reshards on load).
+pub fn load_shard<B: Backend>(
+    b: &B,
+    dir: &Path,
+    precision: RopePrecision,
+    shard: Shard,
+) -> Result<(Llama<B>, ParamStore<B>, ParamStore<B>)> {
+    let model = Llama::load_shard(b, &dir.join("model"), precision, shard)?;
     let opt_path = dir.join("optimizer.safetensors");
     let map = io::load_safetensors_file(&opt_path)?;
-    let mut m = ParamStore::zeros(b, &model.cfg);
-    let mut v = ParamStore::zeros(b, &model.cfg);
+    let mut m = ParamStore::zeros_shard(b, &model.cfg, shard);
+    let mut v = ParamStore::zeros_shard(b, &model.cfg, shard);
     for (prefix, store) in [("m.", &mut m), ("v.", &mut v)] {
         for (s, buf) in store.specs.iter().zip(store.bufs.iter_mut()) {
             let key = format!("{prefix}{}", s.name);
             let t = map
                 .get(&key)
                 .with_context(|| format!("{}: tensor `{key}` is missing", opt_path.display()))?;
-            if t.shape != s.shape {
+            if t.shape != s.full_shape {
                 bail!(
                     "{}: tensor `{key}` has shape {:?}, expected {:?}",
                     opt_path.display(),
                     t.shape,
-                    s.shape
+                    s.full_shape
                 );
             }
-            *buf = b.upload(&t.data);
+            *buf = b.upload(&s.take_shard(&t.data, shard));
         }
     }
     Ok((model, m, v))

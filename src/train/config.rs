@@ -18,6 +18,26 @@ pub struct RunConfig {
     pub checkpoint: CheckpointSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub parallel: ParallelSection,
+}
+
+/// How the ranks of `mpirun -np N` split the work: tensor-parallel `tp` (heads, FFN, vocabulary),
+/// context-parallel `cp` (the sequence, zigzag ring attention); data parallel `dp = N / (tp·cp)`.
+/// The global batch (`micro_batch × grad_accum` sequences per step) is the same for every layout.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSection {
+    #[serde(default = "one")]
+    pub tp: usize,
+    #[serde(default = "one")]
+    pub cp: usize,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        ParallelSection { tp: 1, cp: 1 }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -189,6 +209,9 @@ impl RunConfig {
         }
         if t.micro_batch == 0 || t.grad_accum == 0 {
             bail!("train.micro_batch and train.grad_accum must be at least 1");
+        }
+        if self.parallel.tp == 0 || self.parallel.cp == 0 {
+            bail!("parallel.tp and parallel.cp must be at least 1");
         }
         if t.ce_chunk == 0 {
             bail!("train.ce_chunk must be at least 1");

@@ -1,7 +1,10 @@
-//! The single-rank training loop: per step, `grad_accum × micro_batch` sequences forward and
-//! backward (gradients accumulated), loss normalised by the step's target-token count, global
-//! gradient-norm clipping folded into AdamW's gradient scale, the LR schedule, one JSON metrics
-//! line, and checkpoints at the configured interval and at the end.
+//! The training loop, for one rank or many: per step, the global batch of
+//! `grad_accum × micro_batch` sequences is read by every rank (so the data position is the same
+//! everywhere); DP rank `d` takes sequences `d, d + dp, …`, CP rank `r` its zigzag chunks of each,
+//! and the ranks run forward and backward (gradients accumulated). The loss is normalised by the
+//! global batch's target-token count; the ZeRO-1 optimizer (`parallel::zero`) reduces gradients
+//! over DP × CP, clips by the global norm and updates. Rank 0 writes one JSON metrics line per
+//! step and the checkpoints (full tensors, gathered from every rank).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,10 @@ use crate::data::loader::Loader;
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::llama::{Head, Llama, Workspace};
 use crate::model::params::ParamStore;
+use crate::parallel::comm::{Comm, ReduceOp};
+use crate::parallel::tensor::gather_full_host;
+use crate::parallel::topology::Topology;
+use crate::parallel::zero::ShardedAdamW;
 use crate::model::rope::RopePrecision;
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::config::{RopeOverride, RunConfig};
@@ -144,6 +151,46 @@ pub fn adamw_step<B: Backend>(
     }
 }
 
+/// Gather the full weights and moments from every rank; rank 0 writes the checkpoint, and every
+/// rank learns whether it succeeded.
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint<B: Backend>(
+    b: &B,
+    topo: &Topology,
+    root: &Path,
+    model: &Llama<B>,
+    opt: &ShardedAdamW<B>,
+    st: &TrainState,
+    tok_dir: &Path,
+    cfg: &RunConfig,
+) -> Result<()> {
+    let (m, v) = opt.moments(b, topo, &model.params);
+    let weights = gather_full_host(b, &topo.tp, &model.params, "");
+    let mut moments = gather_full_host(b, &topo.tp, &m, "m.");
+    moments.extend(gather_full_host(b, &topo.tp, &v, "v."));
+    let mut ok = [1u8];
+    let mut result = Ok(());
+    if topo.world_rank == 0 {
+        result = checkpoint::save_host(
+            root,
+            &model.cfg,
+            &weights,
+            &moments,
+            st.clone(),
+            Some(tok_dir),
+            cfg.checkpoint.keep,
+        )
+        .map(|_| ());
+        ok[0] = result.is_ok() as u8;
+    }
+    topo.world.broadcast(&mut ok, 0);
+    result?;
+    if ok[0] == 0 {
+        bail!("rank 0 failed to write the checkpoint of step {}", st.step);
+    }
+    Ok(())
+}
+
 /// Drop the metrics lines of steps after `step` (written by a run that died after its last
 /// checkpoint), so a resumed run's log has each step once. A fresh run (`step` 0) starts empty.
 fn trim_metrics(path: &Path, step: u64) -> Result<()> {
@@ -262,17 +309,41 @@ pub struct RunOptions {
     pub stop_after_steps: Option<u64>,
 }
 
-/// Run (or resume) training as `cfg` says, on the CPU backend in f32.
+/// Run (or resume) training as `cfg` says, on the CPU backend in f32, one rank alone.
 pub fn train(cfg: &RunConfig, opts: RunOptions) -> Result<RunSummary> {
     let b = CpuBackend::<f32>::new();
-    train_on(&b, cfg, opts)
+    train_on(&b, &Topology::single(), cfg, opts)
 }
 
-pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<RunSummary> {
+/// A test hook: `ULTRALONG_FAIL_RANK=r` (and optionally `ULTRALONG_FAIL_STEP=s`, default 1) makes
+/// world rank r fail at step s, to show that one failing rank ends the whole job.
+fn injected_failure(topo: &Topology, step: u64) -> Result<()> {
+    let rank: Option<usize> = std::env::var("ULTRALONG_FAIL_RANK").ok().and_then(|v| v.parse().ok());
+    let at: u64 = std::env::var("ULTRALONG_FAIL_STEP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    if rank == Some(topo.world_rank) && step == at {
+        bail!("rank {} fails at step {step} on purpose (ULTRALONG_FAIL_RANK)", topo.world_rank);
+    }
+    Ok(())
+}
+
+pub fn train_on<B: Backend>(
+    b: &B,
+    topo: &Topology,
+    cfg: &RunConfig,
+    opts: RunOptions,
+) -> Result<RunSummary> {
+    let lead = topo.world_rank == 0;
+    let shard = topo.shard();
     let resume = opts.resume;
     let precision: RopePrecision = cfg.model.rope_precision.parse()?;
     let out = &cfg.train.out_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    if lead {
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    }
+    topo.world.barrier();
     // Tokenizer files travel with every checkpoint and export, from the starting model directory.
     let tok_dir = cfg.model.path.clone();
     let tok_source = tokenizer_of(&tok_dir);
@@ -284,32 +355,34 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
     } else {
         None
     };
-    let (mut model, mut m, mut v, state) = match found {
+    let (mut model, m, v, state) = match found {
         Some((dir, state)) => {
-            let (model, m, v) = checkpoint::load(b, &dir, precision)?;
-            eprintln!("resuming from {} (step {})", dir.display(), state.step);
-            if state.config_hash != config_hash(cfg) {
+            let (model, m, v) = checkpoint::load_shard(b, &dir, precision, shard)?;
+            if lead {
+                eprintln!("resuming from {} (step {})", dir.display(), state.step);
+            }
+            if lead && state.config_hash != config_hash(cfg) {
                 eprintln!("note: the run config differs from the one that wrote this checkpoint");
             }
             (model, m, v, state)
         }
         None => {
-            if resume {
+            if resume && lead {
                 eprintln!(
                     "no checkpoint in {}: starting from {}",
                     ckpt_root.display(),
                     cfg.model.path.display()
                 );
             }
-            let mut model = Llama::load(b, &cfg.model.path, precision)?;
+            let mut model = Llama::load_shard(b, &cfg.model.path, precision, shard)?;
             if let Some(o) = &cfg.model.rope_scaling {
                 let mcfg: ModelConfig = model
                     .cfg
                     .with_rope_scaling(rope_from_override(o)?, o.max_position_embeddings);
                 model = Llama::new(mcfg, precision, model.params)?;
             }
-            let m = ParamStore::zeros(b, &model.cfg);
-            let v = ParamStore::zeros(b, &model.cfg);
+            let m = model.params.zeros_like(b);
+            let v = model.params.zeros_like(b);
             let state = TrainState {
                 step: 0,
                 data_position: 0,
@@ -323,29 +396,56 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
         }
     };
     let resumed_from = (state.step > 0).then_some(state.step);
+    let mut opt = ShardedAdamW::new(b, topo, &model.params);
+    opt.set_state(b, &model.params, &m, &v);
+    drop((m, v));
 
-    // Data.
+    // Data and layout.
     let seq = cfg.train.seq_len;
-    if seq > model.cfg.max_position_embeddings {
+    let layout = topo.layout;
+    layout.check_model(&model.cfg)?;
+    layout.check_seq_len(seq)?;
+    let per_step = cfg.sequences_per_step() as u64;
+    if per_step % layout.dp as u64 != 0 {
+        bail!(
+            "the global batch of {per_step} sequences (train.micro_batch × train.grad_accum) does not divide over dp {}",
+            layout.dp
+        );
+    }
+    if lead && seq > model.cfg.max_position_embeddings {
         eprintln!(
             "note: seq_len {seq} exceeds the model's max_position_embeddings {}",
             model.cfg.max_position_embeddings
         );
     }
     let mut source = DataSource::open(cfg, &model.cfg, tok_source.as_deref(), &state)?;
-    let mut ws = Workspace::new(b, &model.cfg, seq, cfg.train.recompute, cfg.train.ce_chunk);
-    let mut grads = ParamStore::zeros(b, &model.cfg);
+    let t_local = seq / layout.cp;
+    let mut ws = Workspace::for_rank(
+        b,
+        &model.cfg,
+        topo,
+        t_local,
+        cfg.train.recompute,
+        cfg.train.ce_chunk,
+    );
+    let mut grads = model.params.zeros_like(b);
     let metrics_path = out.join("metrics.jsonl");
-    trim_metrics(&metrics_path, state.step)?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+    let mut metrics = if lead {
+        trim_metrics(&metrics_path, state.step)?;
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .with_context(|| format!("cannot open {}", metrics_path.display()))?,
+        )
+    } else {
+        None
+    };
 
     let total = cfg.train.steps;
     let pb = ProgressBar::new(total);
-    if cfg.log.quiet {
+    if cfg.log.quiet || !lead {
         pb.set_draw_target(ProgressDrawTarget::hidden());
     }
     pb.set_style(
@@ -359,14 +459,15 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
 
     let mut st = state;
     let (mut first_loss, mut last_loss) = (None, None);
-    let per_step = cfg.sequences_per_step() as u64;
     let stop_at = opts
         .stop_after_steps
         .map_or(total, |n| (st.step + n).min(total));
     while st.step < stop_at {
         let t0 = Instant::now();
         grads.zero_all(b);
-        // The step's sequences first: the loss is averaged over the step's counted targets.
+        injected_failure(topo, st.step + 1)?;
+        let wait0 = topo.cp.wait_clock().get();
+        // The step's global batch first: the loss is averaged over all its counted targets.
         let batch: Vec<(Vec<u32>, Vec<i32>)> = (0..per_step)
             .map(|_| source.next(&mut st))
             .collect::<Result<_>>()?;
@@ -376,27 +477,39 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
             .sum::<usize>()
             .max(1) as f64;
         let mut loss_sum = 0.0;
-        for (ids, targets) in &batch {
-            loss_sum += model.forward_backward(
+        for (ids, targets) in batch.iter().skip(topo.dp_rank).step_by(layout.dp) {
+            let s = crate::data::loader::Sample {
+                ids: ids.clone(),
+                targets: targets.clone(),
+                positions: (0..seq as u64).collect(),
+            };
+            let mine = if layout.cp > 1 {
+                crate::data::loader::zigzag_slice(&s, layout.cp, topo.cp_rank)?
+            } else {
+                s
+            };
+            loss_sum += model.forward_backward_rank(
                 b,
+                topo,
                 &mut ws,
-                ids,
-                0,
+                &mine.ids,
+                &mine.positions,
                 Head::Loss {
-                    targets,
+                    targets: &mine.targets,
                     grad_scale: 1.0 / n_targets,
                 },
                 Some(&mut grads),
             );
         }
-        let loss = loss_sum / n_targets;
+        let mut ls = [loss_sum];
+        topo.dpcp.all_reduce(&mut ls, ReduceOp::Sum);
+        let loss = ls[0] / n_targets;
         if !loss.is_finite() {
             bail!(
                 "step {}: loss is {loss}; stopping (last checkpoint is intact)",
                 st.step + 1
             );
         }
-        let grad_norm = global_grad_norm(b, &grads);
         let step = st.step + 1;
         let lr = learning_rate(&cfg.optim, step, total);
         let o = &cfg.optim;
@@ -407,9 +520,10 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
             eps: o.eps,
             weight_decay: o.weight_decay,
             step,
-            grad_scale: clip_factor(grad_norm, o.grad_clip),
+            grad_scale: 1.0,
         };
-        adamw_step(b, &mut model.params, &grads, &mut m, &mut v, hp);
+        let grad_norm = opt.step(b, topo, &mut model.params, &mut grads, hp, o.grad_clip);
+        let ring_wait_s = topo.cp.wait_clock().get() - wait0;
         st.step = step;
         st.tokens_seen += per_step * seq as u64;
 
@@ -423,10 +537,16 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
             tokens_per_s: (per_step as usize * seq) as f64 / dt,
             step_ms: dt * 1e3,
         };
-        let json = serde_json::to_string(&line)?;
-        pb.suspend(|| println!("{json}"));
-        writeln!(metrics, "{json}")
-            .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+        let mut json = serde_json::to_value(&line)?;
+        if layout.cp > 1 {
+            json["ring_wait_ms"] = (ring_wait_s * 1e3).into();
+        }
+        let json = json.to_string();
+        if let Some(f) = metrics.as_mut() {
+            pb.suspend(|| println!("{json}"));
+            writeln!(f, "{json}")
+                .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+        }
         pb.set_message(format!("loss {loss:.4}"));
         pb.inc(1);
         first_loss.get_or_insert(loss);
@@ -434,21 +554,14 @@ pub fn train_on<B: Backend>(b: &B, cfg: &RunConfig, opts: RunOptions) -> Result<
 
         let interval = cfg.checkpoint.interval;
         if (interval > 0 && step % interval == 0) || step == stop_at {
-            checkpoint::save(
-                b,
-                &ckpt_root,
-                &model,
-                &m,
-                &v,
-                st.clone(),
-                Some(&tok_dir),
-                cfg.checkpoint.keep,
-            )?;
+            save_checkpoint(b, topo, &ckpt_root, &model, &opt, &st, &tok_dir, cfg)?;
         }
     }
     pb.finish_and_clear();
-    metrics.flush()?;
-    if st.step == total && resumed_from == Some(total) {
+    if let Some(f) = metrics.as_mut() {
+        f.flush()?;
+    }
+    if lead && st.step == total && resumed_from == Some(total) {
         eprintln!("nothing to do: the checkpoint is already at step {total}");
     }
     let final_checkpoint = checkpoint::find_latest(&ckpt_root)?
