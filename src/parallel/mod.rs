@@ -12,3 +12,5 @@ pub mod tensor;
 pub mod thread;
 pub mod topology;
 pub mod zero;
+#[cfg(test)]
+mod tests;
