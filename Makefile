@@ -12,6 +12,15 @@ deps:
 	@rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt
 	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy
 	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
+	@# MPI (the default `mpi` feature): OpenMPI's mpicc/mpirun, libclang for mpi-sys's bindgen.
+	@command -v mpicc >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "error: mpicc not found and not root without sudo: install libopenmpi-dev openmpi-bin libclang-dev clang pkg-config, or build with cargo --no-default-features (no MPI)"; exit 1; fi; \
+	  command -v apt-get >/dev/null || { echo "error: mpicc not found and no apt-get: install OpenMPI (mpicc, mpirun) and libclang with your package manager, or build with cargo --no-default-features (no MPI)"; exit 1; }; \
+	  echo "installing OpenMPI and libclang (apt-get)"; \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y libopenmpi-dev openmpi-bin libclang-dev clang pkg-config; \
+	}
 
 build: deps
 	$(CARGO) build --release

@@ -10,12 +10,16 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Under a multi-rank MPI world a panic on one rank aborts the job (`error: [rank R] ...`)
+    // instead of leaving the other ranks blocked in a collective; single runs keep Rust's hook.
+    ultralong::parallel::any::install_panic_hook();
     let cli = ultralong::cli::Cli::parse();
     match ultralong::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the whole context chain, outermost first.
-            eprintln!("error: {e:#}");
+            // One line: the whole context chain, outermost first (`error: [rank R] ...` in a
+            // multi-rank world, where MPI is then aborted so that mpirun exits at once).
+            ultralong::parallel::any::report_error(&e);
             ExitCode::FAILURE
         }
     }

@@ -10,15 +10,15 @@ use clap::Args;
 
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
+use crate::data::loader::{Sample, zigzag_chunks, zigzag_slice};
 use crate::io::{self, DType, HostTensor, TensorMap};
 use crate::model::llama::{Head, Llama, Workspace};
-use crate::data::loader::{Sample, zigzag_chunks, zigzag_slice};
 use crate::model::params::Split;
-use crate::parallel::any::init_world;
+use crate::model::rope::RopePrecision;
+use crate::parallel::any::{World, run_world};
 use crate::parallel::comm::{Comm, ReduceOp};
 use crate::parallel::tensor::{all_reduce_buf, gather_full_host};
 use crate::parallel::topology::Topology;
-use crate::model::rope::RopePrecision;
 use crate::train::data::{load_token_file, tokenize_text_file};
 
 #[derive(Args, Debug)]
@@ -73,7 +73,10 @@ pub fn run(a: ForwardArgs) -> Result<()> {
 }
 
 fn run_on<B: Backend>(b: &B, a: &ForwardArgs) -> Result<()> {
-    let world = init_world()?;
+    run_world(|world| run_ranks(b, world, a))
+}
+
+fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
     let topo = Topology::new(world.comm(), a.tp, a.cp)?;
     let layout = topo.layout;
     let precision: RopePrecision = a.rope_precision.parse()?;
@@ -99,7 +102,7 @@ fn run_on<B: Backend>(b: &B, a: &ForwardArgs) -> Result<()> {
     if len < 2 {
         bail!("{source}: need at least 2 tokens per sequence for a next-token loss, got {len}");
     }
-    if n_seq % layout.dp != 0 {
+    if !n_seq.is_multiple_of(layout.dp) {
         bail!("--sequences {n_seq} does not divide over dp {}", layout.dp);
     }
     layout.check_seq_len(len)?;
@@ -159,7 +162,15 @@ fn run_on<B: Backend>(b: &B, a: &ForwardArgs) -> Result<()> {
     if let Some(out) = &a.out {
         let mut logits = Vec::with_capacity(mine.len() * t_local * vocab);
         for s in &mine {
-            model.forward_backward_rank(b, &topo, &mut ws, &s.ids, &s.positions, Head::Logits(&mut logits), None);
+            model.forward_backward_rank(
+                b,
+                &topo,
+                &mut ws,
+                &s.ids,
+                &s.positions,
+                Head::Logits(&mut logits),
+                None,
+            );
         }
         // Every DP × CP rank's rows, put back in sequence order.
         let mut all = vec![0f32; logits.len() * topo.dpcp.size()];
@@ -178,12 +189,14 @@ fn run_on<B: Backend>(b: &B, a: &ForwardArgs) -> Result<()> {
                     let mut r = 0;
                     for (start, clen) in chunks {
                         let dst = (sq * len + start) * vocab;
-                        full[dst..dst + clen * vocab].copy_from_slice(&rows[r * vocab..(r + clen) * vocab]);
+                        full[dst..dst + clen * vocab]
+                            .copy_from_slice(&rows[r * vocab..(r + clen) * vocab]);
                         r += clen;
                     }
                 }
             }
-            let map = TensorMap::from([("logits".to_string(), HostTensor::new(vec![t, vocab], full))]);
+            let map =
+                TensorMap::from([("logits".to_string(), HostTensor::new(vec![t, vocab], full))]);
             io::save_safetensors_file(out, &map, DType::F32, Some(meta("logits")))?;
         }
     }

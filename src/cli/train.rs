@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
-use crate::parallel::any::init_world;
+use crate::parallel::any::{World, run_world};
 use crate::parallel::topology::Topology;
 use crate::train::config::RunConfig;
 use crate::train::trainer;
@@ -38,13 +39,22 @@ pub fn run(a: TrainArgs) -> Result<()> {
     set.extend(a.tp.map(|v| format!("parallel.tp={v}")));
     set.extend(a.cp.map(|v| format!("parallel.cp={v}")));
     let cfg = RunConfig::load(&a.config, &set)?;
-    let world = init_world()?;
+    run_world(|world| run_ranks(world, &a, &cfg))
+}
+
+fn run_ranks(world: &World, a: &TrainArgs, cfg: &RunConfig) -> Result<()> {
     let topo = Topology::new(world.comm(), cfg.parallel.tp, cfg.parallel.cp)?;
-    let b = CpuBackend::<f32>::new();
+    match cfg.train.precision.as_str() {
+        "f64" => run_on(&CpuBackend::<f64>::new(), &topo, a, cfg),
+        _ => run_on(&CpuBackend::<f32>::new(), &topo, a, cfg),
+    }
+}
+
+fn run_on<B: Backend>(b: &B, topo: &Topology, a: &TrainArgs, cfg: &RunConfig) -> Result<()> {
     let s = trainer::train_on(
-        &b,
-        &topo,
-        &cfg,
+        b,
+        topo,
+        cfg,
         trainer::RunOptions {
             resume: a.resume,
             stop_after_steps: a.stop_after_steps,
@@ -55,7 +65,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let l = topo.layout;
     if l.world() > 1 {
-        eprintln!("layout: tp {} × cp {} × dp {} = {} ranks", l.tp, l.cp, l.dp, l.world());
+        eprintln!(
+            "layout: tp {} × cp {} × dp {} = {} ranks",
+            l.tp,
+            l.cp,
+            l.dp,
+            l.world()
+        );
     }
     eprintln!(
         "trained to step {} (loss {} -> {}); checkpoint {}",

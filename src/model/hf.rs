@@ -42,7 +42,13 @@ impl<B: Backend> Llama<B> {
         dtype: DType,
         tokenizer_from: Option<&Path>,
     ) -> Result<()> {
-        save_hf_dir(dir, &self.cfg, &self.params.to_host(b), dtype, tokenizer_from)
+        save_hf_dir(
+            dir,
+            &self.cfg,
+            &self.params.to_host(b),
+            dtype,
+            tokenizer_from,
+        )
     }
 }
 

@@ -9,8 +9,8 @@ pub mod context;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod tensor;
+#[cfg(test)]
+mod tests;
 pub mod thread;
 pub mod topology;
 pub mod zero;
-#[cfg(test)]
-mod tests;

@@ -80,7 +80,10 @@ struct RingCase {
 
 fn ring_case(q_scale: f64) -> RingCase {
     RingCase {
-        q: test_values(S * NQ * D, 1).iter().map(|x| x * q_scale).collect(),
+        q: test_values(S * NQ * D, 1)
+            .iter()
+            .map(|x| x * q_scale)
+            .collect(),
         k: test_values(S * NKV * D, 2),
         v: test_values(S * NKV * D, 3),
         dout: test_values(S * NQ * D, 4),
@@ -97,10 +100,26 @@ fn ring_forward<T: crate::util::Real>(c: &RingCase, cp: usize) -> (Vec<f64>, Vec
         let t = S / cp;
         let up = |x: &[f64], w| b.upload_f64(&zigzag_rows(x, w, S, cp, r));
         let (q, k, v) = (up(&c.q, NQ * D), up(&c.k, NKV * D), up(&c.v, NKV * D));
-        let shape = RingShape { t, n_q: NQ, n_kv: NKV, head_dim: D };
+        let shape = RingShape {
+            t,
+            n_q: NQ,
+            n_kv: NKV,
+            head_dim: D,
+        };
         let mut scratch = RingScratch::new(&b, &shape, cp);
         let (mut out, mut lse) = (b.zeros(t * NQ * D), b.zeros(NQ * t));
-        ring_attention_forward(&b, &comm, &shape, scale, &q, &k, &v, &mut out, &mut lse, scratch.as_mut());
+        ring_attention_forward(
+            &b,
+            &comm,
+            &shape,
+            scale,
+            &q,
+            &k,
+            &v,
+            &mut out,
+            &mut lse,
+            scratch.as_mut(),
+        );
         (b.download_f64(&out), b.download_f64(&lse))
     });
     let (mut out, mut lse) = (vec![0.0; S * NQ * D], vec![0.0; NQ * S]);
@@ -121,7 +140,10 @@ fn ring_forward<T: crate::util::Real>(c: &RingCase, cp: usize) -> (Vec<f64>, Vec
 }
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -132,7 +154,10 @@ fn ring_forward_matches_f64_reference_and_its_error_does_not_grow_with_cp() {
     for cp in [1, 2, 4, 8] {
         // f64: the ring is exact up to round-off.
         let (o, l) = ring_forward::<f64>(&c, cp);
-        assert!(max_abs_diff(&o, &ro) < 1e-13 && max_abs_diff(&l, &rl) < 1e-13, "f64 cp {cp}");
+        assert!(
+            max_abs_diff(&o, &ro) < 1e-13 && max_abs_diff(&l, &rl) < 1e-13,
+            "f64 cp {cp}"
+        );
         // f32: the merge error against f64, per cp.
         let (o, l) = ring_forward::<f32>(&c, cp);
         let e = max_abs_diff(&o, &ro).max(max_abs_diff(&l, &rl));
@@ -152,11 +177,21 @@ fn ring_merge_stays_finite_with_logits_around_1e4() {
     let scale = 1.0 / (D as f64).sqrt();
     let (ro, rl) = naive_attention(&c.q, &c.k, &c.v, S, NQ, NKV, D, scale);
     let peak = rl.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    assert!(peak > 5e3, "the case must reach large logits (lse peak {peak})");
+    assert!(
+        peak > 5e3,
+        "the case must reach large logits (lse peak {peak})"
+    );
     for cp in [2, 4, 8] {
         let (o, l) = ring_forward::<f32>(&c, cp);
-        assert!(o.iter().chain(&l).all(|x| x.is_finite()), "cp {cp}: non-finite");
-        let lse_rel = l.iter().zip(&rl).map(|(a, b)| ((a - b) / b.abs().max(1.0)).abs()).fold(0.0, f64::max);
+        assert!(
+            o.iter().chain(&l).all(|x| x.is_finite()),
+            "cp {cp}: non-finite"
+        );
+        let lse_rel = l
+            .iter()
+            .zip(&rl)
+            .map(|(a, b)| ((a - b) / b.abs().max(1.0)).abs())
+            .fold(0.0, f64::max);
         assert!(lse_rel < 1e-6, "cp {cp}: lse rel error {lse_rel:e}");
         let e = max_abs_diff(&o, &ro);
         eprintln!("ring merge at logits ~1e4: cp {cp}: lse rel {lse_rel:.2e}, out abs {e:.2e}");
@@ -169,33 +204,104 @@ fn ring_backward_equals_one_rank() {
     let c = ring_case(1.0);
     let scale = 1.0 / (D as f64).sqrt();
     let b = CpuBackend::<f64>::new();
-    let shape = AttnShape { q_len: S, kv_len: S, n_q_heads: NQ, n_kv_heads: NKV, head_dim: D, q_pos0: 0, k_pos0: 0, causal: true };
-    let (q, k, v, dout) = (b.upload_f64(&c.q), b.upload_f64(&c.k), b.upload_f64(&c.v), b.upload_f64(&c.dout));
+    let shape = AttnShape {
+        q_len: S,
+        kv_len: S,
+        n_q_heads: NQ,
+        n_kv_heads: NKV,
+        head_dim: D,
+        q_pos0: 0,
+        k_pos0: 0,
+        causal: true,
+    };
+    let (q, k, v, dout) = (
+        b.upload_f64(&c.q),
+        b.upload_f64(&c.k),
+        b.upload_f64(&c.v),
+        b.upload_f64(&c.dout),
+    );
     let (mut out, mut lse) = (b.zeros(S * NQ * D), b.zeros(NQ * S));
     b.attention_forward(&q, &k, &v, &shape, scale, &mut out, &mut lse);
-    let (mut dq, mut dk, mut dv) = (b.zeros(S * NQ * D), b.zeros(S * NKV * D), b.zeros(S * NKV * D));
-    b.attention_backward(&q, &k, &v, &out, &dout, &lse, &shape, scale, &mut dq, &mut dk, &mut dv);
-    let (rq, rk, rv) = (b.download_f64(&dq), b.download_f64(&dk), b.download_f64(&dv));
+    let (mut dq, mut dk, mut dv) = (
+        b.zeros(S * NQ * D),
+        b.zeros(S * NKV * D),
+        b.zeros(S * NKV * D),
+    );
+    b.attention_backward(
+        &q, &k, &v, &out, &dout, &lse, &shape, scale, &mut dq, &mut dk, &mut dv,
+    );
+    let (rq, rk, rv) = (
+        b.download_f64(&dq),
+        b.download_f64(&dk),
+        b.download_f64(&dv),
+    );
     for cp in [2, 4, 8] {
         let parts = ThreadComm::run(cp, |comm: AnyComm| {
             let b = CpuBackend::<f64>::new();
             let r = comm.rank();
             let t = S / cp;
             let up = |x: &[f64], w| b.upload_f64(&zigzag_rows(x, w, S, cp, r));
-            let (q, k, v, dout) = (up(&c.q, NQ * D), up(&c.k, NKV * D), up(&c.v, NKV * D), up(&c.dout, NQ * D));
-            let shape = RingShape { t, n_q: NQ, n_kv: NKV, head_dim: D };
+            let (q, k, v, dout) = (
+                up(&c.q, NQ * D),
+                up(&c.k, NKV * D),
+                up(&c.v, NKV * D),
+                up(&c.dout, NQ * D),
+            );
+            let shape = RingShape {
+                t,
+                n_q: NQ,
+                n_kv: NKV,
+                head_dim: D,
+            };
             let mut sc = RingScratch::new(&b, &shape, cp);
             let (mut out, mut lse) = (b.zeros(t * NQ * D), b.zeros(NQ * t));
-            ring_attention_forward(&b, &comm, &shape, scale, &q, &k, &v, &mut out, &mut lse, sc.as_mut());
-            let (mut dq, mut dk, mut dv) = (b.zeros(t * NQ * D), b.zeros(t * NKV * D), b.zeros(t * NKV * D));
-            ring_attention_backward(&b, &comm, &shape, scale, &q, &k, &v, &out, &dout, &lse, &mut dq, &mut dk, &mut dv, sc.as_mut());
-            (b.download_f64(&dq), b.download_f64(&dk), b.download_f64(&dv))
+            ring_attention_forward(
+                &b,
+                &comm,
+                &shape,
+                scale,
+                &q,
+                &k,
+                &v,
+                &mut out,
+                &mut lse,
+                sc.as_mut(),
+            );
+            let (mut dq, mut dk, mut dv) = (
+                b.zeros(t * NQ * D),
+                b.zeros(t * NKV * D),
+                b.zeros(t * NKV * D),
+            );
+            ring_attention_backward(
+                &b,
+                &comm,
+                &shape,
+                scale,
+                &q,
+                &k,
+                &v,
+                &out,
+                &dout,
+                &lse,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                sc.as_mut(),
+            );
+            (
+                b.download_f64(&dq),
+                b.download_f64(&dk),
+                b.download_f64(&dv),
+            )
         });
         for (r, (dq, dk, dv)) in parts.iter().enumerate() {
             let eq = max_abs_diff(dq, &zigzag_rows(&rq, NQ * D, S, cp, r));
             let ek = max_abs_diff(dk, &zigzag_rows(&rk, NKV * D, S, cp, r));
             let ev = max_abs_diff(dv, &zigzag_rows(&rv, NKV * D, S, cp, r));
-            assert!(eq.max(ek).max(ev) < 1e-12, "cp {cp} rank {r}: dq {eq:e} dk {ek:e} dv {ev:e}");
+            assert!(
+                eq.max(ek).max(ev) < 1e-12,
+                "cp {cp} rank {r}: dq {eq:e} dk {ek:e} dv {ev:e}"
+            );
         }
     }
 }
@@ -217,7 +323,10 @@ fn tiny_host(cfg: &ModelConfig) -> TensorMap {
     let mut p = ParamStore::init_random(&b, cfg, 5);
     for (s, buf) in p.specs.iter().zip(p.bufs.iter_mut()) {
         if s.is_norm {
-            let v: Vec<f64> = test_values(s.numel(), 9).iter().map(|x| 1.0 + 0.3 * x).collect();
+            let v: Vec<f64> = test_values(s.numel(), 9)
+                .iter()
+                .map(|x| 1.0 + 0.3 * x)
+                .collect();
             *buf = b.upload_f64(&v);
         }
     }
@@ -225,8 +334,18 @@ fn tiny_host(cfg: &ModelConfig) -> TensorMap {
 }
 
 /// Loss (mean over targets) and full gradients of a batch of sequences under (tp, cp, dp).
-fn run_layout(cfg: &ModelConfig, host: &TensorMap, seqs: &[(Vec<u32>, Vec<i32>)], tp: usize, cp: usize, dp: usize) -> (f64, TensorMap) {
-    let n_targets = seqs.iter().map(|(_, t)| t.iter().filter(|&&x| x >= 0).count()).sum::<usize>() as f64;
+fn run_layout(
+    cfg: &ModelConfig,
+    host: &TensorMap,
+    seqs: &[(Vec<u32>, Vec<i32>)],
+    tp: usize,
+    cp: usize,
+    dp: usize,
+) -> (f64, TensorMap) {
+    let n_targets = seqs
+        .iter()
+        .map(|(_, t)| t.iter().filter(|&&x| x >= 0).count())
+        .sum::<usize>() as f64;
     let len = seqs[0].0.len();
     let results = ThreadComm::run(tp * cp * dp, |world: AnyComm| {
         let b = CpuBackend::<f64>::new();
@@ -237,9 +356,24 @@ fn run_layout(cfg: &ModelConfig, host: &TensorMap, seqs: &[(Vec<u32>, Vec<i32>)]
         let mut g = model.params.zeros_like(&b);
         let mut loss = 0.0;
         for (ids, targets) in seqs.iter().skip(topo.dp_rank).step_by(dp) {
-            let s = Sample { ids: ids.clone(), targets: targets.clone(), positions: (0..len as u64).collect() };
+            let s = Sample {
+                ids: ids.clone(),
+                targets: targets.clone(),
+                positions: (0..len as u64).collect(),
+            };
             let s = zigzag_slice(&s, cp, topo.cp_rank).unwrap();
-            loss += model.forward_backward_rank(&b, &topo, &mut ws, &s.ids, &s.positions, Head::Loss { targets: &s.targets, grad_scale: 1.0 / n_targets }, Some(&mut g));
+            loss += model.forward_backward_rank(
+                &b,
+                &topo,
+                &mut ws,
+                &s.ids,
+                &s.positions,
+                Head::Loss {
+                    targets: &s.targets,
+                    grad_scale: 1.0 / n_targets,
+                },
+                Some(&mut g),
+            );
         }
         let mut l = [loss];
         topo.dpcp.all_reduce(&mut l, ReduceOp::Sum);
@@ -258,12 +392,25 @@ fn run_layout(cfg: &ModelConfig, host: &TensorMap, seqs: &[(Vec<u32>, Vec<i32>)]
     results.into_iter().next().unwrap()
 }
 
-fn batch(n: usize, len: usize, vocab: usize, masked: impl Fn(usize, usize) -> bool) -> Vec<(Vec<u32>, Vec<i32>)> {
+fn batch(
+    n: usize,
+    len: usize,
+    vocab: usize,
+    masked: impl Fn(usize, usize) -> bool,
+) -> Vec<(Vec<u32>, Vec<i32>)> {
     (0..n)
         .map(|k| {
-            let ids: Vec<u32> = (0..len).map(|i| ((i * 7 + k * 13 + i * i) % vocab) as u32).collect();
+            let ids: Vec<u32> = (0..len)
+                .map(|i| ((i * 7 + k * 13 + i * i) % vocab) as u32)
+                .collect();
             let targets = (0..len)
-                .map(|i| if i + 1 == len || masked(k, i) { -1 } else { ids[i + 1] as i32 })
+                .map(|i| {
+                    if i + 1 == len || masked(k, i) {
+                        -1
+                    } else {
+                        ids[i + 1] as i32
+                    }
+                })
                 .collect();
             (ids, targets)
         })
@@ -277,7 +424,13 @@ fn compare(reference: &(f64, TensorMap), got: &(f64, TensorMap), what: &str) -> 
         let g = &got.1[name];
         assert_eq!(g.shape, t.shape, "{what}: {name}");
         let scale = t.data.iter().fold(0.0f32, |m, x| m.max(x.abs())) as f64;
-        let e = t.data.iter().zip(&g.data).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max) / scale.max(1e-30);
+        let e = t
+            .data
+            .iter()
+            .zip(&g.data)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0.0, f64::max)
+            / scale.max(1e-30);
         ge = ge.max(e);
         assert!(e < 1e-6, "{what}: gradient of {name}: relative error {e:e}");
     }
@@ -292,10 +445,21 @@ fn every_layout_equals_one_rank_in_f64() {
         let host = tiny_host(&cfg);
         let seqs = batch(2, 16, cfg.vocab_size, |_, _| false);
         let one = run_layout(&cfg, &host, &seqs, 1, 1, 1);
-        for (tp, cp, dp) in [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (1, 4, 1), (2, 2, 2), (1, 8, 1), (2, 4, 1)] {
+        for (tp, cp, dp) in [
+            (2, 1, 1),
+            (1, 2, 1),
+            (1, 1, 2),
+            (2, 2, 1),
+            (1, 4, 1),
+            (2, 2, 2),
+            (1, 8, 1),
+            (2, 4, 1),
+        ] {
             let got = run_layout(&cfg, &host, &seqs, tp, cp, dp);
             let (le, ge) = compare(&one, &got, &format!("tied {tied} tp {tp} cp {cp} dp {dp}"));
-            eprintln!("tied {tied} tp {tp} cp {cp} dp {dp}: loss rel {le:.1e}, worst grad rel {ge:.1e}");
+            eprintln!(
+                "tied {tied} tp {tp} cp {cp} dp {dp}: loss rel {le:.1e}, worst grad rel {ge:.1e}"
+            );
         }
     }
 }
@@ -319,11 +483,19 @@ fn sharding_then_joining_is_the_identity() {
     let b = CpuBackend::<f32>::new();
     for tp in [1, 2] {
         let parts: Vec<ParamStore<CpuBackend<f32>>> = (0..tp)
-            .map(|r| ParamStore::from_host_shard(&b, &cfg, &host, "t", Shard { rank: r, size: tp }).unwrap())
+            .map(|r| {
+                ParamStore::from_host_shard(&b, &cfg, &host, "t", Shard { rank: r, size: tp })
+                    .unwrap()
+            })
             .collect();
         for (i, s) in parts[0].specs.iter().enumerate() {
             let cat: Vec<f32> = parts.iter().flat_map(|p| b.download(&p.bufs[i])).collect();
-            assert_eq!(s.join_shards(&cat, tp), host[&s.name].data, "{} tp {tp}", s.name);
+            assert_eq!(
+                s.join_shards(&cat, tp),
+                host[&s.name].data,
+                "{} tp {tp}",
+                s.name
+            );
         }
     }
 }

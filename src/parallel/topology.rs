@@ -26,7 +26,7 @@ impl Layout {
         if tp == 0 || cp == 0 {
             bail!("tp and cp must be at least 1 (got tp {tp}, cp {cp})");
         }
-        if world % (tp * cp) != 0 {
+        if !world.is_multiple_of(tp * cp) {
             bail!(
                 "{world} ranks do not factor into tp {tp} × cp {cp} × dp: the world size must be a multiple of tp·cp = {}",
                 tp * cp
@@ -80,7 +80,7 @@ impl Layout {
     /// sequence); never truncated silently.
     pub fn check_seq_len(&self, seq_len: usize) -> Result<()> {
         let m = 2 * self.cp * self.tp;
-        if self.cp * self.tp > 1 && seq_len % m != 0 {
+        if self.cp * self.tp > 1 && !seq_len.is_multiple_of(m) {
             bail!(
                 "seq_len {seq_len} is not a multiple of 2·cp·tp = {m} (cp {}, tp {}): the zigzag layout needs 2·cp equal chunks, each split over tp",
                 self.cp,

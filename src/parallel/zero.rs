@@ -180,12 +180,22 @@ impl<B: Backend> ShardedAdamW<B> {
             let n = out.specs[i].numel();
             b.write_host(buf, 0, &flat[self.offsets[i]..self.offsets[i] + n]);
         }
-        debug_assert!(self.offsets.last().map_or(0, |o| o + out.specs.last().unwrap().numel()) == self.total);
+        debug_assert!(
+            self.offsets
+                .last()
+                .map_or(0, |o| o + out.specs.last().unwrap().numel())
+                == self.total
+        );
     }
 
     /// The first and second moments of every local tensor (gathered over the group), shaped like
     /// `like` (for checkpoints).
-    pub fn moments(&self, b: &B, topo: &Topology, like: &ParamStore<B>) -> (ParamStore<B>, ParamStore<B>) {
+    pub fn moments(
+        &self,
+        b: &B,
+        topo: &Topology,
+        like: &ParamStore<B>,
+    ) -> (ParamStore<B>, ParamStore<B>) {
         let mut m = like.zeros_like(b);
         let mut v = like.zeros_like(b);
         self.gather_into(b, topo, |s| &s.m, &mut m);
@@ -195,7 +205,13 @@ impl<B: Backend> ShardedAdamW<B> {
 
     /// Restore the moments from stores shaped like the local parameters (a checkpoint, resharded
     /// by the caller to this TP rank); master weights from `params`.
-    pub fn set_state(&mut self, b: &B, params: &ParamStore<B>, m: &ParamStore<B>, v: &ParamStore<B>) {
+    pub fn set_state(
+        &mut self,
+        b: &B,
+        params: &ParamStore<B>,
+        m: &ParamStore<B>,
+        v: &ParamStore<B>,
+    ) {
         for s in &mut self.segments {
             b.copy(&params.bufs[s.param], s.off, &mut s.master, 0, s.len);
             b.copy(&m.bufs[s.param], s.off, &mut s.m, 0, s.len);

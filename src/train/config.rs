@@ -103,6 +103,11 @@ pub struct TrainSection {
     /// Tokens per LM-head + cross-entropy chunk.
     #[serde(default = "default_ce_chunk")]
     pub ce_chunk: usize,
+    /// Working precision of the CPU backend: "f32" (default) or "f64" (for parity checks: Adam
+    /// amplifies f32 round-off, so layouts are compared bit-for-bit-ish in f64). Checkpoints store
+    /// f32 either way.
+    #[serde(default = "default_precision")]
+    pub precision: String,
     /// Where the run writes metrics, checkpoints and its exported model.
     pub out_dir: PathBuf,
 }
@@ -173,6 +178,9 @@ pub struct LogSection {
 fn one() -> usize {
     1
 }
+fn default_precision() -> String {
+    "f32".into()
+}
 fn default_ce_chunk() -> usize {
     256
 }
@@ -212,6 +220,12 @@ impl RunConfig {
         }
         if self.parallel.tp == 0 || self.parallel.cp == 0 {
             bail!("parallel.tp and parallel.cp must be at least 1");
+        }
+        if !["f32", "f64"].contains(&t.precision.as_str()) {
+            bail!(
+                "train.precision = {:?}: expected \"f32\" or \"f64\"",
+                t.precision
+            );
         }
         if t.ce_chunk == 0 {
             bail!("train.ce_chunk must be at least 1");

@@ -21,11 +21,11 @@ use crate::data::loader::Loader;
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::llama::{Head, Llama, Workspace};
 use crate::model::params::ParamStore;
+use crate::model::rope::RopePrecision;
 use crate::parallel::comm::{Comm, ReduceOp};
 use crate::parallel::tensor::gather_full_host;
 use crate::parallel::topology::Topology;
 use crate::parallel::zero::ShardedAdamW;
-use crate::model::rope::RopePrecision;
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::config::{RopeOverride, RunConfig};
 use crate::train::data::{TokenStream, load_token_file, tokenize_text_file};
@@ -318,13 +318,18 @@ pub fn train(cfg: &RunConfig, opts: RunOptions) -> Result<RunSummary> {
 /// A test hook: `ULTRALONG_FAIL_RANK=r` (and optionally `ULTRALONG_FAIL_STEP=s`, default 1) makes
 /// world rank r fail at step s, to show that one failing rank ends the whole job.
 fn injected_failure(topo: &Topology, step: u64) -> Result<()> {
-    let rank: Option<usize> = std::env::var("ULTRALONG_FAIL_RANK").ok().and_then(|v| v.parse().ok());
+    let rank: Option<usize> = std::env::var("ULTRALONG_FAIL_RANK")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let at: u64 = std::env::var("ULTRALONG_FAIL_STEP")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     if rank == Some(topo.world_rank) && step == at {
-        bail!("rank {} fails at step {step} on purpose (ULTRALONG_FAIL_RANK)", topo.world_rank);
+        bail!(
+            "rank {} fails at step {step} on purpose (ULTRALONG_FAIL_RANK)",
+            topo.world_rank
+        );
     }
     Ok(())
 }
@@ -406,7 +411,7 @@ pub fn train_on<B: Backend>(
     layout.check_model(&model.cfg)?;
     layout.check_seq_len(seq)?;
     let per_step = cfg.sequences_per_step() as u64;
-    if per_step % layout.dp as u64 != 0 {
+    if !per_step.is_multiple_of(layout.dp as u64) {
         bail!(
             "the global batch of {per_step} sequences (train.micro_batch × train.grad_accum) does not divide over dp {}",
             layout.dp

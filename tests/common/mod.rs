@@ -127,3 +127,35 @@ pub fn losses(stdout: &str) -> Vec<f64> {
         })
         .collect()
 }
+
+/// `mpirun -np N ultralong ARGS` in `dir` (root-safe, oversubscribed: tests run more ranks than
+/// cores). Returns the output (status not checked).
+pub fn mpirun(dir: &Path, np: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &np.to_string(), "--oversubscribe"])
+        .arg(bin())
+        .args(args)
+        .current_dir(dir)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_hwloc_base_binding_policy", "none")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output()
+        .expect("spawn mpirun (is OpenMPI installed? `make deps`)")
+}
+
+/// `mpirun` and require success, returning stdout.
+pub fn mpirun_ok(dir: &Path, np: usize, args: &[&str]) -> String {
+    let o = mpirun(dir, np, args, &[]);
+    assert!(
+        o.status.success(),
+        "mpirun -np {np} ultralong {args:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
