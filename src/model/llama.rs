@@ -60,7 +60,10 @@ impl Dims {
     /// The sizes `shard` of a TP group sees for `t` local tokens.
     pub fn local(cfg: &ModelConfig, t: usize, shard: Shard) -> Self {
         let tp = shard.size;
-        assert!(t.is_multiple_of(tp), "{t} local tokens do not split over tp {tp}");
+        assert!(
+            t.is_multiple_of(tp),
+            "{t} local tokens do not split over tp {tp}"
+        );
         let vocab = cfg.vocab_size / tp;
         Dims {
             t,
