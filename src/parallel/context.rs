@@ -26,7 +26,38 @@
 //! (`Comm::wait_clock`).
 
 use crate::backend::{AttnShape, Backend};
-use crate::parallel::comm::{Comm, Elem};
+use crate::parallel::comm::{Comm, Elem, Exchange, PendingExchange};
+
+/// `ULTRALONG_RING_NO_OVERLAP=1` waits for each transfer right after starting it, so the time
+/// blocked is the whole communication time: the benchmark's baseline for the share hidden.
+fn no_overlap() -> bool {
+    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLAG.get_or_init(|| std::env::var("ULTRALONG_RING_NO_OVERLAP").is_ok_and(|v| v == "1"))
+}
+
+/// Start an exchange; without overlap (benchmark baseline) finish it at once.
+fn start<T: Elem, C: Comm>(
+    cp: &C,
+    send: Vec<T>,
+    to: usize,
+    recv: Vec<T>,
+    from: usize,
+) -> Exchange<T> {
+    let x = cp.exchange_start(send, to, recv, from);
+    if no_overlap() {
+        let (s, r) = cp.wait(x);
+        return Exchange::new(Box::new(Done(s, r)));
+    }
+    x
+}
+
+struct Done<T>(Vec<T>, Vec<T>);
+
+impl<T: Elem> PendingExchange<T> for Done<T> {
+    fn wait(self: Box<Self>) -> (Vec<T>, Vec<T>) {
+        (self.0, self.1)
+    }
+}
 
 /// Local shapes of one ring attention call: `t` local tokens (2 zigzag chunks when cp > 1), heads
 /// as held by this TP rank.
@@ -191,8 +222,8 @@ pub fn ring_attention_forward<B: Backend, C: Comm>(
     let mut spare = vec![B::Host::default(); 2 * kvn];
     for i in 0..n {
         let src = (r + n - i) % n;
-        let inflight = (i + 1 < n)
-            .then(|| cp.exchange_start(cur.clone(), next, std::mem::take(&mut spare), prev));
+        let inflight =
+            (i + 1 < n).then(|| start(cp, cur.clone(), next, std::mem::take(&mut spare), prev));
         match step_kind(r, src) {
             Step::Diagonal => b.attention_forward(q, k, v, &s.attn(t, t, true), scale, out, lse),
             Step::FirstHalfKeys => {
@@ -291,15 +322,16 @@ pub fn ring_attention_backward<B: Backend, C: Comm>(
         // Order matters: every rank starts the dK/dV exchange before the K/V one, so the two
         // messages of a step between the same pair of ranks match in posting order.
         let dkv_flight = (i > 0).then(|| {
-            cp.exchange_start(
+            start(
+                cp,
                 std::mem::take(&mut acc),
                 next,
                 std::mem::take(&mut acc_spare),
                 prev,
             )
         });
-        let kv_flight = (i + 1 < n)
-            .then(|| cp.exchange_start(cur.clone(), next, std::mem::take(&mut spare), prev));
+        let kv_flight =
+            (i + 1 < n).then(|| start(cp, cur.clone(), next, std::mem::take(&mut spare), prev));
         block.iter_mut().for_each(|x| *x = B::Host::default());
         match step_kind(r, src) {
             Step::Diagonal => {
@@ -381,7 +413,7 @@ pub fn ring_attention_backward<B: Backend, C: Comm>(
         }
     }
     // The last accumulator belongs to the next rank; this rank's own arrives from the previous.
-    let x = cp.exchange_start(acc, next, acc_spare, prev);
+    let x = start(cp, acc, next, acc_spare, prev);
     let (_, mine) = cp.wait(x);
     b.write_host(dk, 0, &mine[..kvn]);
     b.write_host(dv, 0, &mine[kvn..]);
