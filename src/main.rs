@@ -15,7 +15,9 @@ fn main() -> ExitCode {
     ultralong::parallel::any::install_panic_hook();
     let cli = ultralong::cli::Cli::parse();
     match ultralong::cli::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            ExitCode::from(ultralong::cli::EXIT_CODE.load(std::sync::atomic::Ordering::Relaxed))
+        }
         Err(e) => {
             // One line: the whole context chain, outermost first (`error: [rank R] ...` in a
             // multi-rank world, where MPI is then aborted so that mpirun exits at once).

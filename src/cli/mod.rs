@@ -7,7 +7,13 @@ pub mod init;
 pub mod prepare;
 pub mod train;
 
+use std::sync::atomic::AtomicU8;
+
 use anyhow::Result;
+
+/// The exit code of a command that succeeded but asks for something (e.g. 75: preempted after a
+/// checkpoint, requeue me); 0 otherwise. `main` returns it.
+pub static EXIT_CODE: AtomicU8 = AtomicU8::new(0);
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]

@@ -60,6 +60,12 @@ fn run_on<B: Backend>(b: &B, topo: &Topology, a: &TrainArgs, cfg: &RunConfig) ->
             stop_after_steps: a.stop_after_steps,
         },
     )?;
+    if s.preempted {
+        crate::cli::EXIT_CODE.store(
+            trainer::EXIT_PREEMPTED,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
     if topo.world_rank != 0 {
         return Ok(());
     }

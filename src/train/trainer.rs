@@ -51,6 +51,28 @@ pub struct RunSummary {
     pub last_loss: Option<f64>,
     pub resumed_from: Option<u64>,
     pub final_checkpoint: PathBuf,
+    /// Stopped early by SIGUSR1/SIGTERM after writing a checkpoint (requeue and `--resume`).
+    pub preempted: bool,
+}
+
+/// The exit code of a run stopped by a signal after its checkpoint (EX_TEMPFAIL): the Slurm
+/// scripts turn it into `scontrol requeue`.
+pub const EXIT_PREEMPTED: u8 = 75;
+
+/// Set by SIGUSR1 or SIGTERM (Slurm's `--signal=B:USR1@N`, preemption, `scancel`). The handler
+/// only sets a flag; the loop checks it after each step, on all ranks together.
+fn stop_requested() -> &'static std::sync::Arc<std::sync::atomic::AtomicBool> {
+    static FLAG: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+        std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let f = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGUSR1, signal_hook::consts::SIGTERM] {
+            if let Err(e) = signal_hook::flag::register(sig, f.clone()) {
+                eprintln!("warning: cannot install the handler of signal {sig}: {e}");
+            }
+        }
+        f
+    })
 }
 
 /// Build the RoPE scaling a config section asks for, checking the keys each type needs.
@@ -462,6 +484,8 @@ pub fn train_on<B: Backend>(
     );
     pb.set_position(state.step);
 
+    let stop = stop_requested();
+    let mut preempted = false;
     let mut st = state;
     let (mut first_loss, mut last_loss) = (None, None);
     let stop_at = opts
@@ -558,8 +582,26 @@ pub fn train_on<B: Backend>(
         last_loss = Some(loss);
 
         let interval = cfg.checkpoint.interval;
-        if (interval > 0 && step % interval == 0) || step == stop_at {
+        let saved = (interval > 0 && step % interval == 0) || step == stop_at;
+        if saved {
             save_checkpoint(b, topo, &ckpt_root, &model, &opt, &st, &tok_dir, cfg)?;
+        }
+        // A signal on any rank stops every rank after the same step.
+        let mut sig = [stop.load(std::sync::atomic::Ordering::Relaxed) as u8];
+        topo.world.all_reduce(&mut sig, ReduceOp::Max);
+        if sig[0] != 0 && step < total {
+            if !saved {
+                save_checkpoint(b, topo, &ckpt_root, &model, &opt, &st, &tok_dir, cfg)?;
+            }
+            if lead {
+                pb.suspend(|| {
+                    eprintln!(
+                        "signal received: stopped after step {step} with a checkpoint; `--resume` continues (exit {EXIT_PREEMPTED})"
+                    )
+                });
+            }
+            preempted = true;
+            break;
         }
     }
     pb.finish_and_clear();
@@ -578,6 +620,7 @@ pub fn train_on<B: Backend>(
         last_loss,
         resumed_from,
         final_checkpoint,
+        preempted,
     })
 }
 
