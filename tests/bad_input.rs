@@ -173,7 +173,7 @@ fn corrupted_checkpoint_is_skipped_with_its_name() {
     std::fs::write(p.join("r.toml"), run_config(10, "o")).unwrap();
     ok(p, &["train", "--config", "r.toml"]);
     // Corrupt the newest checkpoint: export falls back to the older one and says why.
-    let f = p.join("o/checkpoints/step-00000010/optimizer.safetensors");
+    let f = p.join("o/checkpoints/step-00000010/optim-tp0-of1-z0-of1.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
     let n = bytes.len();
     bytes[n - 1] ^= 0xff;

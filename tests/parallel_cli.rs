@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ultralong::io::{TensorMap, load_safetensors_dir, load_safetensors_file};
+use ultralong::io::{TensorMap, load_safetensors_file};
+use ultralong::train::checkpoint::load_full;
 
 /// 8 query heads over 4 KV heads (so tp goes up to 4), YaRN ×4 with the paper's betas.
 const PAR_CONFIG: &str = r#"{
@@ -184,8 +185,9 @@ fn twenty_steps(precision: &str, loss_tol: f64, weight_tol: f64) {
     .unwrap();
     let one = losses(&ok(d.path(), &["train", "--config", "run.toml"]));
     assert_eq!(one.len(), 20);
-    let w1 =
-        load_safetensors_dir(&d.path().join("runs/one/checkpoints/step-00000020/model")).unwrap();
+    let w1 = load_full(&d.path().join("runs/one/checkpoints/step-00000020"))
+        .unwrap()
+        .1;
     for (tp, cp, dp) in [
         (2, 2, 1),
         (1, 2, 2),
@@ -220,8 +222,9 @@ fn twenty_steps(precision: &str, loss_tol: f64, weight_tol: f64) {
             .zip(&one)
             .map(|(a, b)| ((a - b) / b).abs())
             .fold(0.0, f64::max);
-        let w = load_safetensors_dir(&d.path().join(&out).join("checkpoints/step-00000020/model"))
-            .unwrap();
+        let w = load_full(&d.path().join(&out).join("checkpoints/step-00000020"))
+            .unwrap()
+            .1;
         let (we, which) = max_rel(&w1, &w);
         eprintln!(
             "train ({precision}) tp {tp} cp {cp} dp {dp}: worst loss rel {worst_loss:.2e}, final weights worst rel {we:.2e} ({which})"

@@ -8,7 +8,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ultralong::io::load_safetensors_dir;
 
 fn config(out: &str) -> String {
     run_config(60, out).replace("interval = 5", "interval = 4")
@@ -36,7 +35,9 @@ fn signal_after_first_checkpoint(child: &mut Child, run: &Path, sig: &str) {
 }
 
 fn weights(dir: &Path, out: &str) -> ultralong::io::TensorMap {
-    load_safetensors_dir(&dir.join(out).join("checkpoints/step-00000060/model")).unwrap()
+    ultralong::train::checkpoint::load_full(&dir.join(out).join("checkpoints/step-00000060"))
+        .unwrap()
+        .1
 }
 
 fn interrupted_then_resumed(sig: &str, ranks: usize) {

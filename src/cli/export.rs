@@ -6,10 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::backend::cpu::CpuBackend;
 use crate::io::DType;
-use crate::model::llama::Llama;
-use crate::model::rope::RopePrecision;
+use crate::model::hf::save_hf_dir;
 use crate::train::checkpoint;
 
 #[derive(Args, Debug)]
@@ -46,10 +44,9 @@ pub fn resolve_checkpoint(p: &Path) -> Result<PathBuf> {
 pub fn run(a: ExportArgs) -> Result<()> {
     let dtype: DType = a.dtype.parse()?;
     let dir = resolve_checkpoint(&a.checkpoint)?;
-    let b = CpuBackend::<f32>::new();
-    let model_dir = dir.join("model");
-    let model = Llama::load(&b, &model_dir, RopePrecision::Exact)?;
-    model.save(&b, &a.out, dtype, Some(&model_dir))?;
+    // The full tensors, gathered from every rank's shard of the checkpoint.
+    let (cfg, weights, _) = checkpoint::load_full(&dir)?;
+    save_hf_dir(&a.out, &cfg, &weights, dtype, Some(&dir))?;
     eprintln!(
         "exported {} to {} ({dtype})",
         dir.display(),

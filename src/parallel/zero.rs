@@ -219,8 +219,49 @@ impl<B: Backend> ShardedAdamW<B> {
         }
     }
 
-    /// This rank's slice index and length (for reports).
+    /// This rank's slice index and its nominal length (the last slice may hold fewer elements).
     pub fn slice(&self) -> (usize, usize) {
         (self.index, self.slice)
+    }
+
+    /// Elements of the local TP shard, all tensors (the flat length before padding).
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Elements this rank's slice really holds.
+    pub fn held(&self) -> usize {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    /// The slice's master weights, first and second moments, flat, in f32 (checkpoints).
+    pub fn export_slice(&self, b: &B) -> [Vec<f32>; 3] {
+        let mut out = [Vec::new(), Vec::new(), Vec::new()];
+        for s in &self.segments {
+            out[0].extend(b.download(&s.master));
+            out[1].extend(b.download(&s.m));
+            out[2].extend(b.download(&s.v));
+        }
+        out
+    }
+
+    /// Restore the slice from `export_slice`'s vectors (same layout).
+    pub fn import_slice(&mut self, b: &B, master: &[f32], m: &[f32], v: &[f32]) {
+        for s in &mut self.segments {
+            s.master = b.upload(&master[s.at..s.at + s.len]);
+            s.m = b.upload(&m[s.at..s.at + s.len]);
+            s.v = b.upload(&v[s.at..s.at + s.len]);
+        }
+    }
+
+    /// Restore from stores shaped like the local parameters, with separate master weights.
+    pub fn set_state_with_master(
+        &mut self,
+        b: &B,
+        master: &ParamStore<B>,
+        m: &ParamStore<B>,
+        v: &ParamStore<B>,
+    ) {
+        self.set_state(b, master, m, v);
     }
 }

@@ -1,10 +1,20 @@
-//! Single-rank checkpoints: everything needed to continue bit-identically (weights, Adam moments,
-//! step, data position, seed), written to a temporary directory, verified, renamed, and only then
-//! named by the `latest` pointer. Every file's size and SHA-256 is recorded, so a truncated or
-//! corrupted checkpoint is detected on load. (The scale-out issue shards this across ranks.)
+//! Distributed checkpoints: everything needed to continue bit-identically (weights, fp32 master
+//! weights, Adam moments, step, data position, seed, layout), written by every rank into one
+//! temporary directory, flushed, verified by size and SHA-256 of every file, renamed, and only then
+//! named by the `latest` pointer; the last `keep` are kept. A truncated or corrupted checkpoint is
+//! detected on load and skipped by name.
 //!
-//! Layout: `<run>/checkpoints/step-00000010/{model/, optimizer.safetensors, state.json}` and
-//! `<run>/checkpoints/latest` holding the directory name.
+//! Layout of `<run>/checkpoints/step-00000010/`:
+//! - `config.json` (+ tokenizer files): the model, written by rank 0;
+//! - `weights-tp{t}-of{T}.safetensors`: TP rank t's weight shard (HF names, shard shapes), written
+//!   by the first rank of its DP × CP group;
+//! - `optim-tp{t}-z{k}-of{G}.safetensors`: ZeRO slice k of TP shard t — flat `master`, `m`, `v`
+//!   (f32), written by that rank;
+//! - `state.json`: step, data position, loader state, tokens, seed, config hash, the layout, and
+//!   every file's size and hash; written last, by rank 0.
+//!
+//! Resuming on the same (tp, dp·cp) reads only a rank's own files; on another layout the full
+//! tensors are rebuilt (`load_full`) and resharded. `<run>/checkpoints/latest` holds the name.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,10 +25,12 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Backend;
 use crate::io::{self, DType, HostTensor, TensorMap};
 use crate::model::config::ModelConfig;
-use crate::model::hf::save_hf_dir;
 use crate::model::llama::Llama;
-use crate::model::params::{ParamStore, Shard};
+use crate::model::params::{ParamStore, Shard, param_specs};
 use crate::model::rope::RopePrecision;
+use crate::parallel::comm::{Comm, ReduceOp};
+use crate::parallel::topology::Topology;
+use crate::parallel::zero::ShardedAdamW;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FileRecord {
@@ -43,6 +55,31 @@ pub struct TrainState {
     /// Every file of the checkpoint except state.json, relative path -> size and hash.
     #[serde(default)]
     pub files: BTreeMap<String, FileRecord>,
+    /// How the writing run was sharded (absent: written by one rank).
+    #[serde(default)]
+    pub layout: Option<ShardLayout>,
+}
+
+/// The sharding of the files of a checkpoint.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShardLayout {
+    pub tp: usize,
+    pub cp: usize,
+    pub dp: usize,
+}
+
+impl ShardLayout {
+    fn zero(&self) -> usize {
+        self.dp * self.cp
+    }
+}
+
+fn weights_file(t: usize, n: usize) -> String {
+    format!("weights-tp{t}-of{n}.safetensors")
+}
+
+fn optim_file(t: usize, n: usize, k: usize, g: usize) -> String {
+    format!("optim-tp{t}-of{n}-z{k}-of{g}.safetensors")
 }
 
 /// The default checkpoint directory of a run (`checkpoint.dir` in the run config overrides it).
@@ -55,19 +92,6 @@ fn step_name(step: u64) -> String {
 }
 
 /// The Adam moments as one safetensors map: `m.<name>` and `v.<name>`.
-fn moments_to_host<B: Backend>(b: &B, m: &ParamStore<B>, v: &ParamStore<B>) -> TensorMap {
-    let mut map = TensorMap::new();
-    for (prefix, store) in [("m.", m), ("v.", v)] {
-        for (s, buf) in store.specs.iter().zip(&store.bufs) {
-            map.insert(
-                format!("{prefix}{}", s.name),
-                HostTensor::new(s.shape.clone(), b.download(buf)),
-            );
-        }
-    }
-    map
-}
-
 fn list_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let p = e?.path();
@@ -83,93 +107,163 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// Write a checkpoint of `model` and its optimizer state after `state.step` steps into the
 /// checkpoint directory `root`; returns its directory. Older checkpoints beyond `keep` are removed
 /// after the new one is complete.
+/// Write a checkpoint of this rank's state; collective over the world. Rank 0 prepares the
+/// temporary directory and finishes it (state.json, rename, `latest`, pruning); every rank writes its
+/// files in between. If any rank fails, every rank returns the error, the temporary directory is
+/// removed and the previous checkpoints are untouched.
 #[allow(clippy::too_many_arguments)]
 pub fn save<B: Backend>(
     b: &B,
-    root: &Path,
-    model: &Llama<B>,
-    m: &ParamStore<B>,
-    v: &ParamStore<B>,
-    state: TrainState,
-    tokenizer_from: Option<&Path>,
-    keep: usize,
-) -> Result<PathBuf> {
-    save_host(
-        root,
-        &model.cfg,
-        &model.params.to_host(b),
-        &moments_to_host(b, m, v),
-        state,
-        tokenizer_from,
-        keep,
-    )
-}
-
-/// `save` from host tensors: the full weights (HF names) and moments (`m.`/`v.` + HF name).
-pub fn save_host(
+    topo: &Topology,
     root: &Path,
     cfg: &ModelConfig,
-    weights: &TensorMap,
-    moments: &TensorMap,
+    params: &ParamStore<B>,
+    opt: &ShardedAdamW<B>,
     mut state: TrainState,
     tokenizer_from: Option<&Path>,
     keep: usize,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+    let lead = topo.world_rank == 0;
     let name = step_name(state.step);
     let tmp = root.join(format!(".tmp-{name}"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
-    }
-    let mut write = || -> Result<()> {
-        save_hf_dir(&tmp.join("model"), cfg, weights, DType::F32, tokenizer_from)?;
-        io::save_safetensors_file(
-            &tmp.join("optimizer.safetensors"),
-            moments,
-            DType::F32,
-            None,
-        )?;
-        let mut files = Vec::new();
-        list_files(&tmp, &tmp, &mut files)?;
-        for f in files {
-            let p = tmp.join(&f);
-            let bytes = std::fs::metadata(&p)?.len();
-            state.files.insert(
-                f.to_string_lossy().into_owned(),
-                FileRecord {
-                    bytes,
-                    sha256: io::sha256_file(&p)?,
-                },
-            );
-        }
-        io::write_atomic(
-            &tmp.join("state.json"),
-            serde_json::to_string_pretty(&state)?.as_bytes(),
-        )?;
+    let fin = root.join(&name);
+    let l = topo.layout;
+    let failed = |e: anyhow::Error| {
+        e.context(format!(
+            "writing checkpoint {name} failed; the previous checkpoints in {} are untouched",
+            root.display()
+        ))
+    };
+    // 1. Rank 0: a fresh temporary directory with the model config and tokenizer.
+    let prepared = if lead {
+        (|| -> Result<()> {
+            std::fs::create_dir_all(root)
+                .with_context(|| format!("cannot create {}", root.display()))?;
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)
+                    .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
+            }
+            std::fs::create_dir_all(&tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            let json = serde_json::to_string_pretty(&cfg.to_hf_json())?;
+            io::write_atomic(&tmp.join("config.json"), json.as_bytes())?;
+            if let Some(src) = tokenizer_from {
+                io::copy_tokenizer_files(src, &tmp)?;
+            }
+            Ok(())
+        })()
+    } else {
         Ok(())
     };
-    if let Err(e) = write() {
+    agree(topo, prepared, "preparing the directory").map_err(failed)?;
+    // 2. Every rank: its files, and their records.
+    let written = (|| -> Result<BTreeMap<String, FileRecord>> {
+        let mut names = Vec::new();
+        if topo.dpcp_rank() == 0 {
+            let f = weights_file(topo.tp_rank, l.tp);
+            io::save_safetensors_file(&tmp.join(&f), &params.to_host(b), DType::F32, None)?;
+            names.push(f);
+        }
+        let [master, m, v] = opt.export_slice(b);
+        let n = master.len();
+        let map = TensorMap::from([
+            ("master".to_string(), HostTensor::new(vec![n], master)),
+            ("m".to_string(), HostTensor::new(vec![n], m)),
+            ("v".to_string(), HostTensor::new(vec![n], v)),
+        ]);
+        let f = optim_file(topo.tp_rank, l.tp, topo.dpcp_rank(), l.dp * l.cp);
+        io::save_safetensors_file(&tmp.join(&f), &map, DType::F32, None)?;
+        names.push(f);
+        names
+            .into_iter()
+            .map(|f| {
+                let p = tmp.join(&f);
+                let rec = FileRecord {
+                    bytes: std::fs::metadata(&p)?.len(),
+                    sha256: io::sha256_file(&p)?,
+                };
+                Ok((f, rec))
+            })
+            .collect()
+    })();
+    // Records travel to rank 0 as fixed-size JSON blocks.
+    let mine = match &written {
+        Ok(r) => serde_json::to_vec(r)?,
+        Err(_) => Vec::new(),
+    };
+    agree(topo, written, "writing its shards").map_err(failed)?;
+    let mut len = [mine.len() as u64];
+    topo.world.all_reduce(&mut len, ReduceOp::Max);
+    let mut block = mine.clone();
+    block.resize(len[0] as usize, b' ');
+    let mut all = vec![0u8; block.len() * topo.world.size()];
+    topo.world.all_gather(&block, &mut all);
+    // 3. Rank 0: state.json last, then rename and point `latest` at it.
+    let finished = if lead {
+        (|| -> Result<()> {
+            for chunk in all.chunks(block.len().max(1)) {
+                let recs: BTreeMap<String, FileRecord> =
+                    serde_json::from_slice(chunk).context("shard records")?;
+                state.files.extend(recs);
+            }
+            let mut files = Vec::new();
+            list_files(&tmp, &tmp, &mut files)?;
+            for f in files {
+                let key = f.to_string_lossy().into_owned();
+                if !state.files.contains_key(&key) {
+                    let p = tmp.join(&f);
+                    let rec = FileRecord {
+                        bytes: std::fs::metadata(&p)?.len(),
+                        sha256: io::sha256_file(&p)?,
+                    };
+                    state.files.insert(key, rec);
+                }
+            }
+            state.layout = Some(ShardLayout {
+                tp: l.tp,
+                cp: l.cp,
+                dp: l.dp,
+            });
+            io::write_atomic(
+                &tmp.join("state.json"),
+                serde_json::to_string_pretty(&state)?.as_bytes(),
+            )?;
+            if fin.exists() {
+                std::fs::remove_dir_all(&fin)
+                    .with_context(|| format!("cannot replace {}", fin.display()))?;
+            }
+            std::fs::rename(&tmp, &fin)
+                .with_context(|| format!("cannot rename {} to {}", tmp.display(), fin.display()))?;
+            io::write_atomic(&root.join("latest"), name.as_bytes())?;
+            prune(root, keep)
+        })()
+    } else {
+        Ok(())
+    };
+    if lead && finished.is_err() && tmp.exists() {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.context(format!(
-            "writing checkpoint {} failed; the previous checkpoints in {} are untouched",
-            name,
-            root.display()
-        )));
     }
-    let fin = root.join(&name);
-    if fin.exists() {
-        std::fs::remove_dir_all(&fin)
-            .with_context(|| format!("cannot replace {}", fin.display()))?;
-    }
-    std::fs::rename(&tmp, &fin)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), fin.display()))?;
-    io::write_atomic(&root.join("latest"), name.as_bytes())?;
-    prune(root, keep)?;
+    agree(topo, finished, "finishing").map_err(failed)?;
     Ok(fin)
 }
 
-/// Complete checkpoints in `root`, oldest first.
+/// Every rank learns whether every rank succeeded; a failure elsewhere becomes an error naming the
+/// lowest failing rank.
+fn agree<T>(topo: &Topology, r: Result<T>, what: &str) -> Result<T> {
+    let n = topo.world.size() as u64;
+    let mut code = [if r.is_err() {
+        n - topo.world_rank as u64
+    } else {
+        0
+    }];
+    topo.world.all_reduce(&mut code, ReduceOp::Max);
+    match r {
+        Err(e) => Err(e),
+        Ok(_) if code[0] > 0 => bail!("rank {} failed {what}", n - code[0]),
+        Ok(v) => Ok(v),
+    }
+}
+
 fn list_checkpoints(root: &Path) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = match std::fs::read_dir(root) {
         Ok(rd) => rd
@@ -246,44 +340,169 @@ pub fn find_latest(root: &Path) -> Result<Option<(PathBuf, TrainState)>> {
     Ok(None)
 }
 
-/// Load a verified checkpoint: the model and the Adam moments.
-pub fn load<B: Backend>(
-    b: &B,
-    dir: &Path,
-    precision: RopePrecision,
-) -> Result<(Llama<B>, ParamStore<B>, ParamStore<B>)> {
-    load_shard(b, dir, precision, Shard::WHOLE)
-}
-
-/// Load TP rank `shard`'s part of a checkpoint (written by any layout: checkpoints hold full
-/// tensors, so resuming on another (tp, cp, dp) reshards on load).
-pub fn load_shard<B: Backend>(
-    b: &B,
-    dir: &Path,
-    precision: RopePrecision,
-    shard: Shard,
-) -> Result<(Llama<B>, ParamStore<B>, ParamStore<B>)> {
-    let model = Llama::load_shard(b, &dir.join("model"), precision, shard)?;
-    let opt_path = dir.join("optimizer.safetensors");
-    let map = io::load_safetensors_file(&opt_path)?;
-    let mut m = ParamStore::zeros_shard(b, &model.cfg, shard);
-    let mut v = ParamStore::zeros_shard(b, &model.cfg, shard);
-    for (prefix, store) in [("m.", &mut m), ("v.", &mut v)] {
-        for (s, buf) in store.specs.iter().zip(store.bufs.iter_mut()) {
-            let key = format!("{prefix}{}", s.name);
-            let t = map
-                .get(&key)
-                .with_context(|| format!("{}: tensor `{key}` is missing", opt_path.display()))?;
-            if t.shape != s.full_shape {
+/// The full tensors of a verified checkpoint: model config, weights (HF names) and optimizer state
+/// (`master.`, `m.`, `v.` + HF name), rebuilt from every shard (export, resharding, tests).
+pub fn load_full(dir: &Path) -> Result<(ModelConfig, TensorMap, TensorMap)> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let st = verify(dir)?;
+    let l = st.layout.unwrap_or(ShardLayout {
+        tp: 1,
+        cp: 1,
+        dp: 1,
+    });
+    let specs = param_specs(&cfg);
+    let mut weights = TensorMap::new();
+    let mut optim = TensorMap::new();
+    let mut parts_w: Vec<TensorMap> = Vec::new();
+    let mut parts_o: Vec<[Vec<f32>; 3]> = Vec::new();
+    for t in 0..l.tp {
+        parts_w.push(io::load_safetensors_file(&dir.join(weights_file(t, l.tp)))?);
+        let mut flat = [Vec::new(), Vec::new(), Vec::new()];
+        for k in 0..l.zero() {
+            let p = dir.join(optim_file(t, l.tp, k, l.zero()));
+            let map = io::load_safetensors_file(&p)?;
+            for (i, key) in ["master", "m", "v"].iter().enumerate() {
+                let x = map
+                    .get(*key)
+                    .with_context(|| format!("{}: tensor `{key}` is missing", p.display()))?;
+                flat[i].extend_from_slice(&x.data);
+            }
+        }
+        parts_o.push(flat);
+    }
+    let shard = |t| Shard {
+        rank: t,
+        size: l.tp,
+    };
+    let mut off = 0;
+    for s in &specs {
+        let local = s.sharded(shard(0));
+        let n = local.numel();
+        let mut cat_w = Vec::with_capacity(n * l.tp);
+        let mut cat_o = [Vec::new(), Vec::new(), Vec::new()];
+        for t in 0..l.tp {
+            let w = parts_w[t].get(&s.name).with_context(|| {
+                format!(
+                    "{}: tensor `{}` is missing",
+                    dir.join(weights_file(t, l.tp)).display(),
+                    s.name
+                )
+            })?;
+            if w.shape != local.shape {
                 bail!(
-                    "{}: tensor `{key}` has shape {:?}, expected {:?}",
-                    opt_path.display(),
-                    t.shape,
-                    s.full_shape
+                    "{}: tensor `{}` has shape {:?}, expected {:?}",
+                    dir.join(weights_file(t, l.tp)).display(),
+                    s.name,
+                    w.shape,
+                    local.shape
                 );
             }
-            *buf = b.upload(&s.take_shard(&t.data, shard));
+            cat_w.extend_from_slice(&w.data);
+            for i in 0..3 {
+                let flat = &parts_o[t][i];
+                if flat.len() < off + n {
+                    bail!(
+                        "{}: the optimizer slices of TP shard {t} are too short",
+                        dir.display()
+                    );
+                }
+                cat_o[i].extend_from_slice(&flat[off..off + n]);
+            }
+        }
+        off += n;
+        weights.insert(
+            s.name.clone(),
+            HostTensor::new(s.full_shape.clone(), s.join_shards(&cat_w, l.tp)),
+        );
+        for (i, prefix) in ["master.", "m.", "v."].iter().enumerate() {
+            optim.insert(
+                format!("{prefix}{}", s.name),
+                HostTensor::new(s.full_shape.clone(), s.join_shards(&cat_o[i], l.tp)),
+            );
         }
     }
-    Ok((model, m, v))
+    Ok((cfg, weights, optim))
+}
+
+/// Restore this rank's model and optimizer from a verified checkpoint written by any layout: on
+/// the same (tp, dp·cp) each rank reads its own files; otherwise the full tensors are rebuilt and
+/// resharded.
+pub fn load<B: Backend>(
+    b: &B,
+    topo: &Topology,
+    dir: &Path,
+    precision: RopePrecision,
+    state: &TrainState,
+) -> Result<(Llama<B>, ShardedAdamW<B>)> {
+    let l = topo.layout;
+    let same = state
+        .layout
+        .is_some_and(|w| w.tp == l.tp && w.zero() == l.dp * l.cp);
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let shard = topo.shard();
+    if same {
+        let wf = dir.join(weights_file(topo.tp_rank, l.tp));
+        let map = io::load_safetensors_file(&wf)?;
+        let specs: Vec<_> = param_specs(&cfg).iter().map(|s| s.sharded(shard)).collect();
+        let mut bufs = Vec::with_capacity(specs.len());
+        for s in &specs {
+            let t = map
+                .get(&s.name)
+                .with_context(|| format!("{}: tensor `{}` is missing", wf.display(), s.name))?;
+            if t.shape != s.shape {
+                bail!(
+                    "{}: tensor `{}` has shape {:?}, expected {:?}",
+                    wf.display(),
+                    s.name,
+                    t.shape,
+                    s.shape
+                );
+            }
+            bufs.push(b.upload(&t.data));
+        }
+        let params = ParamStore { specs, bufs };
+        let mut opt = ShardedAdamW::new(b, topo, &params);
+        let of = dir.join(optim_file(
+            topo.tp_rank,
+            l.tp,
+            topo.dpcp_rank(),
+            l.dp * l.cp,
+        ));
+        let o = io::load_safetensors_file(&of)?;
+        let get = |k: &str| -> Result<&[f32]> {
+            let t = o
+                .get(k)
+                .with_context(|| format!("{}: tensor `{k}` is missing", of.display()))?;
+            if t.data.len() != opt.held() {
+                bail!(
+                    "{}: `{k}` has {} elements, this rank's slice {}",
+                    of.display(),
+                    t.data.len(),
+                    opt.held()
+                );
+            }
+            Ok(&t.data)
+        };
+        let (master, m, v) = (
+            get("master")?.to_vec(),
+            get("m")?.to_vec(),
+            get("v")?.to_vec(),
+        );
+        opt.import_slice(b, &master, &m, &v);
+        return Ok((Llama::new(cfg, precision, params)?, opt));
+    }
+    let (cfg, weights, optim) = load_full(dir)?;
+    let src = dir.display().to_string();
+    let params = ParamStore::from_host_shard(b, &cfg, &weights, &src, shard)?;
+    let pick = |prefix: &str| -> Result<ParamStore<B>> {
+        let map: TensorMap = optim
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone())))
+            .collect();
+        ParamStore::from_host_shard(b, &cfg, &map, &src, shard)
+    };
+    let (master, m, v) = (pick("master.")?, pick("m.")?, pick("v.")?);
+    let mut opt = ShardedAdamW::new(b, topo, &params);
+    opt.set_state_with_master(b, &master, &m, &v);
+    Ok((Llama::new(cfg, precision, params)?, opt))
 }

@@ -23,7 +23,6 @@ use crate::model::llama::{Head, Llama, Workspace};
 use crate::model::params::ParamStore;
 use crate::model::rope::RopePrecision;
 use crate::parallel::comm::{Comm, ReduceOp};
-use crate::parallel::tensor::gather_full_host;
 use crate::parallel::topology::Topology;
 use crate::parallel::zero::ShardedAdamW;
 use crate::train::checkpoint::{self, TrainState};
@@ -173,8 +172,7 @@ pub fn adamw_step<B: Backend>(
     }
 }
 
-/// Gather the full weights and moments from every rank; rank 0 writes the checkpoint, and every
-/// rank learns whether it succeeded.
+/// Every rank writes its shards of the checkpoint (`checkpoint::save`).
 #[allow(clippy::too_many_arguments)]
 fn save_checkpoint<B: Backend>(
     b: &B,
@@ -186,30 +184,17 @@ fn save_checkpoint<B: Backend>(
     tok_dir: &Path,
     cfg: &RunConfig,
 ) -> Result<()> {
-    let (m, v) = opt.moments(b, topo, &model.params);
-    let weights = gather_full_host(b, &topo.tp, &model.params, "");
-    let mut moments = gather_full_host(b, &topo.tp, &m, "m.");
-    moments.extend(gather_full_host(b, &topo.tp, &v, "v."));
-    let mut ok = [1u8];
-    let mut result = Ok(());
-    if topo.world_rank == 0 {
-        result = checkpoint::save_host(
-            root,
-            &model.cfg,
-            &weights,
-            &moments,
-            st.clone(),
-            Some(tok_dir),
-            cfg.checkpoint.keep,
-        )
-        .map(|_| ());
-        ok[0] = result.is_ok() as u8;
-    }
-    topo.world.broadcast(&mut ok, 0);
-    result?;
-    if ok[0] == 0 {
-        bail!("rank 0 failed to write the checkpoint of step {}", st.step);
-    }
+    checkpoint::save(
+        b,
+        topo,
+        root,
+        &model.cfg,
+        &model.params,
+        opt,
+        st.clone(),
+        tokenizer_of(tok_dir).map(|_| tok_dir),
+        cfg.checkpoint.keep,
+    )?;
     Ok(())
 }
 
@@ -382,16 +367,16 @@ pub fn train_on<B: Backend>(
     } else {
         None
     };
-    let (mut model, m, v, state) = match found {
+    let (mut model, mut opt, state) = match found {
         Some((dir, state)) => {
-            let (model, m, v) = checkpoint::load_shard(b, &dir, precision, shard)?;
+            let (model, opt) = checkpoint::load(b, topo, &dir, precision, &state)?;
             if lead {
                 eprintln!("resuming from {} (step {})", dir.display(), state.step);
             }
             if lead && state.config_hash != config_hash(cfg) {
                 eprintln!("note: the run config differs from the one that wrote this checkpoint");
             }
-            (model, m, v, state)
+            (model, opt, state)
         }
         None => {
             if resume && lead {
@@ -408,8 +393,7 @@ pub fn train_on<B: Backend>(
                     .with_rope_scaling(rope_from_override(o)?, o.max_position_embeddings);
                 model = Llama::new(mcfg, precision, model.params)?;
             }
-            let m = model.params.zeros_like(b);
-            let v = model.params.zeros_like(b);
+            let opt = ShardedAdamW::new(b, topo, &model.params);
             let state = TrainState {
                 step: 0,
                 data_position: 0,
@@ -418,14 +402,12 @@ pub fn train_on<B: Backend>(
                 seed: cfg.train.seed,
                 config_hash: config_hash(cfg),
                 files: Default::default(),
+                layout: None,
             };
-            (model, m, v, state)
+            (model, opt, state)
         }
     };
     let resumed_from = (state.step > 0).then_some(state.step);
-    let mut opt = ShardedAdamW::new(b, topo, &model.params);
-    opt.set_state(b, &model.params, &m, &v);
-    drop((m, v));
 
     // Data and layout.
     let seq = cfg.train.seq_len;
