@@ -209,14 +209,14 @@ pub fn save<B: Backend>(
             let mut files = Vec::new();
             list_files(&tmp, &tmp, &mut files)?;
             for f in files {
-                let key = f.to_string_lossy().into_owned();
-                if !state.files.contains_key(&key) {
+                if let std::collections::btree_map::Entry::Vacant(e) =
+                    state.files.entry(f.to_string_lossy().into_owned())
+                {
                     let p = tmp.join(&f);
-                    let rec = FileRecord {
+                    e.insert(FileRecord {
                         bytes: std::fs::metadata(&p)?.len(),
                         sha256: io::sha256_file(&p)?,
-                    };
-                    state.files.insert(key, rec);
+                    });
                 }
             }
             state.layout = Some(ShardLayout {
