@@ -155,7 +155,13 @@ pub fn save<B: Backend>(
     } else {
         Ok(())
     };
-    agree(topo, prepared, "preparing the directory").map_err(failed)?;
+    let cleanup = |e: anyhow::Error| {
+        if lead && tmp.exists() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        failed(e)
+    };
+    agree(topo, prepared, "preparing the directory").map_err(cleanup)?;
     // 2. Every rank: its files, and their records.
     let written = (|| -> Result<BTreeMap<String, FileRecord>> {
         let mut names = Vec::new();
@@ -186,12 +192,26 @@ pub fn save<B: Backend>(
             })
             .collect()
     })();
+    // Test hook: `ULTRALONG_CRASH_IN_CHECKPOINT=STEP` kills the last rank (as kill -9 would) after it
+    // wrote its shards of that step's checkpoint, before the checkpoint is complete.
+    if std::env::var("ULTRALONG_CRASH_IN_CHECKPOINT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        == Some(state.step)
+        && topo.world_rank + 1 == topo.world.size()
+    {
+        eprintln!(
+            "rank {} dies inside checkpoint {name} (ULTRALONG_CRASH_IN_CHECKPOINT)",
+            topo.world_rank
+        );
+        std::process::abort();
+    }
     // Records travel to rank 0 as fixed-size JSON blocks.
     let mine = match &written {
         Ok(r) => serde_json::to_vec(r)?,
         Err(_) => Vec::new(),
     };
-    agree(topo, written, "writing its shards").map_err(failed)?;
+    agree(topo, written, "writing its shards").map_err(cleanup)?;
     let mut len = [mine.len() as u64];
     topo.world.all_reduce(&mut len, ReduceOp::Max);
     let mut block = mine.clone();
@@ -240,10 +260,7 @@ pub fn save<B: Backend>(
     } else {
         Ok(())
     };
-    if lead && finished.is_err() && tmp.exists() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    agree(topo, finished, "finishing").map_err(failed)?;
+    agree(topo, finished, "finishing").map_err(cleanup)?;
     Ok(fin)
 }
 
