@@ -167,12 +167,28 @@ impl Default for CheckpointSection {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSection {
     /// Hide the progress bar (it is hidden anyway when stderr is not a terminal).
     #[serde(default)]
     pub quiet: bool,
+    /// Peak dense TFLOP/s of one device, for MFU (default: H100 SXM bf16, 989; DESIGN.md).
+    #[serde(default = "default_peak_tflops")]
+    pub peak_tflops: f64,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            quiet: false,
+            peak_tflops: default_peak_tflops(),
+        }
+    }
+}
+
+fn default_peak_tflops() -> f64 {
+    989.0
 }
 
 fn one() -> usize {
