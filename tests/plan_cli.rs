@@ -18,7 +18,7 @@ use ultralong::parallel::any::AnyComm;
 use ultralong::parallel::comm::SelfComm;
 use ultralong::parallel::topology::{Layout, Topology};
 use ultralong::parallel::zero::ShardedAdamW;
-use ultralong::plan::{self, GIB, RankShape, Target, WORKSPACE_GROUPS};
+use ultralong::plan::{self, RankShape, Target, WORKSPACE_GROUPS};
 use ultralong::train::config::RunConfig;
 
 fn repo() -> PathBuf {
@@ -544,7 +544,6 @@ fn workspace_buffers_are_exactly_the_memory_models() {
     let predicted =
         m.group_bytes("weights") + m.group_bytes("gradients") + m.group_bytes("optimizer");
     assert_eq!(predicted, measured);
-    let _ = GIB;
 }
 
 #[test]
