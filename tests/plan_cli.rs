@@ -452,7 +452,13 @@ fn memory_model_predicts_the_measured_cpu_peaks() {
         let predicted = predicted_peak(model, seq, rc);
         let err = predicted as f64 / measured as f64 - 1.0;
         worst = worst.max(err.abs());
-        let name = Path::new(model).file_name().unwrap().to_string_lossy();
+        let p = Path::new(model);
+        let dir = p.parent().and_then(|d| d.file_name()).unwrap_or_default();
+        let name = format!(
+            "{}/{}",
+            dir.to_string_lossy(),
+            p.file_name().unwrap().to_string_lossy()
+        );
         eprintln!(
             "{name:<28} {seq:>6} {rc:>9} {measured:>14} {predicted:>14} {:>7.2}% {:>9.1} MiB",
             100.0 * err,
