@@ -10,5 +10,6 @@ pub mod data;
 pub mod io;
 pub mod model;
 pub mod parallel;
+pub mod plan;
 pub mod train;
 pub mod util;

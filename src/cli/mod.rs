@@ -4,6 +4,7 @@ pub mod bench;
 pub mod export;
 pub mod forward;
 pub mod init;
+pub mod plan;
 pub mod prepare;
 pub mod train;
 
@@ -43,6 +44,8 @@ pub enum Command {
     /// Measure training speed and memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Per-rank memory, step time and GPU-hours of a run on N GPUs; the layout to use.
+    Plan(plan::PlanArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -53,5 +56,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(a),
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Plan(a) => plan::run(a),
     }
 }
