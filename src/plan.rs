@@ -813,41 +813,29 @@ pub fn memory(s: &RankShape<'_>, target: Target, reserve: u64) -> Memory {
         Some(PHASE_ROPE),
     );
     if target != Target::CpuBench {
-        // train::trainer::save_checkpoint: ShardedAdamW::moments gathers m and v of the whole TP
-        // shard on the device, then every rank gathers the full weights and moments on the host.
+        // train::checkpoint::save: each rank downloads what it writes — its TP weight shard (the
+        // first rank of each DP × CP group) and its ZeRO slice (master, m, v) — as f32 host
+        // tensors; nothing extra on the device.
         b.add(
             "transient",
-            "checkpoint: m, v of the TP shard gathered",
-            format!("2 × [{n_r}]"),
-            2,
+            "checkpoint: the TP weight shard as f32 (host)",
+            format!("[{n_r}]"),
+            1,
             n_r,
-            dt.moment,
-            dev,
-            Some(PHASE_CHECKPOINT),
-        );
-        let n_full = cfg.n_params() as u64;
-        b.add(
-            "transient",
-            "checkpoint: full weights + m + v (f32 maps)",
-            format!("3 × [{n_full}]"),
-            3,
-            n_full,
             4,
             host,
             Some(PHASE_CHECKPOINT),
         );
-        if group > 1 {
-            b.add(
-                "transient",
-                "checkpoint: ZeRO gather staging",
-                format!("[{}] + [{slice}]", slice * group),
-                1,
-                slice * group + slice,
-                dt.moment,
-                host,
-                Some(PHASE_CHECKPOINT),
-            );
-        }
+        b.add(
+            "transient",
+            "checkpoint: the ZeRO slice's master, m, v as f32 (host)",
+            format!("3 × [{slice}]"),
+            3,
+            slice,
+            4,
+            host,
+            Some(PHASE_CHECKPOINT),
+        );
     }
     if target == Target::CpuBench {
         // cli/bench.rs: attention alone on one layer's full shape, while everything is alive.
