@@ -34,6 +34,8 @@ for UL_D in "${ULTRALONG_ROOT:-/nonexistent}/slurm" "$(dirname "$0")" \
 done
 # shellcheck source=slurm/common.sh
 source "$UL_D/common.sh" || { echo "error: slurm/common.sh not found: set ULTRALONG_ROOT" >&2; exit 1; }
+config=${ULTRALONG_CONFIG:-configs/ultralong-2m.toml}
+ul_need_config "$config"
 ul_submit_or_continue "$0" "$@"
 
-ul_stage ultralong-2m "${ULTRALONG_CONFIG:-configs/ultralong-2m.toml}" "${ULTRALONG_TP:-8}" "${ULTRALONG_CP:-16}" "$@"
+ul_stage ultralong-2m "$config" "${ULTRALONG_TP:-8}" "${ULTRALONG_CP:-16}" "$@"

@@ -35,6 +35,8 @@ for UL_D in "${ULTRALONG_ROOT:-/nonexistent}/slurm" "$(dirname "$0")" \
 done
 # shellcheck source=slurm/common.sh
 source "$UL_D/common.sh" || { echo "error: slurm/common.sh not found: set ULTRALONG_ROOT" >&2; exit 1; }
+config=${ULTRALONG_CONFIG:-configs/ultralong-4m.toml}
+ul_need_config "$config"
 ul_submit_or_continue "$0" "$@"
 
-ul_stage ultralong-4m "${ULTRALONG_CONFIG:-configs/ultralong-4m.toml}" "${ULTRALONG_TP:-8}" "${ULTRALONG_CP:-16}" "$@"
+ul_stage ultralong-4m "$config" "${ULTRALONG_TP:-8}" "${ULTRALONG_CP:-16}" "$@"

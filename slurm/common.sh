@@ -231,6 +231,12 @@ ul_layout() {
   ul_log "layout: tp $tp × cp $cp × dp $UL_DP = $world ranks" | tee -a "$UL_JOB_DIR/job.log"
 }
 
+# ul_need_config CONFIG: fail early (before submitting, before waiting for nodes) if the run
+# config is missing; relative paths are from the repository, where the jobs run.
+ul_need_config() {
+  (cd "$UL_ROOT" && [ -f "$1" ]) || ul_die "run config $1 not found (paths are relative to $UL_ROOT)"
+}
+
 # ul_submit_or_continue SCRIPT ARGS...: outside Slurm, submit SCRIPT with sbatch (creating the
 # directory of its #SBATCH --output first) and exit; inside a job, return.
 ul_submit_or_continue() {

@@ -34,8 +34,6 @@ source "$UL_D/common.sh" || { echo "error: slurm/common.sh not found: set ULTRAL
 if ! "$UL_BIN" eval --help 2>/dev/null | grep -q niah; then
   ul_die "$UL_BIN has no \`ultralong eval niah\` subcommand yet (the evaluation, src/eval/, is not built): nothing to run"
 fi
-ul_submit_or_continue "$0" "$@"
-
 M=${ULTRALONG_MODEL:-4m}
 case $M in
   1m) len=1048576 cp=4 ;;
@@ -45,6 +43,8 @@ case $M in
 esac
 model=${ULTRALONG_EVAL_MODEL:-$UL_RUNS/ultralong-sft-$M/run/final}
 [ -f "$model/config.json" ] || ul_die "no model at $model (config.json): set ULTRALONG_EVAL_MODEL"
+ul_submit_or_continue "$0" "$@"
+
 tp=${ULTRALONG_TP:-8}
 cp=${ULTRALONG_CP:-$cp}
 ul_begin ultralong-niah

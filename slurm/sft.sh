@@ -32,9 +32,11 @@ for UL_D in "${ULTRALONG_ROOT:-/nonexistent}/slurm" "$(dirname "$0")" \
 done
 # shellcheck source=slurm/common.sh
 source "$UL_D/common.sh" || { echo "error: slurm/common.sh not found: set ULTRALONG_ROOT" >&2; exit 1; }
-ul_submit_or_continue "$0" "$@"
-
 M=${ULTRALONG_MODEL:-1m}
 case $M in 1m | 2m | 4m) ;; *) ul_die "ULTRALONG_MODEL=$M: expected 1m, 2m or 4m" ;; esac
+config=${ULTRALONG_CONFIG:-configs/ultralong-sft-$M.toml}
+ul_need_config "$config"
+ul_submit_or_continue "$0" "$@"
+
 export ULTRALONG_RUN_DIR=${ULTRALONG_RUN_DIR:-$UL_RUNS/ultralong-sft-$M/run}
-ul_stage ultralong-sft "${ULTRALONG_CONFIG:-configs/ultralong-sft-$M.toml}" "${ULTRALONG_TP:-8}" "${ULTRALONG_CP:-1}" "$@"
+ul_stage ultralong-sft "$config" "${ULTRALONG_TP:-8}" "${ULTRALONG_CP:-1}" "$@"
