@@ -36,7 +36,8 @@ UL_ROOT=${ULTRALONG_ROOT:-$(cd "$UL_SLURM_DIR/.." && pwd)}
 UL_BIN=${ULTRALONG_BIN:-$UL_ROOT/target/release/ultralong}
 UL_RUNS=${ULTRALONG_RUNS:-$UL_ROOT/runs}
 
-ul_log() { echo "[$(date +%H:%M:%S)] $*"; }
+# Progress lines go to stderr: a step's stdout may be redirected to a file (metrics).
+ul_log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 ul_die() { echo "error: $*" >&2; exit 1; }
 
 # Inside a Slurm batch job (as opposed to `bash slurm/x.sh` on a login node or a laptop)?
@@ -155,7 +156,11 @@ ul_forward_signal() {
 # a shell function) in the background with USR1/TERM forwarding; returns its exit status.
 ul_run_preemptible() {
   UL_SIGNALLED=
-  "$@" &
+  # The step's stderr also goes to a file of the job directory (srun's own messages are checked
+  # below): restart-R.step-N.stderr, N counting the steps of this run of the job.
+  UL_STEP_N=$((${UL_STEP_N:-0} + 1))
+  local err=${UL_JOB_DIR:-.}/restart-${UL_RESTART:-0}.step-$UL_STEP_N.stderr
+  "$@" 2> >(tee "$err" >&2) &
   UL_CHILD=$!
   trap 'ul_forward_signal USR1' USR1
   trap 'ul_forward_signal TERM' TERM
@@ -169,6 +174,13 @@ ul_run_preemptible() {
   done
   trap - USR1 TERM
   UL_CHILD=
+  # srun (Slurm 22.05) exits 0 when the tasks fail to launch (e.g. its PMIx server cannot bind
+  # its socket): "task N launch failed". That must not pass for a finished run.
+  if [ "$rc" = 0 ] && grep -q -e '^srun: error: .*launch failed' "$err" 2>/dev/null; then
+    ul_log "srun reported a failed launch (see above) but exited 0: the step failed"
+    rc=1
+  fi
+  ul_log "step exited with status $rc"
   return "$rc"
 }
 
@@ -228,7 +240,8 @@ ul_layout() {
     ul_die "$world ranks do not divide into tp $tp × cp $cp (need a multiple of $((tp * cp)); nodes × 8 GPUs)"
   fi
   UL_DP=$((world / (tp * cp)))
-  ul_log "layout: tp $tp × cp $cp × dp $UL_DP = $world ranks" | tee -a "$UL_JOB_DIR/job.log"
+  ul_log "layout: tp $tp × cp $cp × dp $UL_DP = $world ranks"
+  echo "   layout: tp $tp × cp $cp × dp $UL_DP = $world ranks" >> "$UL_JOB_DIR/job.log"
 }
 
 # ul_need_config CONFIG: fail early (before submitting, before waiting for nodes) if the run
