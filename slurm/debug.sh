@@ -8,7 +8,7 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=runs/slurm/%x-%j.out
-# The toy pipeline on the CPU backend, in about a minute on 2 cores: the scripts' plumbing
+# The toy pipeline on the CPU backend, in under a minute on 2 cores: the scripts' plumbing
 # (launcher, run directories, signal forwarding, requeue) checked without GPUs.
 #   0. a corpus of documents with facts, a byte-level BPE tokenizer, `prepare cpt` datasets
 #   1. a tiny Llama (llama3 RoPE, 128-token window) pretrained at 128 tokens on one rank
@@ -78,9 +78,9 @@ path = "$D/init"
 [data]
 dataset = "$D/data-128"
 [train]
-steps = 40
+steps = 30
 seq_len = 128
-micro_batch = 4
+micro_batch = 2
 seed = 1
 out_dir = "$D/stage0"
 [optim]
@@ -88,7 +88,7 @@ lr = 3e-3
 warmup_steps = 5
 schedule = "cosine"
 [checkpoint]
-interval = 20
+interval = 10
 keep = 1
 [log]
 quiet = true
@@ -107,9 +107,9 @@ max_position_embeddings = 512
 [data]
 dataset = "$D/data-512"
 [train]
-steps = 16
+steps = 12
 seq_len = 512
-micro_batch = 2
+micro_batch = 1
 seed = 2
 recompute = true
 out_dir = "$D/stage1"
