@@ -24,6 +24,8 @@
 #                           resubmitted job gets a new one: it resumes from here all the same.
 #   ULTRALONG_NP            ranks of a local run outside Slurm (default 4)
 #   ULTRALONG_NO_REQUEUE=1  on exit 75 do not requeue (exit 75: e.g. to resubmit by hand)
+#   ULTRALONG_SBATCH_ARGS   sbatch options when a script submits itself (`bash slurm/1m.sh`)
+#   ULTRALONG_TP, _CP       the layout of the CPT/SFT/NIAH scripts (defaults: the paper's)
 #
 # Per job: $ULTRALONG_RUNS/$SLURM_JOB_NAME/$SLURM_JOB_ID/ (UL_JOB_DIR) gets job.log (one line per
 # start of the job: restarts, nodes, layout, binary, git revision) and a link to the Slurm output.
@@ -253,7 +255,8 @@ ul_need_config() {
 # ul_submit_or_continue SCRIPT ARGS...: outside Slurm, submit SCRIPT with sbatch (creating the
 # directory of its #SBATCH --output first) and exit; inside a job, return.
 ul_submit_or_continue() {
-  local script=$1
+  local script
+  script=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
   shift
   ul_in_slurm && return 0
   command -v sbatch >/dev/null || ul_die "not in a Slurm job and no sbatch here: run this on a Slurm login node"
