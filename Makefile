@@ -21,6 +21,16 @@ deps:
 	  echo "installing OpenMPI and libclang (apt-get)"; \
 	  $$SUDO apt-get update && $$SUDO apt-get install -y libopenmpi-dev openmpi-bin libclang-dev clang pkg-config; \
 	}
+	@# Slurm + munge for tests/slurm.rs (a private one-node cluster: scripts/slurm-cluster.sh).
+	@# slurmctld lives in /usr/sbin, often not on a user's PATH.
+	@{ command -v sbatch >/dev/null && { command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ]; }; } || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "error: Slurm (sbatch, slurmctld) not found and not root without sudo: install slurm-wlm munge (tests/slurm.rs needs them)"; exit 1; fi; \
+	  command -v apt-get >/dev/null || { echo "error: Slurm (sbatch, slurmctld) not found and no apt-get: install Slurm (slurmctld, slurmd, client commands) and munge with your package manager (tests/slurm.rs needs them)"; exit 1; }; \
+	  echo "installing Slurm and munge (apt-get)"; \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y slurm-wlm munge; \
+	}
 
 build: deps
 	$(CARGO) build --release
