@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # UltraLong stage 2: short-context instruction tuning (samples < 8K tokens, Llama-3 chat template,
-# loss on the assistant turns) of a stage-1 model, as configs/ultralong-sft-<model>.toml says
+# loss on the assistant turns) of a stage-1 model, as configs/sft-<model>.toml says
 # (the paper: LR 5e-6, global batch 128, 480 / 140 / 150 steps for the 1M / 2M / 4M models; the
 # config's model.path is the stage-1 export, runs/ultralong-<model>/run/final).
 #   ULTRALONG_MODEL=1m|2m|4m   which stage-1 model (default 1m); the run goes to
@@ -34,7 +34,7 @@ done
 source "$UL_D/common.sh" || { echo "error: slurm/common.sh not found: set ULTRALONG_ROOT" >&2; exit 1; }
 M=${ULTRALONG_MODEL:-1m}
 case $M in 1m | 2m | 4m) ;; *) ul_die "ULTRALONG_MODEL=$M: expected 1m, 2m or 4m" ;; esac
-config=${ULTRALONG_CONFIG:-configs/ultralong-sft-$M.toml}
+config=${ULTRALONG_CONFIG:-configs/sft-$M.toml}
 ul_need_config "$config"
 ul_submit_or_continue "$0" "$@"
 
