@@ -24,16 +24,7 @@ fn final_weights(dir: &Path, out: &str) -> ultralong::io::TensorMap {
 }
 
 fn mpirun_cmd(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new("mpirun");
-    c.args(["-np", "2", "--oversubscribe"])
-        .arg(bin())
-        .args(args)
-        .current_dir(dir)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_hwloc_base_binding_policy", "none")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
-    c
+    mpirun_command(dir, 2, args)
 }
 
 /// An uninterrupted 2-rank (cp 2) run and the checkpoint directory of a second, interrupted one.

@@ -52,15 +52,11 @@ fn interrupted_then_resumed(sig: &str, ranks: usize) {
         c.args(["train", "--config", "b.toml"]);
         c
     } else {
-        let mut c = Command::new("mpirun");
-        c.args(["-np", &ranks.to_string(), "--oversubscribe"])
-            .arg(bin())
-            .args(["train", "--config", "b.toml", "--cp", "2"])
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .env("OMPI_MCA_hwloc_base_binding_policy", "none")
-            .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
-        c
+        mpirun_command(
+            d.path(),
+            ranks,
+            &["train", "--config", "b.toml", "--cp", "2"],
+        )
     };
     let mut child = cmd
         .current_dir(d.path())

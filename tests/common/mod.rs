@@ -131,6 +131,16 @@ pub fn losses(stdout: &str) -> Vec<f64> {
 /// `mpirun -np N ultralong ARGS` in `dir` (root-safe, oversubscribed: tests run more ranks than
 /// cores). Returns the output (status not checked).
 pub fn mpirun(dir: &Path, np: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = mpirun_command(dir, np, args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output()
+        .expect("spawn mpirun (is OpenMPI installed? `make deps`)")
+}
+
+/// The `mpirun -np N ultralong ARGS` command (not started), with the environment `mpirun` sets.
+pub fn mpirun_command(dir: &Path, np: usize, args: &[&str]) -> Command {
     let mut c = Command::new("mpirun");
     c.args(["-np", &np.to_string(), "--oversubscribe"])
         .arg(bin())
@@ -141,11 +151,7 @@ pub fn mpirun(dir: &Path, np: usize, args: &[&str], env: &[(&str, &str)]) -> Out
         .env("OMPI_MCA_hwloc_base_binding_policy", "none")
         .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
         .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output()
-        .expect("spawn mpirun (is OpenMPI installed? `make deps`)")
+    c
 }
 
 /// `mpirun` and require success, returning stdout.
