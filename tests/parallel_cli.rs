@@ -22,22 +22,7 @@ const PAR_CONFIG: &str = r#"{
 }"#;
 
 fn setup(dir: &Path) {
-    std::fs::write(dir.join("config.json"), PAR_CONFIG).unwrap();
-    std::fs::write(dir.join("text.txt"), repeating_text()).unwrap();
-    ok(
-        dir,
-        &[
-            "init",
-            "--config",
-            "config.json",
-            "--seed",
-            "7",
-            "--out",
-            "m",
-            "--train-tokenizer",
-            "text.txt",
-        ],
-    );
+    model_from_config(dir, PAR_CONFIG, 7);
     // 8 sequences of 16 tokens (16 = 2·cp·tp for the largest layouts).
     let ids: Vec<u32> = (0..128u32)
         .map(|i| (i * 37 + i * i * 11 + 5) % 384)

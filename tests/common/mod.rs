@@ -70,7 +70,12 @@ pub fn repeating_text() -> String {
 
 /// Write config.json + text.txt in `dir` and `init` a model with a trained tokenizer into `dir/m`.
 pub fn tiny_model(dir: &Path) {
-    std::fs::write(dir.join("config.json"), TINY_CONFIG).unwrap();
+    model_from_config(dir, TINY_CONFIG, 3);
+}
+
+/// `tiny_model` for any model config (JSON text) and init seed.
+pub fn model_from_config(dir: &Path, config: &str, seed: u64) {
+    std::fs::write(dir.join("config.json"), config).unwrap();
     std::fs::write(dir.join("text.txt"), repeating_text()).unwrap();
     ok(
         dir,
@@ -79,7 +84,7 @@ pub fn tiny_model(dir: &Path) {
             "--config",
             "config.json",
             "--seed",
-            "3",
+            &seed.to_string(),
             "--out",
             "m",
             "--train-tokenizer",
