@@ -11,5 +11,6 @@ pub mod io;
 pub mod model;
 pub mod parallel;
 pub mod plan;
+pub mod plot;
 pub mod train;
 pub mod util;
