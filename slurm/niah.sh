@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Needle-in-a-haystack evaluation (the paper: 100% at every length and depth up to the window) of
 # an UltraLong model with `ultralong eval niah`, on the launcher's ranks.
-#   ULTRALONG_MODEL=1m|2m|4m     which model (default 4m): its window and its layout, TP 8 x CP 4
-#                                (1M) or CP 16 (2M, 4M), as in training
+#   ULTRALONG_MODEL=1m|2m|4m     which model (default 4m): its window (the longest haystack) and
+#                                its CP size: 32 (1M), 64 (2M, 4M) ranks per prompt
+#   ULTRALONG_CP=N               override the CP size (ranks that share one prompt and its KV cache)
 #   ULTRALONG_EVAL_MODEL=DIR     the model directory (default: runs/ultralong-sft-<model>/run/final)
-#   extra arguments              go to `ultralong eval niah` (see its --help)
-# The node count is the #SBATCH --nodes line below (16 nodes = 128 H100s: one TP 8 x CP 16 group;
-# DP = nodes x 8 / (TP x CP) groups share the haystacks). Output: runs/ultralong-niah/<job id>/.
-#
-# `ultralong eval niah` is not built yet (src/eval/): until it is, this script says so and exits 1.
+#   extra arguments              go to `ultralong eval niah` (see its --help), e.g.
+#                                --lengths 128K,512K,1M --depths 0,25,50,75,100 --trials 2
+# Generation runs with tp = 1 (every rank holds the whole model): a prompt's prefill (ring
+# attention) and its KV cache are split over CP ranks; DP = ranks / CP groups share the grid cells.
+# The node count is the #SBATCH --nodes line below. Output: runs/ultralong-niah/<job id>/ (niah.json,
+# niah.png).
 #SBATCH --job-name=ultralong-niah
 #SBATCH --nodes=16
 #SBATCH --ntasks-per-node=8
@@ -32,24 +34,23 @@ source "$UL_D/common.sh" || { echo "error: slurm/common.sh not found: set ULTRAL
 # Fail on the login node already, not after waiting for 16 nodes.
 [ -x "$UL_BIN" ] || ul_die "no binary at $UL_BIN: build it (cargo build --release) or set ULTRALONG_BIN"
 if ! "$UL_BIN" eval --help 2>/dev/null | grep -q niah; then
-  ul_die "$UL_BIN has no \`ultralong eval niah\` subcommand yet (the evaluation, src/eval/, is not built): nothing to run"
+  ul_die "$UL_BIN has no \`ultralong eval niah\` subcommand: rebuild it"
 fi
 M=${ULTRALONG_MODEL:-4m}
 case $M in
-  1m) len=1048576 cp=4 ;;
-  2m) len=2097152 cp=16 ;;
-  4m) len=4194304 cp=16 ;;
+  1m) len=1048576 cp=32 ;;
+  2m) len=2097152 cp=64 ;;
+  4m) len=4194304 cp=64 ;;
   *) ul_die "ULTRALONG_MODEL=$M: expected 1m, 2m or 4m" ;;
 esac
 model=${ULTRALONG_EVAL_MODEL:-$UL_RUNS/ultralong-sft-$M/run/final}
 [ -f "$model/config.json" ] || ul_die "no model at $model (config.json): set ULTRALONG_EVAL_MODEL"
 ul_submit_or_continue "$0" "$@"
 
-tp=${ULTRALONG_TP:-8}
 cp=${ULTRALONG_CP:-$cp}
 ul_begin ultralong-niah
-ul_layout "$tp" "$cp"
+ul_layout 1 "$cp"
 ul_log "NIAH of $model up to $len tokens"
-"${UL_LAUNCH[@]}" "$UL_BIN" eval niah --model "$model" --max-len "$len" --tp "$tp" --cp "$cp" \
-  --out "$UL_JOB_DIR/niah.json" "$@"
-ul_log "niah: done ($UL_JOB_DIR/niah.json)"
+"${UL_LAUNCH[@]}" "$UL_BIN" eval niah --model "$model" --max-len "$len" --cp "$cp" \
+  --out "$UL_JOB_DIR" "$@"
+ul_log "niah: done ($UL_JOB_DIR/niah.json, $UL_JOB_DIR/niah.png)"

@@ -1,8 +1,10 @@
 //! Subcommands, one file each; `Cli` is the whole command line (DESIGN.md "The CLI").
 
 pub mod bench;
+pub mod eval;
 pub mod export;
 pub mod forward;
+pub mod generate;
 pub mod init;
 pub mod plan;
 pub mod prepare;
@@ -46,6 +48,11 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// Per-rank memory, step time and GPU-hours of a run on N GPUs; the layout to use.
     Plan(plan::PlanArgs),
+    /// Continue a prompt (KV cache; prefill and cache spread over --cp ranks).
+    Generate(generate::GenerateArgs),
+    /// Evaluate a model: needle in a haystack, loss by position.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -57,5 +64,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Plan(a) => plan::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Eval(a) => eval::run(a),
     }
 }
