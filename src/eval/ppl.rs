@@ -133,8 +133,13 @@ mod tests {
         assert_eq!(b.iter().map(|x| x.tokens).sum::<u64>(), 99);
         let total: f64 = b.iter().map(|x| x.mean_loss * x.tokens as f64).sum();
         assert!((total - (0..99).map(|i| i as f64).sum::<f64>()).abs() < 1e-9);
-        // Bucket [1, 2) holds row 0 (loss 0) at position 1.
-        assert_eq!((b[0].start, b[0].tokens, b[0].mean_loss), (1, 1, 0.0));
-        assert_eq!(b[0].mean_position, 1.0);
+        // Edges 100^(k/4): 1, 3, 10, 32, 100. Bucket [1, 3) holds rows 0 and 1 (losses 0, 1).
+        assert_eq!(
+            b.iter().map(|x| x.start).collect::<Vec<_>>(),
+            vec![1, 3, 10, 32]
+        );
+        assert_eq!((b[0].end, b[0].tokens, b[0].mean_loss), (3, 2, 0.5));
+        assert_eq!(b[0].mean_position, 1.5);
+        assert_eq!(b[3].tokens, 68); // positions 32..=99
     }
 }
