@@ -154,6 +154,8 @@ fn niah_writes_the_grid_with_needles_at_their_depths_on_any_layout() {
             "4",
             "--max-new-tokens",
             "4",
+            "--template",
+            "plain",
             "--needle",
             "the fox box is {number}.",
             "--question",

@@ -20,8 +20,6 @@
 //! generated filler: plain English sentences drawn from small word lists by the seeded RNG,
 //! independent of any tokenizer (and free of digits, so the needle is the only number).
 
-use std::time::Instant;
-
 use anyhow::{Result, bail};
 use serde::Serialize;
 use tokenizers::Tokenizer;
@@ -319,11 +317,15 @@ pub fn run_cells<B: Backend, C: Comm>(
     mut progress: impl FnMut(&CellResult),
 ) -> Result<Vec<CellResult>> {
     let stop = format.stop_tokens(&model.cfg);
+    // Every prompt can be built (each length holds the template, needle and question) before
+    // any cell runs.
+    for &i in mine {
+        build_prompt(tok, format, hay, spec, i)?;
+    }
     let mut out = Vec::with_capacity(mine.len());
     for &i in mine {
         let (li, di, trial) = spec.cell(i);
         let (ids, haystack_tokens, needle_at, number) = build_prompt(tok, format, hay, spec, i)?;
-        let t0 = Instant::now();
         let mut s = Session::new(b, model, cp);
         let g = generate(
             &mut s,
@@ -335,7 +337,6 @@ pub fn run_cells<B: Backend, C: Comm>(
             false,
         )?;
         drop(s);
-        let _ = t0;
         let output = decode(tok, &g.tokens)?;
         let r = CellResult {
             length: spec.lengths[li],
