@@ -5,6 +5,7 @@ pub mod export;
 pub mod forward;
 pub mod init;
 pub mod plan;
+pub mod plot;
 pub mod prepare;
 pub mod train;
 
@@ -46,6 +47,8 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// Per-rank memory, step time and GPU-hours of a run on N GPUs; the layout to use.
     Plan(plan::PlanArgs),
+    /// Draw a run's loss and throughput PNGs from its metrics.jsonl.
+    Plot(plot::PlotArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -57,5 +60,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Plan(a) => plan::run(a),
+        Command::Plot(a) => plot::run(a),
     }
 }

@@ -616,6 +616,21 @@ pub fn train_on<B: Backend>(
     if lead && st.step == total && resumed_from == Some(total) {
         eprintln!("nothing to do: the checkpoint is already at step {total}");
     }
+    // Plots of the whole run so far (also after a preemption). A plot that cannot be drawn
+    // does not fail a run whose checkpoint is safe: say so and go on.
+    if lead && cfg.log.plots {
+        match crate::train::plots::write_run_plots(out) {
+            Ok(files) => eprintln!(
+                "plots: {}",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Err(e) => eprintln!("warning: plots not written: {e:#}"),
+        }
+    }
     let final_checkpoint = checkpoint::find_latest(&ckpt_root)?
         .map(|(d, _)| d)
         .unwrap_or_default();
