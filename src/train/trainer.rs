@@ -197,7 +197,7 @@ fn save_checkpoint<B: Backend>(
     model: &Llama<B>,
     opt: &ShardedAdamW<B>,
     st: &TrainState,
-    tok_dir: &Path,
+    tok_dirs: &[PathBuf],
     cfg: &RunConfig,
 ) -> Result<()> {
     checkpoint::save(
@@ -208,7 +208,7 @@ fn save_checkpoint<B: Backend>(
         &model.params,
         opt,
         st.clone(),
-        tokenizer_of(tok_dir).map(|_| tok_dir),
+        &tok_dirs.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
         cfg.checkpoint.keep,
     )?;
     Ok(())
@@ -372,8 +372,21 @@ pub fn train_on<B: Backend>(
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     }
     topo.world.barrier();
-    // Tokenizer files travel with every checkpoint and export, from the starting model directory.
-    let tok_dir = cfg.model.path.clone();
+    // Tokenizer files travel with every checkpoint and export: each from the prepared dataset when
+    // it has it (`prepare cpt` writes the starting model's tokenizer files with the `<s>`
+    // separator in a reserved slot), else from the starting model directory.
+    let tok_dirs: Vec<PathBuf> = cfg
+        .data
+        .dataset
+        .iter()
+        .cloned()
+        .chain(std::iter::once(cfg.model.path.clone()))
+        .collect();
+    let tok_dir = tok_dirs
+        .iter()
+        .find(|d| tokenizer_of(d).is_some())
+        .cloned()
+        .unwrap_or_else(|| cfg.model.path.clone());
     let tok_source = tokenizer_of(&tok_dir);
 
     // Model and optimizer state: from the newest valid checkpoint, or fresh.
@@ -589,14 +602,14 @@ pub fn train_on<B: Backend>(
         let interval = cfg.checkpoint.interval;
         let saved = (interval > 0 && step % interval == 0) || step == stop_at;
         if saved {
-            save_checkpoint(b, topo, &ckpt_root, &model, &opt, &st, &tok_dir, cfg)?;
+            save_checkpoint(b, topo, &ckpt_root, &model, &opt, &st, &tok_dirs, cfg)?;
         }
         // A signal on any rank stops every rank after the same step.
         let mut sig = [stop.load(std::sync::atomic::Ordering::Relaxed) as u8];
         topo.world.all_reduce(&mut sig, ReduceOp::Max);
         if sig[0] != 0 && step < total {
             if !saved {
-                save_checkpoint(b, topo, &ckpt_root, &model, &opt, &st, &tok_dir, cfg)?;
+                save_checkpoint(b, topo, &ckpt_root, &model, &opt, &st, &tok_dirs, cfg)?;
             }
             if lead {
                 pb.suspend(|| {
