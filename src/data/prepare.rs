@@ -70,6 +70,8 @@ pub struct CptOptions {
     pub domain: DomainSource,
     /// The separator between documents (a special token; added to the tokenizer when missing).
     pub separator: String,
+    /// Join documents with nothing between them (the paper's "without separator" ablation).
+    pub no_separator: bool,
     pub resampling: Resampling,
     pub seed: u64,
     /// Bytes of raw text tokenized per batch (the memory bound).
@@ -743,7 +745,7 @@ fn prepare_into(
     let mut buf: Vec<u32> = Vec::with_capacity(2 * o.seq_len);
     let mut emitted = 0u64;
     for (k, &doc) in order.iter().enumerate() {
-        if k > 0 {
+        if k > 0 && !o.no_separator {
             buf.push(sep_id);
             report.separators += 1;
         }
@@ -804,7 +806,7 @@ fn prepare_into(
         "format": "megatron indexed dataset (MMIDIDX v1), tokens.bin/.idx, int32, one sequence of seq_len tokens per entry",
         "seq_len": o.seq_len,
         "vocab_size": vocab,
-        "separator": o.separator,
+        "separator": if o.no_separator { None } else { Some(&o.separator) },
         "separator_id": sep_id,
         "separator_source": sep_source,
         "doc_starts": "doc_starts.u64: u64 little-endian global token offset of each document's first token",

@@ -56,7 +56,8 @@ pub struct ModelSection {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RopeOverride {
-    /// "yarn", "linear", "llama3" or "default".
+    /// "yarn", "linear", "llama3", "default", or "ntk" (NTK-aware: default RoPE with
+    /// `rope_theta · factor^(d/(d−2))`).
     pub rope_type: String,
     pub factor: Option<f64>,
     pub original_max_position_embeddings: Option<f64>,
