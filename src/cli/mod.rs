@@ -7,6 +7,7 @@ pub mod init;
 pub mod plan;
 pub mod plot;
 pub mod prepare;
+pub mod report;
 pub mod train;
 
 use std::sync::atomic::AtomicU8;
@@ -49,6 +50,8 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Draw a run's loss and throughput PNGs from its metrics.jsonl.
     Plot(plot::PlotArgs),
+    /// A Markdown page comparing models from their `eval niah` / `eval ppl` outputs.
+    Report(report::ReportArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -61,5 +64,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Plot(a) => plot::run(a),
+        Command::Report(a) => report::run(a),
     }
 }
