@@ -92,10 +92,13 @@ fn niah_by_length(v: &Value, src: &Path) -> Result<BTreeMap<u64, (u64, u64)>> {
     Ok(m)
 }
 
+/// One model's loss by position: name, mean loss, (start, end, mean loss) per bucket.
+type PplRow = (String, f64, Vec<(u64, u64, f64)>);
+
 fn count_label(n: u64) -> String {
-    if n >= 1 << 20 && n % (1 << 20) == 0 {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
         format!("{}M", n >> 20)
-    } else if n >= 1024 && n % 1024 == 0 {
+    } else if n >= 1024 && n.is_multiple_of(1024) {
         format!("{}K", n >> 10)
     } else {
         n.to_string()
@@ -173,7 +176,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
 
     if !a.ppl.is_empty() {
         let mut series = Vec::new();
-        let mut table: Vec<(String, f64, Vec<(u64, u64, f64)>)> = Vec::new();
+        let mut table: Vec<PplRow> = Vec::new();
         for arg in &a.ppl {
             let (name, dir) = named(arg, "ppl")?;
             let src = dir.join("ppl.json");
