@@ -144,8 +144,7 @@ pub fn line_chart(path: &Path, chart: &LineChart) -> Result<()> {
             .margin(16)
             .x_label_area_size(48)
             .y_label_area_size(80);
-        let style =
-            |c: &RGBColor, i: usize| ShapeStyle::from(c).stroke_width(if i == 0 { 2 } else { 2 });
+        let style = |c: &RGBColor| ShapeStyle::from(c).stroke_width(2);
         macro_rules! body {
             ($ctx:expr) => {{
                 let mut ctx = $ctx;
@@ -161,7 +160,7 @@ pub fn line_chart(path: &Path, chart: &LineChart) -> Result<()> {
                     let c = palette(i);
                     let p: Vec<(f64, f64)> = s.points.iter().copied().filter(finite).collect();
                     let series = ctx
-                        .draw_series(LineSeries::new(p, style(&c, i)))
+                        .draw_series(LineSeries::new(p, style(&c)))
                         .map_err(draw_err(path))?;
                     if chart.series.len() > 1 {
                         series.label(s.name.clone()).legend(move |(x, y)| {

@@ -112,3 +112,108 @@ fn sft_dataset_counts_only_assistant_targets() {
         "{counted} counted targets in a row of 256"
     );
 }
+
+/// The separator a CPT dataset adds travels to checkpoints and the exported model: in a Llama-3
+/// style tokenizer it takes the first reserved special token's id (inside the embedding), and
+/// tokenizer_config.json's `added_tokens_decoder` agrees with tokenizer.json.
+#[test]
+fn separator_takes_a_reserved_slot_and_reaches_the_export() {
+    use tokenizers::{AddedToken, Tokenizer};
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    tiny_model(p);
+    // A Llama-3 style tokenizer: no `<s>`, reserved special tokens (init's `<s>` renamed to the
+    // first, one more appended).
+    let reserved = [
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+    ];
+    let json = std::fs::read_to_string(p.join("m/tokenizer.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for t in v["added_tokens"].as_array_mut().unwrap() {
+        if t["content"] == "<s>" {
+            t["content"] = reserved[0].into();
+        }
+    }
+    // (The trained BPE also lists its special tokens in the model's vocabulary.)
+    let vocab_map = v["model"]["vocab"].as_object_mut().unwrap();
+    let id = vocab_map.remove("<s>").unwrap();
+    vocab_map.insert(reserved[0].into(), id);
+    let mut tok: Tokenizer = v.to_string().parse().unwrap();
+    assert_eq!(
+        tok.token_to_id("<s>"),
+        None,
+        "the base tokenizer lacks the separator"
+    );
+    tok.add_special_tokens(vec![AddedToken::from(reserved[1].to_string(), true)])
+        .unwrap();
+    tok.save(p.join("m/tokenizer.json"), false).unwrap();
+    let vocab = tok.get_vocab_size(true);
+    assert!(
+        vocab <= 384,
+        "the tiny model's embedding holds the tokenizer ({vocab})"
+    );
+    let r0 = tok.token_to_id(reserved[0]).unwrap();
+    let r1 = tok.token_to_id(reserved[1]).unwrap();
+    let decoder: serde_json::Map<String, serde_json::Value> =
+        [(r0, reserved[0]), (r1, reserved[1])]
+            .iter()
+            .map(|(id, c)| {
+                (
+                    id.to_string(),
+                    serde_json::json!({ "content": c, "special": true }),
+                )
+            })
+            .collect();
+    let config = serde_json::json!({
+        "added_tokens_decoder": decoder,
+        "chat_template": "{{ messages }}",
+    });
+    std::fs::write(p.join("m/tokenizer_config.json"), config.to_string()).unwrap();
+
+    cpt_dataset(p);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p.join("ds/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["separator_id"], r0);
+    assert_eq!(manifest["vocab_size"], vocab, "no new id");
+    // Every dataset, checkpoint and export carries the same tokenizer files.
+    let check = |dir: &str| {
+        let t = Tokenizer::from_file(p.join(dir).join("tokenizer.json")).unwrap();
+        assert_eq!(
+            t.token_to_id("<s>"),
+            Some(r0),
+            "{dir}: <s> in the reserved slot"
+        );
+        assert_eq!(t.token_to_id(reserved[0]), None, "{dir}");
+        assert_eq!(t.token_to_id(reserved[1]), Some(r1), "{dir}");
+        assert_eq!(t.get_vocab_size(true), vocab, "{dir}");
+        let c: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(p.join(dir).join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            c["added_tokens_decoder"][r0.to_string()]["content"],
+            "<s>",
+            "{dir}"
+        );
+        assert_eq!(
+            c["added_tokens_decoder"][r1.to_string()]["content"],
+            reserved[1],
+            "{dir}"
+        );
+        assert_eq!(
+            c["chat_template"], "{{ messages }}",
+            "{dir}: the rest is kept"
+        );
+    };
+    check("ds");
+    std::fs::write(p.join("s.toml"), dataset_config(2, "s", "ds")).unwrap();
+    ok(p, &["train", "--config", "s.toml"]);
+    check("s/checkpoints/step-00000002");
+    ok(
+        p,
+        &["export", "--checkpoint", "s/checkpoints", "--out", "hf"],
+    );
+    check("hf");
+}

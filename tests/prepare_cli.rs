@@ -94,6 +94,20 @@ fn separators_packing_and_determinism() {
         );
     }
     assert!(p.join("ds/manifest.json").exists() && p.join("ds/doc_starts.u64").exists());
+    // The ablation without separators: the same documents in the same order, joined directly.
+    let mut a = args("nosep");
+    a.push("--no-separator".into());
+    ok(p, &a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let n = stream(&p.join("nosep"));
+    assert!(!n.contains(&sep), "no separator in the stream");
+    let joined: Vec<u32> = s.iter().copied().filter(|&t| t != sep).collect();
+    let common = joined.len().min(n.len());
+    assert!(common > 1000);
+    assert_eq!(joined[..common], n[..common], "same documents, same order");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p.join("nosep/manifest.json")).unwrap())
+            .unwrap();
+    assert!(m["separator"].is_null());
     // Same inputs and seed: byte-identical output, also from a gzip and a zstd copy of the input.
     let raw = std::fs::read(p.join("c.jsonl")).unwrap();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());

@@ -76,6 +76,15 @@ fn tiny_model_halves_its_loss_in_200_steps() {
     assert_eq!(l.len(), 200);
     let (start, end) = (l[0], l[190..].iter().sum::<f64>() / 10.0);
     assert!(end < start / 2.0, "loss {start} -> {end}: not halved");
+    // The run drew its plots; `plot` redraws them on demand.
+    let png = |f: &str| std::fs::read(p.join("r").join(f)).unwrap();
+    assert_eq!(&png("loss.png")[..4], b"\x89PNG");
+    assert_eq!(&png("throughput.png")[..4], b"\x89PNG");
+    std::fs::remove_file(p.join("r/loss.png")).unwrap();
+    let out = ok(p, &["plot", "--run", "r"]);
+    assert!(out.contains("loss.png"), "{out}");
+    assert_eq!(&png("loss.png")[..4], b"\x89PNG");
+    fails_with(p, &["plot", "--run", "nowhere"], &["nowhere/metrics.jsonl"]);
 }
 
 #[test]

@@ -7,7 +7,9 @@ pub mod forward;
 pub mod generate;
 pub mod init;
 pub mod plan;
+pub mod plot;
 pub mod prepare;
+pub mod report;
 pub mod train;
 
 use std::sync::atomic::AtomicU8;
@@ -53,6 +55,10 @@ pub enum Command {
     /// Evaluate a model: needle in a haystack, loss by position.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Draw a run's loss and throughput PNGs from its metrics.jsonl.
+    Plot(plot::PlotArgs),
+    /// A Markdown page comparing models from their `eval niah` / `eval ppl` outputs.
+    Report(report::ReportArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -66,5 +72,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plan(a) => plan::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Plot(a) => plot::run(a),
+        Command::Report(a) => report::run(a),
     }
 }

@@ -14,7 +14,7 @@ use crate::plan::{
     self, Candidate, GIB, Hardware, Memory, Place, Prefer, RunShape, Search, StepTime, Target,
 };
 use crate::train::config::RunConfig;
-use crate::train::trainer::rope_from_override;
+use crate::train::trainer::apply_rope_override;
 
 #[derive(Args, Debug)]
 pub struct PlanArgs {
@@ -79,7 +79,7 @@ fn model_config(a: &PlanArgs, run: &RunConfig) -> Result<(ModelConfig, PathBuf)>
     };
     let mut cfg = ModelConfig::from_file(&path)?;
     if let Some(o) = &run.model.rope_scaling {
-        cfg = cfg.with_rope_scaling(rope_from_override(o)?, o.max_position_embeddings);
+        cfg = apply_rope_override(&cfg, o)?;
     }
     Ok((cfg, path))
 }

@@ -66,6 +66,9 @@ pub struct CptArgs {
     /// Separator token between documents (added to the tokenizer when missing).
     #[arg(long, default_value = "<s>")]
     pub separator: String,
+    /// Join documents with nothing between them (the paper's without-separator ablation).
+    #[arg(long, conflicts_with = "separator")]
+    pub no_separator: bool,
     /// Documents shorter than this many tokens are down-sampled.
     #[arg(long, default_value_t = 4096)]
     pub short: usize,
@@ -120,6 +123,7 @@ pub fn run(cmd: PrepareCommand) -> Result<()> {
                     (None, false) => DomainSource::Single,
                 },
                 separator: a.separator,
+                no_separator: a.no_separator,
                 resampling: Resampling {
                     short: a.short,
                     long: a.long,

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -69,6 +70,8 @@ pub struct CptOptions {
     pub domain: DomainSource,
     /// The separator between documents (a special token; added to the tokenizer when missing).
     pub separator: String,
+    /// Join documents with nothing between them (the paper's "without separator" ablation).
+    pub no_separator: bool,
     pub resampling: Resampling,
     pub seed: u64,
     /// Bytes of raw text tokenized per batch (the memory bound).
@@ -173,17 +176,121 @@ pub fn load_tokenizer(p: &Path) -> Result<Tokenizer> {
         .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", file.display()))
 }
 
-/// The id of `sep`, adding it as a special token if the tokenizer lacks it.
-pub fn ensure_separator(tok: &mut Tokenizer, sep: &str) -> Result<(u32, bool)> {
+/// How the separator got its id (recorded in the dataset manifest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeparatorSource {
+    /// The tokenizer already had the token.
+    Existing,
+    /// An unused reserved special token of the tokenizer (Llama 3's
+    /// `<|reserved_special_token_N|>`, here the named one) was renamed to the separator: its id is
+    /// inside the model's embedding, and the vocabulary size does not change.
+    Reserved(String),
+    /// Appended as a new special token: the vocabulary grows by one, so the model's embedding
+    /// must already have a row for it (training checks `vocab_size`).
+    Added,
+}
+
+/// The number `N` of a Llama 3 reserved special token `<|reserved_special_token_N|>`.
+fn reserved_number(content: &str) -> Option<u64> {
+    content
+        .strip_prefix("<|reserved_special_token_")?
+        .strip_suffix("|>")?
+        .parse()
+        .ok()
+}
+
+/// The id of `sep`. A tokenizer without it gets it in the lowest-numbered reserved special
+/// token's slot when it has reserved tokens (Llama 3: its 128,256 ids are all embedding rows, so a
+/// new token would fall outside the embedding), else as a new special token.
+pub fn ensure_separator(tok: &mut Tokenizer, sep: &str) -> Result<(u32, SeparatorSource)> {
     if let Some(id) = tok.token_to_id(sep) {
-        return Ok((id, false));
+        return Ok((id, SeparatorSource::Existing));
+    }
+    let json = tok
+        .to_string(false)
+        .map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;
+    let mut v: serde_json::Value = serde_json::from_str(&json)?;
+    let reserved = v["added_tokens"].as_array_mut().and_then(|list| {
+        list.iter_mut()
+            .filter(|t| t["special"].as_bool() == Some(true))
+            .filter_map(|t| {
+                let n = reserved_number(t["content"].as_str()?)?;
+                Some((n, t))
+            })
+            .min_by_key(|(n, _)| *n)
+            .map(|(_, t)| t)
+    });
+    if let Some(t) = reserved {
+        let from = t["content"].as_str().unwrap_or_default().to_string();
+        let id = t["id"]
+            .as_u64()
+            .with_context(|| format!("tokenizer: added token {from:?} has no id"))?
+            as u32;
+        t["content"] = serde_json::Value::String(sep.to_string());
+        // Ids of added tokens are re-derived on loading (the model's own id when the model's
+        // vocabulary has the token, else the next free one), so rename it there too.
+        match &mut v["model"]["vocab"] {
+            serde_json::Value::Object(map) => {
+                if let Some(mid) = map.remove(&from) {
+                    map.insert(sep.to_string(), mid);
+                }
+            }
+            serde_json::Value::Array(pieces) => {
+                for p in pieces.iter_mut() {
+                    if p[0].as_str() == Some(from.as_str()) {
+                        p[0] = serde_json::Value::String(sep.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+        *tok = Tokenizer::from_str(&v.to_string())
+            .map_err(|e| anyhow::anyhow!("cannot rebuild the tokenizer with {sep:?}: {e}"))?;
+        if tok.token_to_id(sep) != Some(id) {
+            bail!("renaming {from:?} (id {id}) to the separator {sep:?} did not take effect");
+        }
+        return Ok((id, SeparatorSource::Reserved(from)));
     }
     tok.add_special_tokens(vec![AddedToken::from(sep.to_string(), true)])
         .map_err(|e| anyhow::anyhow!("cannot add separator {sep:?} to the tokenizer: {e}"))?;
     let id = tok
         .token_to_id(sep)
         .with_context(|| format!("could not add separator token {sep:?}"))?;
-    Ok((id, true))
+    Ok((id, SeparatorSource::Added))
+}
+
+/// Next to the separator-carrying `tokenizer.json` in `dst`, the other tokenizer files found
+/// beside the input tokenizer.json in `src` (the model directory), with `tokenizer_config.json`'s
+/// `added_tokens_decoder` entry for `sep_id` renamed to `sep` — transformers rebuilds special
+/// tokens from that table, so it must agree with tokenizer.json.
+fn write_tokenizer_companions(src: &Path, dst: &Path, sep_id: u32, sep: &str) -> Result<()> {
+    if !src.as_os_str().is_empty() && !src.is_dir() {
+        return Ok(());
+    }
+    for name in crate::io::TOKENIZER_FILES {
+        let from = src.join(name);
+        if name == "tokenizer.json" || !from.is_file() {
+            continue;
+        }
+        let bytes =
+            std::fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
+        let bytes = if name == "tokenizer_config.json" {
+            let mut v: serde_json::Value = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: not JSON", from.display()))?;
+            if let Some(e) = v
+                .get_mut("added_tokens_decoder")
+                .and_then(|d| d.get_mut(sep_id.to_string()))
+            {
+                e["content"] = serde_json::Value::String(sep.to_string());
+            }
+            serde_json::to_vec_pretty(&v)?
+        } else {
+            bytes
+        };
+        write_atomic(&dst.join(name), &bytes)?;
+    }
+    Ok(())
 }
 
 /// Open an input, decompressing `.gz` and `.zst` by extension.
@@ -526,13 +633,18 @@ pub fn prepare_cpt(o: &CptOptions) -> Result<CptReport> {
         bail!("no --input given");
     }
     let mut tok = load_tokenizer(&o.tokenizer)?;
-    let (sep_id, added) = ensure_separator(&mut tok, &o.separator)?;
+    let (sep_id, sep_source) = ensure_separator(&mut tok, &o.separator)?;
     let vocab = tok.get_vocab_size(true);
-    if added {
-        eprintln!(
-            "added separator {:?} to the tokenizer as special token {sep_id}",
+    match &sep_source {
+        SeparatorSource::Existing => {}
+        SeparatorSource::Reserved(from) => eprintln!(
+            "separator {:?} takes the reserved special token {from} (id {sep_id}); the vocabulary stays {vocab}",
             o.separator
-        );
+        ),
+        SeparatorSource::Added => eprintln!(
+            "added separator {:?} to the tokenizer as special token {sep_id} (vocabulary now {vocab})",
+            o.separator
+        ),
     }
     let tmp = PathBuf::from(format!("{}.tmp-{}", o.out.display(), std::process::id()));
     if tmp.exists() {
@@ -541,7 +653,7 @@ pub fn prepare_cpt(o: &CptOptions) -> Result<CptReport> {
     }
     std::fs::create_dir_all(tmp.join("stage"))
         .with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = prepare_into(o, &mut tok, sep_id, vocab, &tmp);
+    let result = prepare_into(o, &mut tok, (sep_id, &sep_source), vocab, &tmp);
     match result {
         Ok(report) => {
             if o.out.exists() {
@@ -563,7 +675,7 @@ pub fn prepare_cpt(o: &CptOptions) -> Result<CptReport> {
 fn prepare_into(
     o: &CptOptions,
     tok: &mut Tokenizer,
-    sep_id: u32,
+    (sep_id, sep_source): (u32, &SeparatorSource),
     vocab: usize,
     tmp: &Path,
 ) -> Result<CptReport> {
@@ -633,7 +745,7 @@ fn prepare_into(
     let mut buf: Vec<u32> = Vec::with_capacity(2 * o.seq_len);
     let mut emitted = 0u64;
     for (k, &doc) in order.iter().enumerate() {
-        if k > 0 {
+        if k > 0 && !o.no_separator {
             buf.push(sep_id);
             report.separators += 1;
         }
@@ -672,6 +784,11 @@ fn prepare_into(
     write_atomic(&tmp.join("doc_starts.u64"), &bytes)?;
     tok.save(tmp.join("tokenizer.json"), false)
         .map_err(|e| anyhow::anyhow!("cannot save tokenizer: {e}"))?;
+    let tok_home = tokenizer_file(&o.tokenizer)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    write_tokenizer_companions(&tok_home, tmp, sep_id, &o.separator)?;
 
     let inputs: Vec<InputRecord> = o
         .inputs
@@ -689,8 +806,9 @@ fn prepare_into(
         "format": "megatron indexed dataset (MMIDIDX v1), tokens.bin/.idx, int32, one sequence of seq_len tokens per entry",
         "seq_len": o.seq_len,
         "vocab_size": vocab,
-        "separator": o.separator,
+        "separator": if o.no_separator { None } else { Some(&o.separator) },
         "separator_id": sep_id,
+        "separator_source": sep_source,
         "doc_starts": "doc_starts.u64: u64 little-endian global token offset of each document's first token",
         "inputs": inputs,
         "tokenizer_sha256": sha256_file(&tmp.join("tokenizer.json"))?,
@@ -802,12 +920,59 @@ mod tests {
             .unwrap();
         let mut tok = Tokenizer::new(model);
         tok.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
-        let (id, added) = ensure_separator(&mut tok, "<s>").unwrap();
-        assert!(added);
-        assert_eq!(id, 3);
+        let (id, how) = ensure_separator(&mut tok, "<s>").unwrap();
+        assert_eq!((id, how), (3, SeparatorSource::Added));
         // Now one token, never split, and found again without adding.
         assert_eq!(tok.encode("a<s>b", false).unwrap().get_ids(), &[0, 3, 1]);
-        assert_eq!(ensure_separator(&mut tok, "<s>").unwrap(), (3, false));
+        assert_eq!(
+            ensure_separator(&mut tok, "<s>").unwrap(),
+            (3, SeparatorSource::Existing)
+        );
+    }
+
+    #[test]
+    fn separator_takes_the_lowest_reserved_special_token_slot() {
+        use tokenizers::models::wordlevel::WordLevel;
+        let vocab = [("a".to_string(), 0u32), ("[UNK]".to_string(), 1)]
+            .into_iter()
+            .collect();
+        let model = WordLevel::builder()
+            .vocab(vocab)
+            .unk_token("[UNK]".into())
+            .build()
+            .unwrap();
+        let mut tok = Tokenizer::new(model);
+        tok.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
+        // As Llama 3: specials after the BPE vocabulary, reserved ones not in numeric order.
+        let specials = [
+            "<|begin_of_text|>",
+            "<|reserved_special_token_1|>",
+            "<|reserved_special_token_0|>",
+            "<|eot_id|>",
+        ];
+        tok.add_special_tokens(
+            specials
+                .iter()
+                .map(|s| AddedToken::from(s.to_string(), true))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let before = tok.get_vocab_size(true);
+        let reserved0 = tok.token_to_id("<|reserved_special_token_0|>").unwrap();
+        assert_eq!(reserved0, 4);
+        let (id, how) = ensure_separator(&mut tok, "<s>").unwrap();
+        assert_eq!(
+            (id, how),
+            (
+                4,
+                SeparatorSource::Reserved("<|reserved_special_token_0|>".into())
+            )
+        );
+        assert_eq!(tok.get_vocab_size(true), before, "no new id");
+        assert_eq!(tok.token_to_id("<|reserved_special_token_0|>"), None);
+        assert_eq!(tok.token_to_id("<|reserved_special_token_1|>"), Some(3));
+        assert_eq!(tok.encode("a<s>a", false).unwrap().get_ids(), &[0, 4, 0]);
+        assert_eq!(tok.decode(&[4], false).unwrap(), "<s>");
     }
 
     #[test]

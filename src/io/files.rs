@@ -170,6 +170,23 @@ pub fn copy_tokenizer_files(src: &Path, dst: &Path) -> Result<Vec<String>> {
     Ok(copied)
 }
 
+/// Like [`copy_tokenizer_files`] over several directories: each file comes from the first of
+/// `srcs` that has it (a prepared dataset's separator-carrying tokenizer before the starting
+/// model's). Directories that do not exist are skipped. Returns the names copied.
+pub fn copy_tokenizer_files_layered(srcs: &[&Path], dst: &Path) -> Result<Vec<String>> {
+    fs::create_dir_all(dst).with_context(|| format!("creating directory {}", dst.display()))?;
+    let mut copied = Vec::new();
+    for name in TOKENIZER_FILES {
+        let Some(from) = srcs.iter().map(|s| s.join(name)).find(|f| f.is_file()) else {
+            continue;
+        };
+        let bytes = fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+        write_atomic(&dst.join(name), &bytes)?;
+        copied.push(name.to_string());
+    }
+    Ok(copied)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,9 @@ use std::str::FromStr;
 
 use anyhow::bail;
 
-pub use files::{TOKENIZER_FILES, copy_tokenizer_files, sha256_file, write_atomic};
+pub use files::{
+    TOKENIZER_FILES, copy_tokenizer_files, copy_tokenizer_files_layered, sha256_file, write_atomic,
+};
 pub use tensors::{
     INDEX_FILE, SINGLE_FILE, load_safetensors_dir, load_safetensors_file, save_safetensors_dir,
     save_safetensors_file,

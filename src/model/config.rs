@@ -255,6 +255,14 @@ impl ModelConfig {
             Value::Object(m) => m.clone(),
             _ => Map::new(),
         };
+        // transformers' Auto* classes dispatch on these; configs written by hand (the tiny ones
+        // of `init`) may lack them.
+        for (key, v) in [
+            ("model_type", json!("llama")),
+            ("architectures", json!(["LlamaForCausalLM"])),
+        ] {
+            out.entry(key.to_string()).or_insert(v);
+        }
         let mut put = |key: &str, v: Value| {
             out.insert(key.to_string(), v);
         };
@@ -969,6 +977,20 @@ mod tests {
         );
         v["original_max_position_embeddings"] = json!(8192);
         assert!(ModelConfig::from_json_str(&v.to_string(), "c.json").is_ok());
+    }
+
+    #[test]
+    fn hf_json_names_the_architecture_when_the_input_did_not() {
+        let c = ModelConfig::from_json_str(
+            r#"{"vocab_size": 32, "hidden_size": 8, "intermediate_size": 16,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64}"#,
+            "tiny.json",
+        )
+        .unwrap();
+        let v = c.to_hf_json();
+        assert_eq!(v["model_type"], "llama");
+        assert_eq!(v["architectures"], json!(["LlamaForCausalLM"]));
     }
 
     #[test]

@@ -120,7 +120,7 @@ pub fn save<B: Backend>(
     params: &ParamStore<B>,
     opt: &ShardedAdamW<B>,
     mut state: TrainState,
-    tokenizer_from: Option<&Path>,
+    tokenizer_from: &[&Path],
     keep: usize,
 ) -> Result<PathBuf> {
     let lead = topo.world_rank == 0;
@@ -147,9 +147,7 @@ pub fn save<B: Backend>(
                 .with_context(|| format!("cannot create {}", tmp.display()))?;
             let json = serde_json::to_string_pretty(&cfg.to_hf_json())?;
             io::write_atomic(&tmp.join("config.json"), json.as_bytes())?;
-            if let Some(src) = tokenizer_from {
-                io::copy_tokenizer_files(src, &tmp)?;
-            }
+            io::copy_tokenizer_files_layered(tokenizer_from, &tmp)?;
             Ok(())
         })()
     } else {

@@ -56,7 +56,8 @@ pub struct ModelSection {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RopeOverride {
-    /// "yarn", "linear", "llama3" or "default".
+    /// "yarn", "linear", "llama3", "default", or "ntk" (NTK-aware: default RoPE with
+    /// `rope_theta · factor^(d/(d−2))`).
     pub rope_type: String,
     pub factor: Option<f64>,
     pub original_max_position_embeddings: Option<f64>,
@@ -176,6 +177,10 @@ pub struct LogSection {
     /// Peak dense TFLOP/s of one device, for MFU (default: H100 SXM bf16, 989; DESIGN.md).
     #[serde(default = "default_peak_tflops")]
     pub peak_tflops: f64,
+    /// Write `loss.png` and `throughput.png` into the run directory at the end of the run
+    /// (default on; `ultralong plot --run DIR` draws them at any time).
+    #[serde(default = "yes")]
+    pub plots: bool,
 }
 
 impl Default for LogSection {
@@ -183,8 +188,13 @@ impl Default for LogSection {
         LogSection {
             quiet: false,
             peak_tflops: default_peak_tflops(),
+            plots: true,
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_peak_tflops() -> f64 {

@@ -3,5 +3,6 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod plots;
 pub mod schedule;
 pub mod trainer;

@@ -91,6 +91,26 @@ fn stop_requested() -> &'static std::sync::Arc<std::sync::atomic::AtomicBool> {
 }
 
 /// Build the RoPE scaling a config section asks for, checking the keys each type needs.
+/// `cfg` with the run's RoPE override applied (the one-step context extension). Besides the HF
+/// rope types, `"ntk"` is NTK-aware scaling (bloc97, 2023; the YaRN paper §3.1): plain RoPE with
+/// `rope_theta · factor^(d/(d−2))`, d = head_dim — an ablation baseline, written to config.json as
+/// the default rope type with the new `rope_theta`.
+pub fn apply_rope_override(cfg: &ModelConfig, o: &RopeOverride) -> Result<ModelConfig> {
+    if o.rope_type == "ntk" {
+        let factor = o
+            .factor
+            .context("model.rope_scaling.factor is required for rope_type \"ntk\"")?;
+        if factor < 1.0 {
+            bail!("model.rope_scaling.factor = {factor}: NTK-aware scaling needs a factor >= 1");
+        }
+        let d = cfg.head_dim as f64;
+        let mut out = cfg.with_rope_scaling(RopeScaling::Default, o.max_position_embeddings);
+        out.rope_theta = cfg.rope_theta * factor.powf(d / (d - 2.0));
+        return Ok(out);
+    }
+    Ok(cfg.with_rope_scaling(rope_from_override(o)?, o.max_position_embeddings))
+}
+
 pub fn rope_from_override(o: &RopeOverride) -> Result<RopeScaling> {
     let need = |v: Option<f64>, key: &str| {
         v.with_context(|| {
@@ -128,7 +148,7 @@ pub fn rope_from_override(o: &RopeOverride) -> Result<RopeScaling> {
             truncate: o.truncate.unwrap_or(true),
         },
         other => bail!(
-            "model.rope_scaling.rope_type = {other:?}: expected \"default\", \"linear\", \"llama3\" or \"yarn\""
+            "model.rope_scaling.rope_type = {other:?}: expected \"default\", \"linear\", \"llama3\", \"yarn\" or \"ntk\""
         ),
     })
 }
@@ -197,7 +217,7 @@ fn save_checkpoint<B: Backend>(
     model: &Llama<B>,
     opt: &ShardedAdamW<B>,
     st: &TrainState,
-    tok_dir: &Path,
+    tok_dirs: &[PathBuf],
     cfg: &RunConfig,
 ) -> Result<()> {
     checkpoint::save(
@@ -208,7 +228,7 @@ fn save_checkpoint<B: Backend>(
         &model.params,
         opt,
         st.clone(),
-        tokenizer_of(tok_dir).map(|_| tok_dir),
+        &tok_dirs.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
         cfg.checkpoint.keep,
     )?;
     Ok(())
@@ -372,8 +392,21 @@ pub fn train_on<B: Backend>(
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     }
     topo.world.barrier();
-    // Tokenizer files travel with every checkpoint and export, from the starting model directory.
-    let tok_dir = cfg.model.path.clone();
+    // Tokenizer files travel with every checkpoint and export: each from the prepared dataset when
+    // it has it (`prepare cpt` writes the starting model's tokenizer files with the `<s>`
+    // separator in a reserved slot), else from the starting model directory.
+    let tok_dirs: Vec<PathBuf> = cfg
+        .data
+        .dataset
+        .iter()
+        .cloned()
+        .chain(std::iter::once(cfg.model.path.clone()))
+        .collect();
+    let tok_dir = tok_dirs
+        .iter()
+        .find(|d| tokenizer_of(d).is_some())
+        .cloned()
+        .unwrap_or_else(|| cfg.model.path.clone());
     let tok_source = tokenizer_of(&tok_dir);
 
     // Model and optimizer state: from the newest valid checkpoint, or fresh.
@@ -404,9 +437,7 @@ pub fn train_on<B: Backend>(
             }
             let mut model = Llama::load_shard(b, &cfg.model.path, precision, shard)?;
             if let Some(o) = &cfg.model.rope_scaling {
-                let mcfg: ModelConfig = model
-                    .cfg
-                    .with_rope_scaling(rope_from_override(o)?, o.max_position_embeddings);
+                let mcfg: ModelConfig = apply_rope_override(&model.cfg, o)?;
                 model = Llama::new(mcfg, precision, model.params)?;
             }
             let opt = ShardedAdamW::new(b, topo, &model.params);
@@ -589,14 +620,14 @@ pub fn train_on<B: Backend>(
         let interval = cfg.checkpoint.interval;
         let saved = (interval > 0 && step % interval == 0) || step == stop_at;
         if saved {
-            save_checkpoint(b, topo, &ckpt_root, &model, &opt, &st, &tok_dir, cfg)?;
+            save_checkpoint(b, topo, &ckpt_root, &model, &opt, &st, &tok_dirs, cfg)?;
         }
         // A signal on any rank stops every rank after the same step.
         let mut sig = [stop.load(std::sync::atomic::Ordering::Relaxed) as u8];
         topo.world.all_reduce(&mut sig, ReduceOp::Max);
         if sig[0] != 0 && step < total {
             if !saved {
-                save_checkpoint(b, topo, &ckpt_root, &model, &opt, &st, &tok_dir, cfg)?;
+                save_checkpoint(b, topo, &ckpt_root, &model, &opt, &st, &tok_dirs, cfg)?;
             }
             if lead {
                 pb.suspend(|| {
@@ -616,6 +647,21 @@ pub fn train_on<B: Backend>(
     if lead && st.step == total && resumed_from == Some(total) {
         eprintln!("nothing to do: the checkpoint is already at step {total}");
     }
+    // Plots of the whole run so far (also after a preemption). A plot that cannot be drawn
+    // does not fail a run whose checkpoint is safe: say so and go on.
+    if lead && cfg.log.plots {
+        match crate::train::plots::write_run_plots(out) {
+            Ok(files) => eprintln!(
+                "plots: {}",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Err(e) => eprintln!("warning: plots not written: {e:#}"),
+        }
+    }
     let final_checkpoint = checkpoint::find_latest(&ckpt_root)?
         .map(|(d, _)| d)
         .unwrap_or_default();
@@ -633,6 +679,32 @@ pub fn train_on<B: Backend>(
 mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
+
+    #[test]
+    fn ntk_aware_override_scales_theta_by_the_formula() {
+        let cfg = ModelConfig::from_file(std::path::Path::new("configs/demo/model.json")).unwrap();
+        let o: RopeOverride =
+            toml::from_str("rope_type = \"ntk\"\nfactor = 32.0\nmax_position_embeddings = 4096")
+                .unwrap();
+        let n = apply_rope_override(&cfg, &o).unwrap();
+        // head_dim 32: 10000 · 32^(32/30)
+        let want = 10000.0 * 32f64.powf(32.0 / 30.0);
+        assert!(
+            (n.rope_theta - want).abs() < 1e-9 * want,
+            "{} vs {want}",
+            n.rope_theta
+        );
+        assert_eq!(n.rope_scaling, RopeScaling::Default);
+        assert_eq!(n.max_position_embeddings, 4096);
+        assert_eq!(
+            n.to_hf_json()["rope_theta"],
+            serde_json::json!(n.rope_theta)
+        );
+        let bad: RopeOverride =
+            toml::from_str("rope_type = \"ntk\"\nmax_position_embeddings = 4096").unwrap();
+        let e = apply_rope_override(&cfg, &bad).unwrap_err().to_string();
+        assert!(e.contains("factor"), "{e}");
+    }
 
     #[test]
     fn clipping_follows_torch_clip_grad_norm() {

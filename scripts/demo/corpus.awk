@@ -1,0 +1,49 @@
+# The toy corpus of `make demo` (scripts/demo.sh): JSON Lines documents of filler sentences, most
+# carrying one needle — "The special magic number is: NNNNNNN." at a random depth — and ending with
+# the question "What is the special magic number?" and its answer, in the plain format that
+# `ultralong eval niah --template plain` asks it. A model learns from it to find one 7-digit
+# number in a haystack: the skill the needle-in-a-haystack test measures, at any length the model
+# can attend over.
+#   awk -v seed=S -v docs=N -v min_words=A -v max_words=B -v needle_rate=P -f corpus.awk > out.jsonl
+# Lengths are drawn log-uniformly in [min_words, max_words] words. With -v haystack=1 it prints
+# plain filler text instead (one sentence per line, no needles): the NIAH haystack. With -v sft=1
+# (and needle_rate=1) it prints chat samples for `prepare sft`: the user gives the haystack and the
+# question, the assistant answers with the number.
+BEGIN {
+  srand(seed + 0);
+  na = split("red blue green amber violet silver golden quiet busy old young tall small bright dark", adj, " ");
+  nn = split("door box key lamp gate ship tower river bridge garden farmer baker singer painter city", noun, " ");
+  nv = split("watches finds follows paints carries visits builds opens moves leaves", verb, " ");
+  np = split("near behind above beside under across", prep, " ");
+  if (haystack) {
+    for (d = 0; d < docs; d++) print sentence();
+    exit;
+  }
+  lmin = log(min_words); lmax = log(max_words);
+  for (d = 0; d < docs; d++) {
+    words = int(exp(lmin + rand() * (lmax - lmin)));
+    n = int(words / 8) + 1;
+    has = rand() < needle_rate;
+    num = 1000000 + int(rand() * 9000000);
+    at = int(rand() * (n + 1));
+    text = "";
+    for (i = 0; i <= n; i++) {
+      if (has && i == at) text = text (text == "" ? "" : " ") "The special magic number is: " num ".";
+      if (i < n) text = text (text == "" ? "" : " ") sentence();
+    }
+    if (sft) {
+      # A chat sample: the haystack and question from the user, the number from the assistant
+      # (what `eval niah --template chat` asks).
+      printf "{\"messages\": [{\"role\": \"user\", \"content\": \"%s\\n\\nWhat is the special magic number?\"}, {\"role\": \"assistant\", \"content\": \"%s\"}]}\n", text, num;
+      continue;
+    }
+    if (has) text = text "\\n\\nQuestion: What is the special magic number?\\nAnswer: " num;
+    printf "{\"text\": \"%s\", \"domain\": \"%s\"}\n", text, has ? "needle" : "filler";
+  }
+}
+function pick(a, n) { return a[1 + int(rand() * n)]; }
+function sentence(   s) {
+  s = "The " pick(adj, na) " " pick(noun, nn) " " pick(verb, nv) " the " pick(adj, na) " " pick(noun, nn);
+  if (rand() < 0.5) s = s " " pick(prep, np) " the " pick(noun, nn);
+  return s ".";
+}
