@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
-# `make demo`: the UltraLong recipe at toy scale on the CPU, in a few minutes on 2 cores.
-#   0. generate a corpus of documents with retrievable facts; train a byte-level BPE tokenizer
-#   1. init a tiny Llama (llama3 RoPE, 128-token window) and pretrain it at 128 tokens
-#   2. measure its loss on 1024-token sequences: beyond its window it degrades
-#   3. extend the window 8x in one step with YaRN (beta_fast 4, beta_slow 1) and continue
-#      pretraining at 1024 tokens on 4 MPI ranks (tensor parallel 2 x context parallel 2, zigzag
-#      ring attention); measure again
-#   4. export a Hugging Face directory
+# `make demo`: the UltraLong recipe at toy scale on the CPU (about 15 minutes on 2 cores), ending
+# in runs/demo/REPORT.md.
+#   0. corpus (scripts/demo/corpus.awk): documents of filler sentences carrying a needle — "The
+#      special magic number is: NNNNNNN." — and ending with the question and its answer; a
+#      byte-level BPE tokenizer trained on it; datasets made by `prepare cpt` / `prepare sft`
+#   1. pretrain a tiny Llama (llama3 RoPE, 256-token window) at 256 tokens
+#   2. extend the window 16x (4096 tokens) in one step with YaRN (factor 32 over the original 128,
+#      beta_fast 4, beta_slow 1), `<s>` separators, no cross-document mask, continued pretraining on
+#      4 MPI ranks (tensor parallel 2 x context parallel 2, zigzag ring attention)
+#   3. the paper's ablations at this scale, same data and steps: plain position interpolation,
+#      NTK-aware scaling, YaRN without separators
+#   4. a short SFT at 512 tokens (chat template, loss on the answers only)
+#   5. needle-in-a-haystack grids and loss by position before and after, for every model; the
+#      report (Markdown + PNGs) states what was measured
+# Knobs (environment): DEMO_PRETRAIN_STEPS, DEMO_EXTEND_STEPS, DEMO_SFT_STEPS, DEMO_TRIALS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/ultralong}
 D=runs/demo
+S0=${DEMO_PRETRAIN_STEPS:-900}
+S1=${DEMO_EXTEND_STEPS:-40}
+S2=${DEMO_SFT_STEPS:-40}
+TRIALS=${DEMO_TRIALS:-2}
 rm -rf "$D"
 mkdir -p "$D"
 t_start=$(date +%s)
@@ -18,87 +29,106 @@ t_start=$(date +%s)
 MPIRUN=(mpirun -np 4 --oversubscribe -x RAYON_NUM_THREADS=1)
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
   OMPI_MCA_hwloc_base_binding_policy=none OMPI_MCA_btl_vader_single_copy_mechanism=none
+stamp() { echo "   [$(($(date +%s) - t_start)) s] $*"; }
+corpus() { awk "$@" -f scripts/demo/corpus.awk; }
 
-echo "== 0. corpus: documents of facts (generated), a tokenizer trained on them, and datasets made by prepare"
-# Each document: a topic, facts "the code of <thing> is <number>", filler, and a recall of an
-# earlier fact, so long-range context helps prediction.
-awk 'BEGIN {
-  srand(7);
-  split("red blue green amber violet silver golden black white orange", col, " ");
-  split("door box key lamp gate ship tower river bridge garden", obj, " ");
-  for (d = 0; d < 960; d++) {
-    printf "Document %d.\n", d;
-    n = 6 + int(rand() * 10);
-    for (i = 0; i < n; i++) {
-      c[i] = col[1 + int(rand() * 10)]; o[i] = obj[1 + int(rand() * 10)]; v[i] = 1000 + int(rand() * 9000);
-      printf "The code of the %s %s is %d. ", c[i], o[i], v[i];
-      if (rand() < 0.5) printf "Nothing else is known about the %s %s. ", c[i], o[i];
-    }
-    for (i = 0; i < n; i++) { j = int(rand() * n); printf "Recall: the %s %s has code %d. ", c[j], o[j], v[j]; }
-    printf "\n\n";
-  }
-}' > "$D/all.txt"
-# Three lines per document: the first 900 documents train, the last 60 are held out.
-head -n 2700 "$D/all.txt" > "$D/corpus.txt"
-# Held-out documents in the training format: "Document N.\n<facts>", joined by the <s> separator.
-tail -n +2701 "$D/all.txt" | awk 'NR % 3 == 1 { head = $0 } NR % 3 == 2 { printf "%s%s\n%s", (n++ ? "<s>" : ""), head, $0 }' > "$D/eval.txt"
-echo "   training text $(wc -c < "$D/corpus.txt") bytes, held-out text $(wc -c < "$D/eval.txt") bytes"
-$BIN init --config configs/demo/model.json --seed 1 --out "$D/init" --train-tokenizer "$D/corpus.txt"
-# One JSON line per document ("Document N." line + its facts), as a user's corpus would come.
-awk 'NR % 3 == 1 { head = $0 } NR % 3 == 2 { gsub(/"/, "\\\""); printf "{\"text\": \"%s\\n%s\", \"domain\": \"facts\"}\n", head, $0 }' \
-  "$D/corpus.txt" > "$D/corpus.jsonl"
-# The paper's data recipe at toy scale: length-based resampling (thresholds scaled down from
-# 4K/8K to 150/300 tokens), documents joined by the <s> separator, packed to the stage's length.
-for L in 128 1024; do
-  $BIN prepare cpt --input "$D/corpus.jsonl" --tokenizer "$D/init" --seq-len $L --tokens 400000 \
-    --short 150 --long 300 --domain-field domain --seed 1 --out "$D/data-$L" > /dev/null 2> "$D/data-$L.report"
-done
-cat "$D/data-1024.report"
+echo "== 0. corpus, tokenizer, datasets"
+corpus -v seed=1 -v docs=12000 -v min_words=15 -v max_words=100 -v needle_rate=1 > "$D/short.jsonl"
+corpus -v seed=2 -v docs=1500 -v min_words=40 -v max_words=3000 -v needle_rate=0.8 > "$D/long.jsonl"
+corpus -v seed=3 -v docs=1500 -v min_words=15 -v max_words=300 -v needle_rate=1 -v sft=1 > "$D/sft.jsonl"
+corpus -v seed=4 -v docs=4000 -v haystack=1 > "$D/haystack.txt"
+# Held-out long text for loss by position: documents joined by the separator, as in training.
+unjson() { sed -E 's/^\{"text": "(.*)", "domain": "[a-z]+"\}$/\1/'; }
+corpus -v seed=5 -v docs=40 -v min_words=2000 -v max_words=3000 -v needle_rate=1 | unjson |
+  awk '{ gsub(/\\n/, "\n"); printf "%s%s", (NR > 1 ? "<s>" : ""), $0 }' > "$D/heldout.txt"
+unjson < "$D/short.jsonl" | awk '{ gsub(/\\n/, "\n"); print }' > "$D/tokenizer-text.txt"
+$BIN init --config configs/demo/model.json --seed 1 --out "$D/init" --train-tokenizer "$D/tokenizer-text.txt"
+prep() { $BIN prepare cpt --tokenizer "$D/init" --domain-field domain --seed 1 "$@" > /dev/null; }
+prep --input "$D/short.jsonl" --seq-len 256 --tokens 2500000 --short 40 --long 100 --out "$D/data-256"
+# The extension data: long documents up-sampled, short ones down-sampled (thresholds scaled from
+# the paper's 4K/8K to 256/1024 tokens), joined by <s> — and the same without separators.
+prep --input "$D/long.jsonl" --input "$D/short.jsonl" --seq-len 4096 --tokens 400000 --short 256 --long 1024 --out "$D/data-4096"
+prep --input "$D/long.jsonl" --input "$D/short.jsonl" --seq-len 4096 --tokens 400000 --short 256 --long 1024 --no-separator --out "$D/data-4096-nosep"
+$BIN prepare sft --input "$D/sft.jsonl" --tokenizer "$D/init" --max-len 512 --out "$D/sft-512" > /dev/null
+stamp "datasets ready"
 
-loss_at() { # model dir, tokens -> mean next-token loss on the held-out tail of the corpus
-  $BIN forward --model "$1" --text "$D/eval.txt" --max-tokens "$2" | sed -E 's/.*"loss":([0-9.eE+-]+).*/\1/' | xargs printf '%.4f'
+loss_of() { sed -E 's/.*"loss":([0-9.eE+-]+).*/\1/' | xargs printf '%.3f'; }
+train() { # config, run dir, launcher ("" or "mpi"), extra train args...: trains, exports f32 to
+  # <run dir>-hf, prints the first and last training loss
+  local cfg=$1 out=$2 launch=$3; shift 3
+  local -a pre=()
+  [ "$launch" = mpi ] && pre=("${MPIRUN[@]}")
+  "${pre[@]}" $BIN train --config "$cfg" --set log.quiet=true --set "train.out_dir=\"$out\"" "$@" > "$out.jsonl"
+  $BIN export --checkpoint "$out" --out "$out-hf" --dtype f32 > /dev/null
+  echo "$(head -1 "$out.jsonl" | loss_of) -> $(tail -1 "$out.jsonl" | loss_of)"
+}
+LENGTHS=256,512,1K,2K,4K
+DEPTHS=0,25,50,75,100
+evaluate() { # model dir, name, template
+  $BIN eval niah --model "$1" --lengths $LENGTHS --depths $DEPTHS --trials "$TRIALS" --seed 7 \
+    --haystack "$D/haystack.txt" --template "$3" --out "$D/eval/niah-$2" > /dev/null
+  $BIN eval ppl --model "$1" --text "$D/heldout.txt" --seq-len 4096 --sequences 4 --buckets 8 \
+    --out "$D/eval/ppl-$2" > /dev/null
 }
 
-echo "== 1. pretrain at 128 tokens (llama3 RoPE)"
-$BIN train --config configs/demo/stage0-short.toml --set log.quiet=true > "$D/stage0.jsonl"
-$BIN export --checkpoint "$D/stage0" --out "$D/stage0-hf" --dtype f32
-loss_of() { sed -E 's/.*"loss":([0-9.eE+-]+).*/\1/' | xargs printf '%.4f'; }
-first=$(head -1 "$D/stage0.jsonl" | loss_of)
-last=$(tail -1 "$D/stage0.jsonl" | loss_of)
+echo "== 1. pretrain at 256 tokens (llama3 RoPE, window 256), $S0 steps"
+l0=$(train configs/demo/stage0-short.toml "$D/base" "" --set train.steps=$S0)
+stamp "base: loss $l0"
+evaluate "$D/base-hf" base plain
+stamp "base evaluated"
 
-echo "== 2. losses before the extension"
-s0_128=$(loss_at "$D/stage0-hf" 128)
-s0_1024=$(loss_at "$D/stage0-hf" 1024)
+echo "== 2. extend to 4096 tokens in one step: YaRN x32 over 128 (beta_fast 4, beta_slow 1), <s> separators, 4 ranks (tp 2 x cp 2), $S1 steps"
+l1=$(train configs/demo/stage1-extend.toml "$D/yarn" mpi --set train.steps=$S1)
+stamp "yarn: loss $l1"
+evaluate "$D/yarn-hf" yarn plain
 
-echo "== 3a. YaRN alone, before any training at the new length (one step at LR 0: weights unchanged)"
-$BIN train --config configs/demo/stage1-extend.toml --tp 1 --cp 1 --set log.quiet=true --set train.steps=1 --set optim.lr=0.0 \
-  --set optim.warmup_steps=0 --set optim.weight_decay=0.0 --set train.out_dir=\"$D/yarn0\" > /dev/null
-$BIN export --checkpoint "$D/yarn0" --out "$D/yarn0-hf" --dtype f32
-y0_128=$(loss_at "$D/yarn0-hf" 128)
-y0_1024=$(loss_at "$D/yarn0-hf" 1024)
+echo "== 3. ablations (same data, steps and LR; one rank each)"
+ext=(--tp 1 --cp 1 --set train.steps=$S1)
+l_pi=$(train configs/demo/stage1-extend.toml "$D/pi" "" "${ext[@]}" --set 'model.rope_scaling.rope_type="linear"')
+stamp "position interpolation: loss $l_pi"
+evaluate "$D/pi-hf" pi plain
+l_ntk=$(train configs/demo/stage1-extend.toml "$D/ntk" "" "${ext[@]}" --set 'model.rope_scaling.rope_type="ntk"')
+stamp "NTK-aware: loss $l_ntk"
+evaluate "$D/ntk-hf" ntk plain
+l_nosep=$(train configs/demo/stage1-extend.toml "$D/yarn-nosep" "" "${ext[@]}" --set "data.dataset=\"$D/data-4096-nosep\"")
+stamp "YaRN without separators: loss $l_nosep"
+evaluate "$D/yarn-nosep-hf" yarn-nosep plain
 
-echo "== 3. extend to 1024 tokens with YaRN (factor 16 over the original 64, beta_fast 4, beta_slow 1) and continue on 4 ranks (tp 2 x cp 2)"
-"${MPIRUN[@]}" $BIN train --config configs/demo/stage1-extend.toml --set log.quiet=true > "$D/stage1.jsonl"
-$BIN export --checkpoint "$D/stage1" --out "$D/final" --dtype bf16
-e_first=$(head -1 "$D/stage1.jsonl" | loss_of)
-e_last=$(tail -1 "$D/stage1.jsonl" | loss_of)
-s1_128=$(loss_at "$D/final" 128)
-s1_1024=$(loss_at "$D/final" 1024)
+echo "== 4. SFT of the YaRN model at 512 tokens, $S2 steps"
+l2=$(train configs/demo/stage2-sft.toml "$D/sft" "" --set train.steps=$S2)
+stamp "sft: loss $l2"
+evaluate "$D/sft-hf" sft chat
 
 t_end=$(date +%s)
-cat <<REPORT
+cat > "$D/preamble.md" <<MD
+Measured by \`make demo\` (scripts/demo.sh) on $(nproc) cores in $((t_end - t_start)) s, $(date -u +%Y-%m-%d).
+Tiny Llama: $(grep -o '"num_hidden_layers": [0-9]*' configs/demo/model.json | grep -o '[0-9]*$') layers,
+hidden $(grep -o '"hidden_size": [0-9]*' configs/demo/model.json | grep -o '[0-9]*$'), vocab 512, llama3 RoPE with a 256-token
+window (standing in for Llama-3.1-8B-Instruct's 128K). Corpus: generated documents of filler
+sentences with one 7-digit "special magic number" each and a question about it at the end
+(scripts/demo/corpus.awk); the NIAH haystack is held-out filler of the same kind.
 
-== what happened (all losses are mean next-token cross-entropy, nats; measured by this run)
-stage 0, 128-token window, llama3 RoPE: training loss ${first} -> ${last}
-  held-out loss, first 128 tokens:          ${s0_128}
-  held-out loss, 1024 tokens (8x window):   ${s0_1024}
-YaRN x16 applied, no training yet:
-  held-out loss, first 128 tokens:          ${y0_128}
-  held-out loss, 1024 tokens:               ${y0_1024}
-stage 1, YaRN x16 (window 1024), training at 1024 tokens on 4 ranks (tp 2 x cp 2): loss ${e_first} -> ${e_last}
-  held-out loss, first 128 tokens:          ${s1_128}
-  held-out loss, 1024 tokens:               ${s1_1024}
-exported: $D/final (config.json with YaRN in both transformers 4.x/5.x forms, bf16 weights, tokenizer)
-metrics:  $D/stage0.jsonl $D/stage1.jsonl
-time:     $((t_end - t_start)) s
-REPORT
+| stage | what | training loss (first -> last step) |
+|---|---|---|
+| base | pretrain at 256 tokens, $S0 steps | $l0 |
+| yarn | **the recipe**: one-step extension to 4096 (16x), YaRN factor 32 over 128, beta_fast 4, beta_slow 1, \`<s>\` separators, no document mask, tp 2 x cp 2 on 4 ranks, $S1 steps | $l1 |
+| pi | ablation: linear position interpolation, factor 32 | $l_pi |
+| ntk | ablation: NTK-aware scaling (rope_theta x 32^(d/(d-2))) | $l_ntk |
+| yarn-nosep | ablation: YaRN, documents joined without separators | $l_nosep |
+| sft | SFT of yarn at 512 tokens on chat samples (answers only), $S2 steps | $l2 |
+
+NIAH: lengths $LENGTHS x depths $DEPTHS %, $TRIALS trials per cell, greedy, exact match of the
+7 digits; \`plain\` template (Question/Answer, as in the corpus) for the pretrained models, the chat
+template for \`sft\`. The base model's window is 256: longer lengths test it beyond its window.
+Loss by position: 4 held-out sequences of 4096 tokens.
+MD
+$BIN report --title "UltraLong at toy scale: report" --preamble "$D/preamble.md" \
+  $(for m in base yarn pi ntk yarn-nosep sft; do echo "--niah $m=$D/eval/niah-$m"; done) \
+  $(for m in base yarn pi ntk yarn-nosep sft; do echo "--ppl $m=$D/eval/ppl-$m"; done) \
+  --out "$D/REPORT.md" > /dev/null
+echo
+sed -n '/^## Needle/,/^!\[/p' "$D/REPORT.md" | grep '^|'
+echo
+sed -n '/^## Loss by position/,$p' "$D/REPORT.md" | grep '^|'
+echo
+echo "report: $D/REPORT.md (PNG heatmaps and charts beside it); total $((t_end - t_start)) s"

@@ -6,17 +6,23 @@
 # can attend over.
 #   awk -v seed=S -v docs=N -v min_words=A -v max_words=B -v needle_rate=P -f corpus.awk > out.jsonl
 # Lengths are drawn log-uniformly in [min_words, max_words] words. With -v haystack=1 it prints
-# plain filler text instead (one sentence per line, no needles): the NIAH haystack. With -v sft=1
+# the filler passage instead, cycled to `docs` lines (one sentence per line, no needles): the NIAH
+# haystack. With -v sft=1
 # (and needle_rate=1) it prints chat samples for `prepare sft`: the user gives the haystack and the
 # question, the assistant answers with the number.
 BEGIN {
-  srand(seed + 0);
   na = split("red blue green amber violet silver golden quiet busy old young tall small bright dark", adj, " ");
   nn = split("door box key lamp gate ship tower river bridge garden farmer baker singer painter city", noun, " ");
   nv = split("watches finds follows paints carries visits builds opens moves leaves", verb, " ");
   np = split("near behind above beside under across", prep, " ");
+  # The filler is one fixed passage of 97 sentences (the same for every seed), read from a random
+  # sentence on: like the essays of the standard NIAH haystack, it becomes predictable, so what a
+  # model must learn beyond it is to find and copy the needle.
+  srand(1000);
+  for (k = 0; k < 97; k++) passage[k] = sentence();
+  srand(seed + 0);
   if (haystack) {
-    for (d = 0; d < docs; d++) print sentence();
+    for (d = 0; d < docs; d++) print passage[d % 97];
     exit;
   }
   lmin = log(min_words); lmax = log(max_words);
@@ -27,9 +33,10 @@ BEGIN {
     num = 1000000 + int(rand() * 9000000);
     at = int(rand() * (n + 1));
     text = "";
+    p0 = int(rand() * 97);
     for (i = 0; i <= n; i++) {
       if (has && i == at) text = text (text == "" ? "" : " ") "The special magic number is: " num ".";
-      if (i < n) text = text (text == "" ? "" : " ") sentence();
+      if (i < n) text = text (text == "" ? "" : " ") passage[(p0 + i) % 97];
     }
     if (sft) {
       # A chat sample: the haystack and question from the user, the number from the assistant
