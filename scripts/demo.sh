@@ -23,7 +23,7 @@ S1=${DEMO_EXTEND_STEPS:-40}
 S2=${DEMO_SFT_STEPS:-40}
 TRIALS=${DEMO_TRIALS:-2}
 rm -rf "$D"
-mkdir -p "$D"
+mkdir -p "$D/eval"
 t_start=$(date +%s)
 # 4 ranks on whatever cores there are: oversubscribe, one compute thread per rank, root-safe.
 MPIRUN=(mpirun -np 4 --oversubscribe -x RAYON_NUM_THREADS=1)
@@ -33,7 +33,7 @@ stamp() { echo "   [$(($(date +%s) - t_start)) s] $*"; }
 corpus() { awk "$@" -f scripts/demo/corpus.awk; }
 
 echo "== 0. corpus, tokenizer, datasets"
-corpus -v seed=1 -v docs=12000 -v min_words=15 -v max_words=100 -v needle_rate=1 > "$D/short.jsonl"
+corpus -v seed=1 -v docs=20000 -v min_words=5 -v max_words=60 -v needle_rate=1 > "$D/short.jsonl"
 corpus -v seed=2 -v docs=1500 -v min_words=40 -v max_words=3000 -v needle_rate=0.8 > "$D/long.jsonl"
 corpus -v seed=3 -v docs=1500 -v min_words=15 -v max_words=300 -v needle_rate=1 -v sft=1 > "$D/sft.jsonl"
 corpus -v seed=4 -v docs=4000 -v haystack=1 > "$D/haystack.txt"
@@ -42,9 +42,11 @@ unjson() { sed -E 's/^\{"text": "(.*)", "domain": "[a-z]+"\}$/\1/'; }
 corpus -v seed=5 -v docs=40 -v min_words=2000 -v max_words=3000 -v needle_rate=1 | unjson |
   awk '{ gsub(/\\n/, "\n"); printf "%s%s", (NR > 1 ? "<s>" : ""), $0 }' > "$D/heldout.txt"
 unjson < "$D/short.jsonl" | awk '{ gsub(/\\n/, "\n"); print }' > "$D/tokenizer-text.txt"
-$BIN init --config configs/demo/model.json --seed 1 --out "$D/init" --train-tokenizer "$D/tokenizer-text.txt"
-prep() { $BIN prepare cpt --tokenizer "$D/init" --domain-field domain --seed 1 "$@" > /dev/null; }
-prep --input "$D/short.jsonl" --seq-len 256 --tokens 2500000 --short 40 --long 100 --out "$D/data-256"
+$BIN init --config configs/demo/model.json --seed 1 --out "$D/init" --train-tokenizer "$D/tokenizer-text.txt" 2> /dev/null
+prep() { # ... --out DIR: the resampling report goes to DIR.report
+  $BIN prepare cpt --tokenizer "$D/init" --domain-field domain --seed 1 "$@" > /dev/null 2> "${@: -1}.report"
+}
+prep --input "$D/short.jsonl" --seq-len 256 --tokens 2500000 --short 16 --long 48 --out "$D/data-256"
 # The extension data: long documents up-sampled, short ones down-sampled (thresholds scaled from
 # the paper's 4K/8K to 256/1024 tokens), joined by <s> — and the same without separators.
 prep --input "$D/long.jsonl" --input "$D/short.jsonl" --seq-len 4096 --tokens 400000 --short 256 --long 1024 --out "$D/data-4096"
@@ -58,41 +60,43 @@ train() { # config, run dir, launcher ("" or "mpi"), extra train args...: trains
   local cfg=$1 out=$2 launch=$3; shift 3
   local -a pre=()
   [ "$launch" = mpi ] && pre=("${MPIRUN[@]}")
-  "${pre[@]}" $BIN train --config "$cfg" --set log.quiet=true --set "train.out_dir=\"$out\"" "$@" > "$out.jsonl"
-  $BIN export --checkpoint "$out" --out "$out-hf" --dtype f32 > /dev/null
+  "${pre[@]}" $BIN train --config "$cfg" --set log.quiet=true --set "train.out_dir=\"$out\"" "$@" > "$out.jsonl" 2> "$out.log"
+  $BIN export --checkpoint "$out" --out "$out-hf" --dtype f32 > /dev/null 2>> "$out.log"
   echo "$(head -1 "$out.jsonl" | loss_of) -> $(tail -1 "$out.jsonl" | loss_of)"
 }
 LENGTHS=256,512,1K,2K,4K
 DEPTHS=0,25,50,75,100
-evaluate() { # model dir, name, template
+# Plain prompts end with the answer's prefix (RULER style); chat prompts let the model say it.
+PLAIN=(--query-format $'\n\nQuestion: {question}\nAnswer: The special magic number is:')
+evaluate() { # model dir, name, template, extra niah args
   $BIN eval niah --model "$1" --lengths $LENGTHS --depths $DEPTHS --trials "$TRIALS" --seed 7 \
-    --haystack "$D/haystack.txt" --template "$3" --out "$D/eval/niah-$2" > /dev/null
+    --haystack "$D/haystack.txt" --template "$3" --max-new-tokens 16 "${@:4}" --out "$D/eval/niah-$2" > /dev/null 2> "$D/eval/niah-$2.log"
   $BIN eval ppl --model "$1" --text "$D/heldout.txt" --seq-len 4096 --sequences 4 --buckets 8 \
-    --out "$D/eval/ppl-$2" > /dev/null
+    --out "$D/eval/ppl-$2" > /dev/null 2> "$D/eval/ppl-$2.log"
 }
 
 echo "== 1. pretrain at 256 tokens (llama3 RoPE, window 256), $S0 steps"
 l0=$(train configs/demo/stage0-short.toml "$D/base" "" --set train.steps=$S0)
 stamp "base: loss $l0"
-evaluate "$D/base-hf" base plain
+evaluate "$D/base-hf" base plain "${PLAIN[@]}"
 stamp "base evaluated"
 
 echo "== 2. extend to 4096 tokens in one step: YaRN x32 over 128 (beta_fast 4, beta_slow 1), <s> separators, 4 ranks (tp 2 x cp 2), $S1 steps"
 l1=$(train configs/demo/stage1-extend.toml "$D/yarn" mpi --set train.steps=$S1)
 stamp "yarn: loss $l1"
-evaluate "$D/yarn-hf" yarn plain
+evaluate "$D/yarn-hf" yarn plain "${PLAIN[@]}"
 
 echo "== 3. ablations (same data, steps and LR; one rank each)"
 ext=(--tp 1 --cp 1 --set train.steps=$S1)
 l_pi=$(train configs/demo/stage1-extend.toml "$D/pi" "" "${ext[@]}" --set 'model.rope_scaling.rope_type="linear"')
 stamp "position interpolation: loss $l_pi"
-evaluate "$D/pi-hf" pi plain
+evaluate "$D/pi-hf" pi plain "${PLAIN[@]}"
 l_ntk=$(train configs/demo/stage1-extend.toml "$D/ntk" "" "${ext[@]}" --set 'model.rope_scaling.rope_type="ntk"')
 stamp "NTK-aware: loss $l_ntk"
-evaluate "$D/ntk-hf" ntk plain
+evaluate "$D/ntk-hf" ntk plain "${PLAIN[@]}"
 l_nosep=$(train configs/demo/stage1-extend.toml "$D/yarn-nosep" "" "${ext[@]}" --set "data.dataset=\"$D/data-4096-nosep\"")
 stamp "YaRN without separators: loss $l_nosep"
-evaluate "$D/yarn-nosep-hf" yarn-nosep plain
+evaluate "$D/yarn-nosep-hf" yarn-nosep plain "${PLAIN[@]}"
 
 echo "== 4. SFT of the YaRN model at 512 tokens, $S2 steps"
 l2=$(train configs/demo/stage2-sft.toml "$D/sft" "" --set train.steps=$S2)

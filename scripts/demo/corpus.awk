@@ -1,7 +1,8 @@
 # The toy corpus of `make demo` (scripts/demo.sh): JSON Lines documents of filler sentences, most
 # carrying one needle — "The special magic number is: NNNNNNN." at a random depth — and ending with
-# the question "What is the special magic number?" and its answer, in the plain format that
-# `ultralong eval niah --template plain` asks it. A model learns from it to find one 7-digit
+# the question "What is the special magic number?" and the answer "The special magic number is:
+# NNNNNNN." (as RULER's prompts end with the answer's prefix, the first digit follows the same
+# words as in the needle). A model learns from it to find one 7-digit
 # number in a haystack: the skill the needle-in-a-haystack test measures, at any length the model
 # can attend over.
 #   awk -v seed=S -v docs=N -v min_words=A -v max_words=B -v needle_rate=P -f corpus.awk > out.jsonl
@@ -41,10 +42,10 @@ BEGIN {
     if (sft) {
       # A chat sample: the haystack and question from the user, the number from the assistant
       # (what `eval niah --template chat` asks).
-      printf "{\"messages\": [{\"role\": \"user\", \"content\": \"%s\\n\\nWhat is the special magic number?\"}, {\"role\": \"assistant\", \"content\": \"%s\"}]}\n", text, num;
+      printf "{\"messages\": [{\"role\": \"user\", \"content\": \"%s\\n\\nWhat is the special magic number?\"}, {\"role\": \"assistant\", \"content\": \"The special magic number is: %s.\"}]}\n", text, num;
       continue;
     }
-    if (has) text = text "\\n\\nQuestion: What is the special magic number?\\nAnswer: " num;
+    if (has) text = text "\\n\\nQuestion: What is the special magic number?\\nAnswer: The special magic number is: " num ".";
     printf "{\"text\": \"%s\", \"domain\": \"%s\"}\n", text, has ? "needle" : "filler";
   }
 }

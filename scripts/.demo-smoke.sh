@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# `make demo`: the UltraLong recipe at toy scale on the CPU (about 15 minutes on 2 cores), ending
+# in runs/demo/REPORT.md.
+#   0. corpus (scripts/demo/corpus.awk): documents of filler sentences carrying a needle — "The
+#      special magic number is: NNNNNNN." — and ending with the question and its answer; a
+#      byte-level BPE tokenizer trained on it; datasets made by `prepare cpt` / `prepare sft`
+#   1. pretrain a tiny Llama (llama3 RoPE, 256-token window) at 256 tokens
+#   2. extend the window 16x (4096 tokens) in one step with YaRN (factor 32 over the original 128,
+#      beta_fast 4, beta_slow 1), `<s>` separators, no cross-document mask, continued pretraining on
+#      4 MPI ranks (tensor parallel 2 x context parallel 2, zigzag ring attention)
+#   3. the paper's ablations at this scale, same data and steps: plain position interpolation,
+#      NTK-aware scaling, YaRN without separators
+#   4. a short SFT at 512 tokens (chat template, loss on the answers only)
+#   5. needle-in-a-haystack grids and loss by position before and after, for every model; the
+#      report (Markdown + PNGs) states what was measured
+# Knobs (environment): DEMO_PRETRAIN_STEPS, DEMO_EXTEND_STEPS, DEMO_SFT_STEPS, DEMO_TRIALS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-target/release/ultralong}
+D=runs/demo
+S0=${DEMO_PRETRAIN_STEPS:-900}
+S1=${DEMO_EXTEND_STEPS:-40}
+S2=${DEMO_SFT_STEPS:-40}
+TRIALS=${DEMO_TRIALS:-2}
+rm -rf "$D"
+mkdir -p "$D/eval"
+t_start=$(date +%s)
+# 4 ranks on whatever cores there are: oversubscribe, one compute thread per rank, root-safe.
+MPIRUN=(mpirun -np 4 --oversubscribe -x RAYON_NUM_THREADS=1)
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+  OMPI_MCA_hwloc_base_binding_policy=none OMPI_MCA_btl_vader_single_copy_mechanism=none
+stamp() { echo "   [$(($(date +%s) - t_start)) s] $*"; }
+corpus() { awk "$@" -f scripts/demo/corpus.awk; }
+
+echo "== 0. corpus, tokenizer, datasets"
+corpus -v seed=1 -v docs=20000 -v min_words=5 -v max_words=60 -v needle_rate=1 > "$D/short.jsonl"
+corpus -v seed=2 -v docs=1500 -v min_words=40 -v max_words=3000 -v needle_rate=0.8 > "$D/long.jsonl"
+corpus -v seed=3 -v docs=1500 -v min_words=15 -v max_words=300 -v needle_rate=1 -v sft=1 > "$D/sft.jsonl"
+corpus -v seed=4 -v docs=4000 -v haystack=1 > "$D/haystack.txt"
+# Held-out long text for loss by position: documents joined by the separator, as in training.
+unjson() { sed -E 's/^\{"text": "(.*)", "domain": "[a-z]+"\}$/\1/'; }
+corpus -v seed=5 -v docs=40 -v min_words=2000 -v max_words=3000 -v needle_rate=1 | unjson |
+  awk '{ gsub(/\\n/, "\n"); printf "%s%s", (NR > 1 ? "<s>" : ""), $0 }' > "$D/heldout.txt"
+unjson < "$D/short.jsonl" | awk '{ gsub(/\\n/, "\n"); print }' > "$D/tokenizer-text.txt"
+$BIN init --config configs/demo/model.json --seed 1 --out "$D/init" --train-tokenizer "$D/tokenizer-text.txt"
+prep() { $BIN prepare cpt --tokenizer "$D/init" --domain-field domain --seed 1 "$@" > /dev/null; }
+prep --input "$D/short.jsonl" --seq-len 256 --tokens 2500000 --short 16 --long 48 --out "$D/data-256"
+# The extension data: long documents up-sampled, short ones down-sampled (thresholds scaled from
+# the paper's 4K/8K to 256/1024 tokens), joined by <s> — and the same without separators.
+prep --input "$D/long.jsonl" --input "$D/short.jsonl" --seq-len 4096 --tokens 400000 --short 256 --long 1024 --out "$D/data-4096"
+prep --input "$D/long.jsonl" --input "$D/short.jsonl" --seq-len 4096 --tokens 400000 --short 256 --long 1024 --no-separator --out "$D/data-4096-nosep"
+$BIN prepare sft --input "$D/sft.jsonl" --tokenizer "$D/init" --max-len 512 --out "$D/sft-512" > /dev/null
+stamp "datasets ready"
+
+loss_of() { sed -E 's/.*"loss":([0-9.eE+-]+).*/\1/' | xargs printf '%.3f'; }
+train() { # config, run dir, launcher ("" or "mpi"), extra train args...: trains, exports f32 to
+  # <run dir>-hf, prints the first and last training loss
+  local cfg=$1 out=$2 launch=$3; shift 3
+  local -a pre=()
+  [ "$launch" = mpi ] && pre=("${MPIRUN[@]}")
+  "${pre[@]}" $BIN train --config "$cfg" --set log.quiet=true --set "train.out_dir=\"$out\"" "$@" > "$out.jsonl"
+  $BIN export --checkpoint "$out" --out "$out-hf" --dtype f32 > /dev/null
+  echo "$(head -1 "$out.jsonl" | loss_of) -> $(tail -1 "$out.jsonl" | loss_of)"
+}
+LENGTHS=256,512,1K,2K,4K
+DEPTHS=0,25,50,75,100
+# Plain prompts end with the answer's prefix (RULER style); chat prompts let the model say it.
+PLAIN=(--query-format $'\n\nQuestion: {question}\nAnswer: The special magic number is:')
+evaluate() { # model dir, name, template, extra niah args
+  $BIN eval niah --model "$1" --lengths $LENGTHS --depths $DEPTHS --trials "$TRIALS" --seed 7 \
+    --haystack "$D/haystack.txt" --template "$3" --max-new-tokens 16 "${@:4}" --out "$D/eval/niah-$2" > /dev/null 2> "$D/eval/niah-$2.log"
+  $BIN eval ppl --model "$1" --text "$D/heldout.txt" --seq-len 4096 --sequences 4 --buckets 8 \
+    --out "$D/eval/ppl-$2" > /dev/null 2> "$D/eval/ppl-$2.log"
+}
+
+echo "== 1. pretrain at 256 tokens (llama3 RoPE, window 256), $S0 steps"
+l0=$(train configs/demo/stage0-short.toml "$D/base" "" --set train.steps=$S0)
+stamp "base: loss $l0"
+evaluate "$D/base-hf" base plain "${PLAIN[@]}"
+stamp "base evaluated"
+
+echo "== 2. extend to 4096 tokens in one step: YaRN x32 over 128 (beta_fast 4, beta_slow 1), <s> separators, 4 ranks (tp 2 x cp 2), $S1 steps"
+l1=$(train configs/demo/stage1-extend.toml "$D/yarn" mpi --set train.steps=$S1)
+stamp "yarn: loss $l1"
+evaluate "$D/yarn-hf" yarn plain "${PLAIN[@]}"
+
+echo "== 3. ablations (same data, steps and LR; one rank each)"
+ext=(--tp 1 --cp 1 --set train.steps=$S1)
+l_pi=$(train configs/demo/stage1-extend.toml "$D/pi" "" "${ext[@]}" --set 'model.rope_scaling.rope_type="linear"')
+stamp "position interpolation: loss $l_pi"
+evaluate "$D/pi-hf" pi plain "${PLAIN[@]}"
+l_ntk=$(train configs/demo/stage1-extend.toml "$D/ntk" "" "${ext[@]}" --set 'model.rope_scaling.rope_type="ntk"')
+stamp "NTK-aware: loss $l_ntk"
+evaluate "$D/ntk-hf" ntk plain "${PLAIN[@]}"
+l_nosep=$(train configs/demo/stage1-extend.toml "$D/yarn-nosep" "" "${ext[@]}" --set "data.dataset=\"$D/data-4096-nosep\"")
+stamp "YaRN without separators: loss $l_nosep"
+evaluate "$D/yarn-nosep-hf" yarn-nosep plain "${PLAIN[@]}"
+
+echo "== 4. SFT of the YaRN model at 512 tokens, $S2 steps"
+l2=$(train configs/demo/stage2-sft.toml "$D/sft" "" --set train.steps=$S2)
+stamp "sft: loss $l2"
+evaluate "$D/sft-hf" sft chat
+
+t_end=$(date +%s)
+cat > "$D/preamble.md" <<MD
+Measured by \`make demo\` (scripts/demo.sh) on $(nproc) cores in $((t_end - t_start)) s, $(date -u +%Y-%m-%d).
+Tiny Llama: $(grep -o '"num_hidden_layers": [0-9]*' configs/demo/model.json | grep -o '[0-9]*$') layers,
+hidden $(grep -o '"hidden_size": [0-9]*' configs/demo/model.json | grep -o '[0-9]*$'), vocab 512, llama3 RoPE with a 256-token
+window (standing in for Llama-3.1-8B-Instruct's 128K). Corpus: generated documents of filler
+sentences with one 7-digit "special magic number" each and a question about it at the end
+(scripts/demo/corpus.awk); the NIAH haystack is held-out filler of the same kind.
+
+| stage | what | training loss (first -> last step) |
+|---|---|---|
+| base | pretrain at 256 tokens, $S0 steps | $l0 |
+| yarn | **the recipe**: one-step extension to 4096 (16x), YaRN factor 32 over 128, beta_fast 4, beta_slow 1, \`<s>\` separators, no document mask, tp 2 x cp 2 on 4 ranks, $S1 steps | $l1 |
+| pi | ablation: linear position interpolation, factor 32 | $l_pi |
+| ntk | ablation: NTK-aware scaling (rope_theta x 32^(d/(d-2))) | $l_ntk |
+| yarn-nosep | ablation: YaRN, documents joined without separators | $l_nosep |
+| sft | SFT of yarn at 512 tokens on chat samples (answers only), $S2 steps | $l2 |
+
+NIAH: lengths $LENGTHS x depths $DEPTHS %, $TRIALS trials per cell, greedy, exact match of the
+7 digits; \`plain\` template (Question/Answer, as in the corpus) for the pretrained models, the chat
+template for \`sft\`. The base model's window is 256: longer lengths test it beyond its window.
+Loss by position: 4 held-out sequences of 4096 tokens.
+MD
+$BIN report --title "UltraLong at toy scale: report" --preamble "$D/preamble.md" \
+  $(for m in base yarn pi ntk yarn-nosep sft; do echo "--niah $m=$D/eval/niah-$m"; done) \
+  $(for m in base yarn pi ntk yarn-nosep sft; do echo "--ppl $m=$D/eval/ppl-$m"; done) \
+  --out "$D/REPORT.md" > /dev/null
+echo
+sed -n '/^## Needle/,/^!\[/p' "$D/REPORT.md" | grep '^|'
+echo
+sed -n '/^## Loss by position/,$p' "$D/REPORT.md" | grep '^|'
+echo
+echo "report: $D/REPORT.md (PNG heatmaps and charts beside it); total $((t_end - t_start)) s"
