@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod export;
 pub mod forward;
+pub mod gpu_check;
 pub mod init;
 pub mod plan;
 pub mod prepare;
@@ -44,6 +45,8 @@ pub enum Command {
     /// Measure training speed and memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The CUDA backend's checks against the CPU and its benchmarks (bench/gpu-check.sh).
+    GpuCheck(gpu_check::GpuCheckArgs),
     /// Per-rank memory, step time and GPU-hours of a run on N GPUs; the layout to use.
     Plan(plan::PlanArgs),
 }
@@ -57,5 +60,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Plan(a) => plan::run(a),
+        Command::GpuCheck(a) => gpu_check::run(a),
     }
 }

@@ -172,13 +172,10 @@ impl Lt {
             align: [alignment(a), alignment(b), alignment(c)],
         };
         let mut plans = self.plans.lock().unwrap();
-        if !plans.contains_key(&key) {
-            let p = self
-                .plan(&key)
-                .unwrap_or_else(|e| panic!("cuBLASLt plan for {key:?}: {e:?}"));
-            plans.insert(key, p);
-        }
-        let p = &plans[&key];
+        let p = plans.entry(key).or_insert_with(|| {
+            self.plan(&key)
+                .unwrap_or_else(|e| panic!("cuBLASLt plan for {key:?}: {e:?}"))
+        });
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
         // SAFETY: pointers cover the shapes (checked by the caller), plan made for them.
