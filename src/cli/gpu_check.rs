@@ -21,10 +21,9 @@
 //! "peer","peer_value", ...}],"raw"}; a check row has value 1 (pass) or 0 (fail) and its error and
 //! tolerance. The exit code is non-zero if any check failed.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
@@ -148,7 +147,10 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::*;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
     use std::time::Instant;
+
+    use anyhow::Context;
 
     use crate::backend::cpu::CpuBackend;
     use crate::backend::cuda::{CudaBackend, CudaBuf, DType};
