@@ -84,3 +84,23 @@ extern "C" __global__ void ul_clip_scale(const double *partials, int n, float pr
         out_norm[0] = norm;
     }
 }
+
+// fp32 fast path of the single-tensor update (all four tensors fp32, n % 4 == 0): float4 loads.
+extern "C" __global__ void ul_adamw_f32x4(float4 *p, const float4 *g, float4 *m, float4 *v, i64 n4,
+                                          UlAdamHp hp, float weight_decay, float grad_scale) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n4; i += (i64)gridDim.x * blockDim.x) {
+        float4 P = p[i], G = g[i], M = m[i], V = v[i];
+        float *pp = &P.x, *gg = &G.x, *mm = &M.x, *vv = &V.x;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            float gi = gg[k] * grad_scale;
+            mm[k] = hp.beta1 * mm[k] + (1.f - hp.beta1) * gi;
+            vv[k] = hp.beta2 * vv[k] + (1.f - hp.beta2) * gi * gi;
+            float denom = sqrtf(vv[k]) / hp.bc2_sqrt + hp.eps;
+            pp[k] = pp[k] * (1.f - hp.lr * weight_decay) - (hp.lr / hp.bc1) * mm[k] / denom;
+        }
+        p[i] = P;
+        m[i] = M;
+        v[i] = V;
+    }
+}

@@ -68,3 +68,43 @@ extern "C" __global__ void ul_colsum_add(const float *partial, int chunks, int d
     for (int c = 0; c < chunks; ++c) acc += partial[(i64)c * dim + i];
     st(out, dto, i, ld(out, dto, i) + acc);
 }
+
+// bf16 fast path of the forward (x, w, out bf16; dim % 8 == 0): the row is read once into
+// registers (at most UL_RMS_MAXV vectors per thread), so x crosses memory once.
+#define UL_RMS_MAXV 4
+extern "C" __global__ void ul_rmsnorm_fwd_bf16x8(const uint4 *x, const uint4 *w, float eps,
+                                                 int rows, int dim, uint4 *out, void *rstd,
+                                                 int dtr) {
+    __shared__ double scratch[32];
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    int d8 = dim / 8;
+    i64 base = (i64)r * d8;
+    float v[UL_RMS_MAXV][8];
+    double acc = 0.0;
+#pragma unroll
+    for (int u = 0; u < UL_RMS_MAXV; ++u) {
+        int i = threadIdx.x + u * blockDim.x;
+        if (i < d8) {
+            unpack8(x[base + i], v[u]);
+            float part = 0.f;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) part += v[u][k] * v[u][k];
+            acc += part;
+        }
+    }
+    acc = block_sum_d(acc, scratch);
+    float rs = (float)(1.0 / sqrt(acc / dim + (double)eps));
+#pragma unroll
+    for (int u = 0; u < UL_RMS_MAXV; ++u) {
+        int i = threadIdx.x + u * blockDim.x;
+        if (i < d8) {
+            float wv[8], o[8];
+            unpack8(w[i], wv);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) o[k] = v[u][k] * rs * wv[k];
+            out[base + i] = pack8(o);
+        }
+    }
+    if (threadIdx.x == 0) st(rstd, dtr, r, rs);
+}

@@ -57,3 +57,35 @@ extern "C" __global__ void ul_rope_rotate(void *x, int dtx, const void *cos_t, c
         st(x, dtx, base + i + half, y2);
     }
 }
+
+// bf16 fast path (x, cos, sin bf16; half % 8 == 0): one thread rotates 8 consecutive pairs of one
+// (row, head) with 16-byte loads of x₁, x₂, cos and sin.
+extern "C" __global__ void ul_rope_rotate_bf16x8(uint4 *x, const uint4 *cos_t, const uint4 *sin_t,
+                                                 int rows, int heads, int half, int transpose) {
+    int h8 = half / 8;
+    i64 n = (i64)rows * heads * h8;
+    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < n;
+         idx += (i64)gridDim.x * blockDim.x) {
+        int j = (int)(idx % h8);
+        i64 rh = idx / h8;
+        int r = (int)(rh / heads);
+        i64 base = rh * 2 * h8;  // in 8-element units
+        float a[8], b[8], c[8], s[8], y1[8], y2[8];
+        unpack8(x[base + j], a);
+        unpack8(x[base + h8 + j], b);
+        unpack8(cos_t[(i64)r * h8 + j], c);
+        unpack8(sin_t[(i64)r * h8 + j], s);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            if (transpose) {
+                y1[k] = a[k] * c[k] + b[k] * s[k];
+                y2[k] = b[k] * c[k] - a[k] * s[k];
+            } else {
+                y1[k] = a[k] * c[k] - b[k] * s[k];
+                y2[k] = b[k] * c[k] + a[k] * s[k];
+            }
+        }
+        x[base + j] = pack8(y1);
+        x[base + h8 + j] = pack8(y2);
+    }
+}

@@ -35,23 +35,36 @@ pub const KERNELS: &[(&str, &[&str])] = &[
         "elementwise",
         &[
             "ul_fill",
+            "ul_fill_random",
             "ul_convert",
             "ul_add",
             "ul_scale",
             "ul_sum_squares",
         ],
     ),
-    ("rope", &["ul_rope_table", "ul_rope_rotate"]),
+    (
+        "rope",
+        &["ul_rope_table", "ul_rope_rotate", "ul_rope_rotate_bf16x8"],
+    ),
     (
         "rmsnorm",
         &[
             "ul_rmsnorm_fwd",
+            "ul_rmsnorm_fwd_bf16x8",
             "ul_rmsnorm_bwd_dx",
             "ul_rmsnorm_bwd_dw_partial",
             "ul_colsum_add",
         ],
     ),
-    ("swiglu", &["ul_swiglu_fwd", "ul_swiglu_bwd"]),
+    (
+        "swiglu",
+        &[
+            "ul_swiglu_fwd",
+            "ul_swiglu_bwd",
+            "ul_swiglu_fwd_bf16x8",
+            "ul_swiglu_bwd_bf16x8",
+        ],
+    ),
     ("embedding", &["ul_embedding_fwd", "ul_embedding_bwd"]),
     (
         "cross_entropy",
@@ -61,6 +74,7 @@ pub const KERNELS: &[(&str, &[&str])] = &[
         "adamw",
         &[
             "ul_adamw",
+            "ul_adamw_f32x4",
             "ul_adamw_multi",
             "ul_sum_squares_multi",
             "ul_clip_scale",

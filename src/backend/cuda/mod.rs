@@ -291,6 +291,15 @@ impl CudaBackend {
         launch!(self, "ul_fill", cfg; b.ptr, b.dtype.code(), b.len as i64, v);
     }
 
+    /// Uniform random values in `[-scale, scale)` made on the device (benchmark inputs).
+    pub fn fill_random(&self, b: &mut CudaBuf, seed: u64, scale: f32) {
+        if b.len == 0 {
+            return;
+        }
+        let cfg = self.grid1d(b.len);
+        launch!(self, "ul_fill_random", cfg; b.ptr, b.dtype.code(), b.len as i64, seed, scale);
+    }
+
     /// Bytes of plain data (indices, tables) in a temporary device buffer.
     fn upload_raw<T: bytemuck::Pod>(&self, host: &[T]) -> CudaBuf {
         let bytes: &[u8] = bytemuck::cast_slice(host);
@@ -806,6 +815,23 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return;
         }
+        let bf = DType::Bf16;
+        if x.dtype == bf
+            && w.dtype == bf
+            && out.dtype == bf
+            && dim.is_multiple_of(8)
+            && dim / 8 <= 4096
+        {
+            // One 16-byte vector per thread and pass (at most 4 passes: the kernel's register row).
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (Self::row_threads(dim / 8, 1024), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(self, "ul_rmsnorm_fwd_bf16x8", cfg; x.ptr, w.ptr, eps as f32, rows as i32,
+                dim as i32, out.ptr, rstd.ptr, rstd.dtype.code());
+            return;
+        }
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (Self::row_threads(dim / 4, 1024), 1, 1),
@@ -974,6 +1000,13 @@ impl Backend for CudaBackend {
         if up.len == 0 {
             return;
         }
+        let bf = DType::Bf16;
+        if gate.dtype == bf && up.dtype == bf && out.dtype == bf && up.len.is_multiple_of(8) {
+            let n8 = up.len / 8;
+            let cfg = self.grid1d(n8);
+            launch!(self, "ul_swiglu_fwd_bf16x8", cfg; gate.ptr, up.ptr, out.ptr, n8 as i64);
+            return;
+        }
         let cfg = self.grid1d(up.len);
         launch!(self, "ul_swiglu_fwd", cfg; gate.ptr, gate.dtype.code(), up.ptr, up.dtype.code(),
             out.ptr, out.dtype.code(), up.len as i64);
@@ -992,6 +1025,17 @@ impl Backend for CudaBackend {
             "swiglu_backward: sizes"
         );
         if n == 0 {
+            return;
+        }
+        let bf = DType::Bf16;
+        if [gate.dtype, up.dtype, dout.dtype, dgate.dtype, dup.dtype]
+            .iter()
+            .all(|&d| d == bf)
+            && n.is_multiple_of(8)
+        {
+            let cfg = self.grid1d(n / 8);
+            launch!(self, "ul_swiglu_bwd_bf16x8", cfg; gate.ptr, up.ptr, dout.ptr, dgate.ptr,
+                dup.ptr, (n / 8) as i64);
             return;
         }
         let cfg = self.grid1d(n);
@@ -1138,6 +1182,17 @@ impl Backend for CudaBackend {
         if n == 0 {
             return;
         }
+        let f = DType::F32;
+        if [param.dtype, grad.dtype, m.dtype, v.dtype]
+            .iter()
+            .all(|&d| d == f)
+            && n.is_multiple_of(4)
+        {
+            let cfg = self.grid1d(n / 4);
+            launch!(self, "ul_adamw_f32x4", cfg; param.ptr, grad.ptr, m.ptr, v.ptr,
+                (n / 4) as i64, adam_hp(hp), hp.weight_decay as f32, hp.grad_scale as f32);
+            return;
+        }
         let cfg = self.grid1d(n);
         launch!(self, "ul_adamw", cfg; param.ptr, param.dtype.code(), grad.ptr,
             grad.dtype.code(), m.ptr, m.dtype.code(), v.ptr, v.dtype.code(), n as i64,
@@ -1168,6 +1223,13 @@ impl CudaBackend {
         );
         let n = rows * heads * half;
         if n == 0 {
+            return;
+        }
+        let bf = DType::Bf16;
+        if x.dtype == bf && cos.dtype == bf && half.is_multiple_of(8) {
+            let cfg = self.grid1d(n / 8);
+            launch!(self, "ul_rope_rotate_bf16x8", cfg; x.ptr, cos.ptr, sin.ptr, rows as i32,
+                heads as i32, half as i32, transpose as i32);
             return;
         }
         let cfg = self.grid1d(n);
