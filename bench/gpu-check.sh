@@ -71,8 +71,13 @@ extra_row() {  # name value unit error  -> one JSON row file
   python3 -c 'import json,sys; n,v,u,e=sys.argv[1:5]; print(json.dumps([{"name":n,"value":float(v),"unit":u,"error":e,"peer":None,"peer_value":None}]))' "$@" >"$ROWS/$(date +%s%N).json"
 }
 
+ran_or_fail() {  # step-name json-file: a failing row if the step wrote no rows
+  [ -s "$ROWS/$2" ] || extra_row "check: $1 did not run ($(grep -m1 -i 'error' "$LOG.step" | tr -d '"' | cut -c1-200))" 0 pass "not run"
+}
+
 say "1. kernel checks and training step"
-"$BIN" gpu-check --out "$ROWS" --only checks --name checks.json --date "$DATE" --command "$CMD" 2>&1 | tee -a "$LOG"
+"$BIN" gpu-check --out "$ROWS" --only checks --name checks.json --date "$DATE" --command "$CMD" 2>&1 | tee "$LOG.step" | tee -a "$LOG"
+ran_or_fail "gpu-check --only checks" checks.json
 
 say "2. compute-sanitizer memcheck"
 if command -v compute-sanitizer >/dev/null; then
@@ -98,21 +103,26 @@ if command -v mpirun >/dev/null; then
   if [ $r1 = 0 ] && [ $r2 = 0 ]; then
     python3 bench/gpu/layer_torch.py --compare "$W/g2.safetensors" "$W/g1.safetensors" "$W/l2.json" "$W/l1.json" --out "$ROWS/mpi.json" | tee -a "$LOG"
   else
-    extra_row "check: 2 ranks (MPI fallback) vs 1 rank (failed: exit $r1/$r2, $(tail -1 "$W/mpi.err" | tr -d '"'))" 0 pass "run failed"
+    extra_row "check: 2 ranks (MPI fallback) vs 1 rank (failed: exit $r1/$r2, $(grep -m1 -i 'error' "$W/mpi.err" | tr -d '"' | cut -c1-200))" 0 pass "run failed"
   fi
 else
   extra_row "check: 2 ranks (MPI fallback) vs 1 rank (skipped: no mpirun, none carried)" 0 pass "not run"
 fi
 
 say "4. kernel benchmarks"
-"$BIN" gpu-check --out "$ROWS" --only bench --name bench.json 2>&1 | tee -a "$LOG"
+"$BIN" gpu-check --out "$ROWS" --only bench --name bench.json 2>&1 | tee "$LOG.step" | tee -a "$LOG"
+ran_or_fail "gpu-check --only bench" bench.json
 
 say "5. decoder layer beside PyTorch"
 python3 bench/gpu/layer_torch.py --tokens 32768 --out "$W/torch-layer.json" 2>&1 | tee -a "$LOG"
-"$BIN" gpu-check --out "$ROWS" --only layer --layer-tokens 32768 --peer "$W/torch-layer.json" --name layer.json 2>&1 | tee -a "$LOG"
+PEER=()
+[ -s "$W/torch-layer.json" ] && PEER=(--peer "$W/torch-layer.json")
+"$BIN" gpu-check --out "$ROWS" --only layer --layer-tokens 32768 "${PEER[@]}" --name layer.json 2>&1 | tee "$LOG.step" | tee -a "$LOG"
+ran_or_fail "gpu-check --only layer" layer.json
 cp "$W/torch-layer.json" "$OUT/" 2>/dev/null
 
 say "summary"
+rm -f "$LOG.step"
 python3 - "$ROWS" "$OUT" "$DATE" "$CMD" "$LOG" <<'PY'
 import glob, json, os, sys
 rows_dir, out, date, cmd, log = sys.argv[1:6]
