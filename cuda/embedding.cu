@@ -5,11 +5,11 @@
 
 #define UL_NOT_IN_SHARD 0xffffffffu
 
-// grid (ceil(dim/blockDim), n_tokens)
+// grid (n_tokens, ceil(dim/blockDim)): tokens on x, whose limit is 2^31 - 1 (y stops at 65535).
 extern "C" __global__ void ul_embedding_fwd(const void *table, int dtt, const unsigned *ids,
                                             int n_tokens, int dim, void *out, int dto) {
-    int t = blockIdx.y;
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int t = blockIdx.x;
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
     if (t >= n_tokens || i >= dim) return;
     unsigned id = ids[t];
     float v = id == UL_NOT_IN_SHARD ? 0.f : ld(table, dtt, (i64)id * dim + i);
@@ -17,12 +17,12 @@ extern "C" __global__ void ul_embedding_fwd(const void *table, int dtt, const un
 }
 
 // order[seg_start[s] .. seg_start[s+1]] are the token positions of id seg_id[s], ascending.
-// grid (ceil(dim/blockDim), n_segments)
+// grid (n_segments, ceil(dim/blockDim))
 extern "C" __global__ void ul_embedding_bwd(void *dtable, int dtt, const void *dout, int dtd,
                                             const int *order, const int *seg_start,
                                             const unsigned *seg_id, int n_segments, int dim) {
-    int s = blockIdx.y;
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int s = blockIdx.x;
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
     if (s >= n_segments || i >= dim) return;
     float acc = 0.f;
     for (int j = seg_start[s]; j < seg_start[s + 1]; ++j) acc += ld(dout, dtd, (i64)order[j] * dim + i);

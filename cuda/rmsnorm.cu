@@ -43,12 +43,12 @@ extern "C" __global__ void ul_rmsnorm_bwd_dx(const void *dout, int dtg, const vo
     }
 }
 
-// partial[chunk, i] = Σ_{rows r of chunk} g[r,i]·x[r,i]·rstd[r]; grid (ceil(dim/blockDim), chunks).
+// partial[chunk, i] = Σ_{rows r of chunk} g[r,i]·x[r,i]·rstd[r]; grid (chunks, ceil(dim/blockDim)).
 extern "C" __global__ void ul_rmsnorm_bwd_dw_partial(const void *dout, int dtg, const void *x,
                                                      int dtx, const void *rstd, int dtr, int rows,
                                                      int dim, int chunk_rows, float *partial) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    int chunk = blockIdx.y;
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
+    int chunk = blockIdx.x;
     if (i >= dim) return;
     int r0 = chunk * chunk_rows, r1 = min(rows, r0 + chunk_rows);
     float acc = 0.f;

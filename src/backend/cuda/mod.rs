@@ -744,7 +744,7 @@ impl Backend for CudaBackend {
         }
         let ids_d = self.upload_raw(ids);
         let cfg = LaunchConfig {
-            grid_dim: (dim.div_ceil(THREADS as usize) as u32, ids.len() as u32, 1),
+            grid_dim: (ids.len() as u32, dim.div_ceil(THREADS as usize) as u32, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -787,8 +787,8 @@ impl Backend for CudaBackend {
         );
         let cfg = LaunchConfig {
             grid_dim: (
-                dim.div_ceil(THREADS as usize) as u32,
                 seg_id.len() as u32,
+                dim.div_ceil(THREADS as usize) as u32,
                 1,
             ),
             block_dim: (THREADS, 1, 1),
@@ -872,7 +872,7 @@ impl Backend for CudaBackend {
         let partial = self.alloc(chunks * dim, DType::F32);
         let cols = dim.div_ceil(THREADS as usize) as u32;
         let cfg = LaunchConfig {
-            grid_dim: (cols, chunks as u32, 1),
+            grid_dim: (chunks as u32, cols, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
