@@ -4,6 +4,11 @@
 
 CARGO ?= cargo
 BIN := target/release/ultralong
+# nvcc from PyPI (docs/DEVELOPERS.md, CUDA): build.rs compiles cuda/*.cu with it, warnings as errors;
+# ULTRALONG_REQUIRE_NVCC=1 makes a missing nvcc a build error instead of a kernel-less binary.
+CUDA_VENV := .venv-cuda
+export NVCC ?= $(firstword $(wildcard $(CURDIR)/$(CUDA_VENV)/lib/python3*/site-packages/nvidia/cu13/bin/nvcc))
+export ULTRALONG_REQUIRE_NVCC := 1
 
 .PHONY: demo test deps build bench-cpu clean-demo
 
@@ -21,6 +26,8 @@ deps:
 	  echo "installing OpenMPI and libclang (apt-get)"; \
 	  $$SUDO apt-get update && $$SUDO apt-get install -y libopenmpi-dev openmpi-bin libclang-dev clang pkg-config; \
 	}
+	@# nvcc (CUDA 13.0) for the kernels of cuda/, into $(CUDA_VENV); the metapackage pins matching parts.
+	@[ -x "$(NVCC)" ] || { python3 -m venv $(CUDA_VENV) && $(CUDA_VENV)/bin/pip install -q "cuda-toolkit[nvcc,nvvm,crt,cudart,cccl]==13.0.2"; }
 	@# Slurm + munge for tests/slurm.rs (a private one-node cluster: scripts/slurm-cluster.sh).
 	@# slurmctld lives in /usr/sbin, often not on a user's PATH.
 	@{ command -v sbatch >/dev/null && { command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ]; }; } || { \

@@ -8,6 +8,8 @@
 //! so gradient accumulation over micro-batches needs no extra buffers.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 /// Shape of one attention call: queries `[q_len, n_q_heads, head_dim]` against keys/values
 /// `[kv_len, n_kv_heads, head_dim]` (GQA: query head `h` reads KV head `h / (n_q_heads/n_kv_heads)`).

@@ -47,6 +47,9 @@ pub struct ForwardArgs {
     /// "exact" or "fp32" (HF/Megatron's fp32 angle arithmetic).
     #[arg(long, default_value = "exact")]
     pub rope_precision: String,
+    /// cpu or cuda (one GPU per rank; bf16 GEMMs, fp32 storage).
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
     /// Working precision of the CPU backend: f32 or f64.
     #[arg(long, default_value = "f32")]
     pub precision: String,
@@ -65,6 +68,14 @@ pub struct ForwardArgs {
 }
 
 pub fn run(a: ForwardArgs) -> Result<()> {
+    match a.backend.as_str() {
+        "cpu" => {}
+        #[cfg(feature = "cuda")]
+        "cuda" => return run_on(&crate::backend::cuda::CudaBackend::for_local_rank()?, &a),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => bail!("--backend cuda: this binary was built without the `cuda` feature"),
+        x => bail!("--backend {x:?}: expected cpu or cuda"),
+    }
     match a.precision.as_str() {
         "f32" => run_on(&CpuBackend::<f32>::new(), &a),
         "f64" => run_on(&CpuBackend::<f64>::new(), &a),

@@ -5,6 +5,7 @@ pub mod eval;
 pub mod export;
 pub mod forward;
 pub mod generate;
+pub mod gpu_check;
 pub mod init;
 pub mod plan;
 pub mod plot;
@@ -48,6 +49,8 @@ pub enum Command {
     /// Measure training speed and memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The CUDA backend's checks against the CPU and its benchmarks (bench/gpu-check.sh).
+    GpuCheck(gpu_check::GpuCheckArgs),
     /// Per-rank memory, step time and GPU-hours of a run on N GPUs; the layout to use.
     Plan(plan::PlanArgs),
     /// Continue a prompt (KV cache; prefill and cache spread over --cp ranks).
@@ -74,5 +77,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Plot(a) => plot::run(a),
         Command::Report(a) => report::run(a),
+        Command::GpuCheck(a) => gpu_check::run(a),
     }
 }

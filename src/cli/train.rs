@@ -32,18 +32,33 @@ pub struct TrainArgs {
     /// Context-parallel ranks (overrides parallel.cp).
     #[arg(long)]
     pub cp: Option<usize>,
+    /// cpu or cuda (overrides train.backend).
+    #[arg(long)]
+    pub backend: Option<String>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let mut set = a.set.clone();
     set.extend(a.tp.map(|v| format!("parallel.tp={v}")));
     set.extend(a.cp.map(|v| format!("parallel.cp={v}")));
+    set.extend(a.backend.as_ref().map(|v| format!("train.backend={v}")));
     let cfg = RunConfig::load(&a.config, &set)?;
     run_world(|world| run_ranks(world, &a, &cfg))
 }
 
 fn run_ranks(world: &World, a: &TrainArgs, cfg: &RunConfig) -> Result<()> {
     let topo = Topology::new(world.comm(), cfg.parallel.tp, cfg.parallel.cp)?;
+    if cfg.train.backend == "cuda" {
+        #[cfg(feature = "cuda")]
+        return run_on(
+            &crate::backend::cuda::CudaBackend::for_local_rank()?,
+            &topo,
+            a,
+            cfg,
+        );
+        #[cfg(not(feature = "cuda"))]
+        anyhow::bail!("train.backend = \"cuda\": this binary was built without the `cuda` feature");
+    }
     match cfg.train.precision.as_str() {
         "f64" => run_on(&CpuBackend::<f64>::new(), &topo, a, cfg),
         _ => run_on(&CpuBackend::<f32>::new(), &topo, a, cfg),

@@ -8,6 +8,8 @@ pub mod comm;
 pub mod context;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tensor;
 #[cfg(test)]
 mod tests;

@@ -109,6 +109,10 @@ pub struct TrainSection {
     /// f32 either way.
     #[serde(default = "default_precision")]
     pub precision: String,
+    /// Where the numbers are computed: "cpu" (default) or "cuda" (one GPU per rank, bf16 GEMMs,
+    /// fp32 storage; needs the `cuda` feature and a driver).
+    #[serde(default = "default_backend")]
+    pub backend: String,
     /// Where the run writes metrics, checkpoints and its exported model.
     pub out_dir: PathBuf,
 }
@@ -207,6 +211,9 @@ fn one() -> usize {
 fn default_precision() -> String {
     "f32".into()
 }
+fn default_backend() -> String {
+    "cpu".into()
+}
 fn default_ce_chunk() -> usize {
     256
 }
@@ -251,6 +258,12 @@ impl RunConfig {
             bail!(
                 "train.precision = {:?}: expected \"f32\" or \"f64\"",
                 t.precision
+            );
+        }
+        if !["cpu", "cuda"].contains(&t.backend.as_str()) {
+            bail!(
+                "train.backend = {:?}: expected \"cpu\" or \"cuda\"",
+                t.backend
             );
         }
         if t.ce_chunk == 0 {
