@@ -7,7 +7,9 @@ BIN := target/release/ultralong
 # nvcc from PyPI (docs/DEVELOPERS.md, CUDA): build.rs compiles cuda/*.cu with it, warnings as errors;
 # ULTRALONG_REQUIRE_NVCC=1 makes a missing nvcc a build error instead of a kernel-less binary.
 CUDA_VENV := .venv-cuda
-export NVCC ?= $(firstword $(wildcard $(CURDIR)/$(CUDA_VENV)/lib/python3*/site-packages/nvidia/cu13/bin/nvcc))
+# NVCC: yours if set, else an nvcc on PATH, else $(CUDA_VENV)/nvcc, a wrapper that `deps` writes
+# (decided when make starts, so it must not depend on files `deps` creates).
+export NVCC ?= $(or $(shell command -v nvcc 2>/dev/null),$(CURDIR)/$(CUDA_VENV)/nvcc)
 export ULTRALONG_REQUIRE_NVCC := 1
 
 .PHONY: demo test deps build bench-cpu clean-demo
@@ -27,7 +29,10 @@ deps:
 	  $$SUDO apt-get update && $$SUDO apt-get install -y libopenmpi-dev openmpi-bin libclang-dev clang pkg-config; \
 	}
 	@# nvcc (CUDA 13.0) for the kernels of cuda/, into $(CUDA_VENV); the metapackage pins matching parts.
-	@[ -x "$(NVCC)" ] || { python3 -m venv $(CUDA_VENV) && $(CUDA_VENV)/bin/pip install -q "cuda-toolkit[nvcc,nvvm,crt,cudart,cccl]==13.0.2"; }
+	@[ -x "$(NVCC)" ] || { echo "installing nvcc 13.0 from PyPI into $(CUDA_VENV)"; \
+	  python3 -m venv $(CUDA_VENV) && $(CUDA_VENV)/bin/pip install -q "cuda-toolkit[nvcc,nvvm,crt,cudart,cccl]==13.0.2" && \
+	  real=$$(ls $(CURDIR)/$(CUDA_VENV)/lib/python3*/site-packages/nvidia/cu13/bin/nvcc | head -1) && \
+	  printf '#!/bin/sh\nexec "%s" "$$@"\n' "$$real" > $(CUDA_VENV)/nvcc && chmod +x $(CUDA_VENV)/nvcc; }
 	@# Slurm + munge for tests/slurm.rs (a private one-node cluster: scripts/slurm-cluster.sh).
 	@# slurmctld lives in /usr/sbin, often not on a user's PATH.
 	@{ command -v sbatch >/dev/null && { command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ]; }; } || { \
