@@ -37,16 +37,14 @@ pub enum EvalCommand {
     Ppl(PplArgs),
 }
 
-/// Flags shared by the evaluations: the model, the layout, the numerics.
+/// Layout and numerics of an inference run (`eval`, `generate`).
 #[derive(Args, Debug)]
-pub struct ModelArgs {
-    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Context-parallel ranks per prompt (world = cp × dp under mpirun).
+pub struct InferenceArgs {
+    /// Context-parallel ranks per prompt (world = cp × dp under mpirun): the prompt and the KV
+    /// cache are split over them.
     #[arg(long, default_value_t = 1)]
     pub cp: usize,
-    /// Tensor parallelism is not supported for evaluation: must be 1.
+    /// Tensor parallelism is not supported for inference: must be 1.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
     /// Working precision of the CPU backend: f32 or f64.
@@ -55,6 +53,16 @@ pub struct ModelArgs {
     /// "exact" or "fp32" (HF/Megatron's fp32 angle arithmetic).
     #[arg(long, default_value = "exact")]
     pub rope_precision: String,
+}
+
+/// Flags shared by the evaluations: the model, the layout, the numerics.
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub run: InferenceArgs,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -132,8 +140,8 @@ pub fn run(c: EvalCommand) -> Result<()> {
         EvalCommand::Niah(a) => &a.m,
         EvalCommand::Ppl(a) => &a.m,
     };
-    check_tp(m.tp)?;
-    match m.precision.as_str() {
+    check_tp(m.run.tp)?;
+    match m.run.precision.as_str() {
         "f32" => run_world(|w| run_on(&CpuBackend::<f32>::new(), w, &c)),
         "f64" => run_world(|w| run_on(&CpuBackend::<f64>::new(), w, &c)),
         p => bail!("--precision {p:?}: expected f32 or f64"),
@@ -148,8 +156,8 @@ fn run_on<B: Backend>(b: &B, world: &World, c: &EvalCommand) -> Result<()> {
 }
 
 fn load<B: Backend>(b: &B, world: &World, m: &ModelArgs) -> Result<(Topology, Llama<B>)> {
-    let topo = Topology::new(world.comm(), 1, m.cp)?;
-    let precision: RopePrecision = m.rope_precision.parse()?;
+    let topo = Topology::new(world.comm(), 1, m.run.cp)?;
+    let precision: RopePrecision = m.run.rope_precision.parse()?;
     let model = Llama::load(b, &m.model, precision)?;
     if topo.world_rank == 0 {
         std::fs::create_dir_all(&m.out)

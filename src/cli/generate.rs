@@ -53,24 +53,14 @@ pub struct GenerateArgs {
     /// Do not stop at the end-of-sequence tokens (config eos_token_id, <|eot_id|>).
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Context-parallel ranks (run under `mpirun -np CP`): the prompt and the KV cache are split
-    /// over them.
-    #[arg(long, default_value_t = 1)]
-    pub cp: usize,
-    /// Tensor parallelism is not supported for generation: must be 1.
-    #[arg(long, default_value_t = 1)]
-    pub tp: usize,
-    /// Working precision of the CPU backend: f32 or f64.
-    #[arg(long, default_value = "f32")]
-    pub precision: String,
-    /// "exact" or "fp32" (HF/Megatron's fp32 angle arithmetic).
-    #[arg(long, default_value = "exact")]
-    pub rope_precision: String,
+    /// Layout (`--cp`: run under `mpirun -np CP`) and numerics.
+    #[command(flatten)]
+    pub run: super::eval::InferenceArgs,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    check_tp(a.tp)?;
-    match a.precision.as_str() {
+    check_tp(a.run.tp)?;
+    match a.run.precision.as_str() {
         "f32" => run_world(|w| run_on(&CpuBackend::<f32>::new(), w, &a)),
         "f64" => run_world(|w| run_on(&CpuBackend::<f64>::new(), w, &a)),
         p => bail!("--precision {p:?}: expected f32 or f64"),
@@ -78,17 +68,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 }
 
 fn run_on<B: Backend>(b: &B, world: &World, a: &GenerateArgs) -> Result<()> {
-    let topo = Topology::new(world.comm(), 1, a.cp)?;
+    let topo = Topology::new(world.comm(), 1, a.run.cp)?;
     if topo.layout.dp != 1 {
         bail!(
             "generate runs one prompt: the world of {} ranks must equal --cp {} (mpirun -np {})",
             world.size(),
-            a.cp,
-            a.cp
+            a.run.cp,
+            a.run.cp
         );
     }
     let sampling = Sampling::new(a.temperature, a.top_p, a.seed)?;
-    let precision: RopePrecision = a.rope_precision.parse()?;
+    let precision: RopePrecision = a.run.rope_precision.parse()?;
     let model = Llama::load(b, &a.model, precision)?;
     let tok = if a.prompt.is_some() || a.model.join("tokenizer.json").exists() {
         Some(load_tokenizer(&a.model)?)
@@ -171,7 +161,7 @@ fn run_on<B: Backend>(b: &B, world: &World, a: &GenerateArgs) -> Result<()> {
                 Sampling::Nucleus { temperature, top_p, seed } =>
                     json!({"temperature": temperature, "top_p": top_p, "seed": seed}),
             },
-            "cp": a.cp,
+            "cp": a.run.cp,
             "kv_cache_rows_rank0": cache_rows,
             "backend": b.name(),
         });
