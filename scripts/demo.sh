@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/ultralong}
 D=runs/demo
-S0=${DEMO_PRETRAIN_STEPS:-900}
+S0=${DEMO_PRETRAIN_STEPS:-3600}
 S1=${DEMO_EXTEND_STEPS:-40}
 S2=${DEMO_SFT_STEPS:-40}
 TRIALS=${DEMO_TRIALS:-2}
@@ -33,7 +33,10 @@ stamp() { echo "   [$(($(date +%s) - t_start)) s] $*"; }
 corpus() { awk "$@" -f scripts/demo/corpus.awk; }
 
 echo "== 0. corpus, tokenizer, datasets"
-corpus -v seed=1 -v docs=20000 -v min_words=5 -v max_words=60 -v needle_rate=1 > "$D/short.jsonl"
+# Pretraining documents: half needle documents (5-180 words, so the needle sits anywhere from a
+# few to about 250 tokens before its question: the whole 256-token window), half number lists
+# ("The numbers are: A B. Again, the numbers are: A B."), which teach copying far faster.
+corpus -v seed=1 -v docs=45000 -v min_words=5 -v max_words=180 -v needle_rate=1 -v lists=0.5 > "$D/short.jsonl"
 corpus -v seed=2 -v docs=1500 -v min_words=40 -v max_words=3000 -v needle_rate=0.8 > "$D/long.jsonl"
 corpus -v seed=3 -v docs=1500 -v min_words=15 -v max_words=300 -v needle_rate=1 -v sft=1 > "$D/sft.jsonl"
 corpus -v seed=4 -v docs=4000 -v haystack=1 > "$D/haystack.txt"
@@ -41,12 +44,13 @@ corpus -v seed=4 -v docs=4000 -v haystack=1 > "$D/haystack.txt"
 unjson() { sed -E 's/^\{"text": "(.*)", "domain": "[a-z]+"\}$/\1/'; }
 corpus -v seed=5 -v docs=40 -v min_words=2000 -v max_words=3000 -v needle_rate=1 | unjson |
   awk '{ gsub(/\\n/, "\n"); printf "%s%s", (NR > 1 ? "<s>" : ""), $0 }' > "$D/heldout.txt"
-unjson < "$D/short.jsonl" | awk '{ gsub(/\\n/, "\n"); print }' > "$D/tokenizer-text.txt"
+head -20000 "$D/short.jsonl" | unjson | awk '{ gsub(/\\n/, "\n"); print }' > "$D/tokenizer-text.txt"
 $BIN init --config configs/demo/model.json --seed 1 --out "$D/init" --train-tokenizer "$D/tokenizer-text.txt" 2> /dev/null
 prep() { # ... --out DIR: the resampling report goes to DIR.report
   $BIN prepare cpt --tokenizer "$D/init" --domain-field domain --seed 1 "$@" > /dev/null 2> "${@: -1}.report"
 }
-prep --input "$D/short.jsonl" --seq-len 256 --tokens 2500000 --short 16 --long 48 --out "$D/data-256"
+# Pretraining data: every document once (no length resampling), in random order.
+prep --input "$D/short.jsonl" --seq-len 256 --tokens 3700000 --short-weight 1 --long-weight 1 --out "$D/data-256"
 # The extension data: long documents up-sampled, short ones down-sampled (thresholds scaled from
 # the paper's 4K/8K to 256/1024 tokens), joined by <s> — and the same without separators.
 prep --input "$D/long.jsonl" --input "$D/short.jsonl" --seq-len 4096 --tokens 400000 --short 256 --long 1024 --out "$D/data-4096"

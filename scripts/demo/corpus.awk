@@ -5,7 +5,14 @@
 # words as in the needle). A model learns from it to find one 7-digit
 # number in a haystack: the skill the needle-in-a-haystack test measures, at any length the model
 # can attend over.
-#   awk -v seed=S -v docs=N -v min_words=A -v max_words=B -v needle_rate=P -f corpus.awk > out.jsonl
+#   awk -v seed=S -v docs=N -v min_words=A -v max_words=B -v needle_rate=P [-v lists=L] \
+#     -f corpus.awk > out.jsonl
+# With lists=L a fraction L of the documents are number lists instead: "The numbers are: A B C.
+# Again, the numbers are: A B C." They carry far more copying per token than the needle
+# documents. In our runs of the 4-layer demo model (batch 4 x 256 tokens, lr 3e-3), with half the
+# documents lists the loss broke from its plateau (copying began) after about 2,000 steps; without
+# lists the model still answered every needle with one fixed number after 2,000 steps (and after
+# 4,000 steps of half the batch).
 # Lengths are drawn log-uniformly in [min_words, max_words] words. With -v haystack=1 it prints
 # the filler passage instead, cycled to `docs` lines (one sentence per line, no needles): the NIAH
 # haystack. With -v sft=1
@@ -38,6 +45,15 @@ BEGIN {
     for (i = 0; i <= n; i++) {
       if (has && i == at) text = text (text == "" ? "" : " ") "The special magic number is: " num ".";
       if (i < n) text = text (text == "" ? "" : " ") passage[(p0 + i) % 97];
+    }
+    if (!sft && rand() < lists) {
+      # A list document: 2-8 numbers, then the same numbers again. Pure copying, and the first
+      # number follows the same words both times ("are:"), as the answer's first digits follow
+      # "is:" in the needle and in the answer: the induction a model needs for the needle.
+      k = 2 + int(rand() * 7); l = "";
+      for (i = 0; i < k; i++) l = l " " (1000000 + int(rand() * 9000000));
+      printf "{\"text\": \"The numbers are:%s.\\nAgain, the numbers are:%s.\", \"domain\": \"list\"}\n", l, l;
+      continue;
     }
     if (sft) {
       # A chat sample: the haystack and question from the user, the number from the assistant

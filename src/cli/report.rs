@@ -92,6 +92,18 @@ fn niah_by_length(v: &Value, src: &Path) -> Result<BTreeMap<u64, (u64, u64)>> {
     Ok(m)
 }
 
+/// Mean digit accuracy by length (length → (Σ digits_correct, cells)); `None` when the cells carry
+/// no `digits_correct` (an older niah.json).
+fn niah_digits_by_length(v: &Value) -> Option<BTreeMap<u64, (f64, u64)>> {
+    let mut m: BTreeMap<u64, (f64, u64)> = BTreeMap::new();
+    for c in v["cells"].as_array()? {
+        let e = m.entry(c["length"].as_u64()?).or_default();
+        e.0 += c["digits_correct"].as_f64()?;
+        e.1 += 1;
+    }
+    Some(m)
+}
+
 /// One model's loss by position: name, mean loss, (start, end, mean loss) per bucket.
 type PplRow = (String, f64, Vec<(u64, u64, f64)>);
 
@@ -136,7 +148,8 @@ pub fn run(a: ReportArgs) -> Result<()> {
                     lengths.push(l);
                 }
             }
-            rows.push((name, dir, by));
+            let digits = niah_digits_by_length(&v);
+            rows.push((name, dir, by, digits));
         }
         lengths.sort_unstable();
         writeln!(md, "## Needle in a haystack: accuracy by context length\n")?;
@@ -146,7 +159,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
         }
         writeln!(md)?;
         writeln!(md, "|---|---:|{}", "---:|".repeat(lengths.len()))?;
-        for (name, _, by) in &rows {
+        for (name, _, by, _) in &rows {
             let (c, t) = by.values().fold((0, 0), |(c, t), &(a, b)| (c + a, t + b));
             write!(
                 md,
@@ -162,7 +175,33 @@ pub fn run(a: ReportArgs) -> Result<()> {
             writeln!(md)?;
         }
         writeln!(md)?;
-        for (name, dir, _) in &rows {
+        if rows.iter().all(|r| r.3.is_some()) {
+            writeln!(
+                md,
+                "Partial credit, the same cells: the share of the number's digits the answer has \
+                 in place (mean over cells; exact match above needs all of them).\n"
+            )?;
+            write!(md, "| model | overall |")?;
+            for l in &lengths {
+                write!(md, " {} |", count_label(*l))?;
+            }
+            writeln!(md)?;
+            writeln!(md, "|---|---:|{}", "---:|".repeat(lengths.len()))?;
+            for (name, _, _, digits) in &rows {
+                let Some(by) = digits else { continue };
+                let (c, t) = by.values().fold((0.0, 0), |(c, t), &(a, b)| (c + a, t + b));
+                write!(md, "| {name} | {:.0}% |", 100.0 * c / t as f64)?;
+                for l in &lengths {
+                    match by.get(l) {
+                        Some(&(c, t)) => write!(md, " {:.0}% |", 100.0 * c / t as f64)?,
+                        None => write!(md, " – |")?,
+                    }
+                }
+                writeln!(md)?;
+            }
+            writeln!(md)?;
+        }
+        for (name, dir, _, _) in &rows {
             let png = dir.join("niah.png");
             if png.exists() {
                 writeln!(
@@ -252,6 +291,20 @@ pub fn run(a: ReportArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digit_accuracy_by_length_averages_cells() {
+        let v: Value = serde_json::json!({"cells": [
+            {"length": 256, "correct": false, "digits_correct": 0.5},
+            {"length": 256, "correct": true, "digits_correct": 1.0},
+            {"length": 1024, "correct": false, "digits_correct": 0.25}
+        ]});
+        let m = niah_digits_by_length(&v).unwrap();
+        assert_eq!(m[&256], (1.5, 2));
+        assert_eq!(m[&1024], (0.25, 1));
+        let old: Value = serde_json::json!({"cells": [{"length": 256, "correct": true}]});
+        assert!(niah_digits_by_length(&old).is_none());
+    }
 
     #[test]
     fn accuracy_by_length_counts_cells() {

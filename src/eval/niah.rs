@@ -229,6 +229,25 @@ pub fn exact_match(output: &str, number: &str) -> bool {
         .any(|run| run == number)
 }
 
+/// Partial credit: the fraction of `number`'s digits that the output's first run of digits has
+/// in the same places (0 when the output has no digits). Exact match is the score; this shows
+/// how close a model that fails it came (a small model often gets the tail of the number right
+/// but not its head).
+pub fn digit_accuracy(output: &str, number: &str) -> f64 {
+    let Some(run) = output
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|r| !r.is_empty())
+    else {
+        return 0.0;
+    };
+    let same = run
+        .bytes()
+        .zip(number.bytes())
+        .filter(|(a, b)| a == b)
+        .count();
+    same as f64 / number.len().max(1) as f64
+}
+
 /// What a NIAH grid asks.
 #[derive(Clone, Debug)]
 pub struct NiahSpec {
@@ -265,6 +284,9 @@ pub struct CellResult {
     pub number: String,
     pub output: String,
     pub correct: bool,
+    /// `digit_accuracy(output, number)`.
+    #[serde(default)]
+    pub digits_correct: f64,
     pub prompt_tokens: usize,
     /// Haystack tokens and the token index (within the haystack) where the needle starts.
     pub haystack_tokens: usize,
@@ -343,6 +365,7 @@ pub fn run_cells<B: Backend, C: Comm>(
             depth: spec.depths[di],
             trial,
             correct: exact_match(&output, &number),
+            digits_correct: digit_accuracy(&output, &number),
             number,
             output,
             prompt_tokens: ids.len(),
@@ -453,6 +476,18 @@ mod tests {
         assert!(!exact_match("01234567", "1234567"));
         assert!(!exact_match("123 4567", "1234567"));
         assert!(!exact_match("", "1234567"));
+    }
+
+    #[test]
+    fn digit_accuracy_counts_digits_in_place_in_the_first_run() {
+        assert_eq!(digit_accuracy(" 1234567.", "1234567"), 1.0);
+        // 9884000 against 3884678: places 1, 2 and 3 agree.
+        assert!((digit_accuracy(" 9884000. The", "3884678") - 3.0 / 7.0).abs() < 1e-15);
+        // Only the first run counts; a shorter run scores its places only.
+        assert!((digit_accuracy("12 1234567", "1234567") - 2.0 / 7.0).abs() < 1e-15);
+        assert_eq!(digit_accuracy("no digits", "1234567"), 0.0);
+        assert_eq!(digit_accuracy("", "1234567"), 0.0);
+        assert!((digit_accuracy("1234567890", "1234567") - 1.0).abs() < 1e-15);
     }
 
     #[test]
