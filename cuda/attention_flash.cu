@@ -298,8 +298,9 @@ __device__ __forceinline__ void flash_bwd_dkdv(
                 mma16816(p[2 * mp + 1], a, b[2], b[3]);
             }
         }
-        // Pᵀ = exp(Sᵀ·scale − lse), masked across the diagonal.
-        const bool need_mask = s.causal && m0 + delta < n0 + BN - 1;
+        // Pᵀ = exp(Sᵀ·scale − lse), masked across the diagonal and past the last key (a zero key
+        // row's exp(−lse) can overflow when every score of a row is very negative).
+        const bool need_mask = (s.causal && m0 + delta < n0 + BN - 1) || n0 + BN > s.kv_len;
 #pragma unroll
         for (int mt = 0; mt < BM / 8; ++mt) {
 #pragma unroll
@@ -310,7 +311,10 @@ __device__ __forceinline__ void flash_bwd_dkdv(
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
                     float x = exp2f(fmaf(p[mt][2 * r + e], sl2, -Ls));
-                    if (need_mask && jrow + 8 * r > m0 + col + delta) x = 0.f;
+                    if (need_mask) {
+                        const int j = jrow + 8 * r;
+                        if (j >= s.kv_len || (s.causal && j > m0 + col + delta)) x = 0.f;
+                    }
                     p[mt][2 * r + e] = x;
                 }
             }
