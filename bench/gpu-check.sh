@@ -82,25 +82,36 @@ extra_row() {  # name value unit error  -> one JSON row file
 ran_or_fail() {  # step-name json-file: a failing row if the step wrote no rows
   [ -s "$ROWS/$2" ] || extra_row "check: $1 did not run ($( (grep -m1 -i 'error\|panicked\|timed out' "$LOG.step" || echo 'no output') | tr -d '"' | cut -c1-200))" 0 pass "not run"
 }
-want() {  # step-name: whether STEPS selects it
-  case " ${STEPS:-all} " in *" all "*|*" $1 "*) return 0 ;; *) return 1 ;; esac
+# The device call ends at 600 s whatever runs: steps start only while their typical time fits in
+# BUDGET seconds (default 560), so the summary below is always written.
+BUDGET=${BUDGET:-560}
+want() {  # step-name typical-seconds: whether STEPS selects it and the budget allows it
+  case " ${STEPS:-all} " in *" all "*|*" $1 "*) ;; *) return 1 ;; esac
+  if [ $((SECONDS + ${2:-0})) -gt "$BUDGET" ]; then
+    extra_row "check: step $1 skipped (time budget: ${SECONDS}s used of ${BUDGET}s; run STEPS=$1 in another call)" 0 pass "not run"
+    return 1
+  fi
+  return 0
 }
 # limit SECONDS command...: run with a time limit; a timeout is logged so ran_or_fail can say so.
-limit() {
+limit() {  # (capped at what is left of BUDGET)
   local s=$1; shift
+  local left=$((BUDGET - SECONDS))
+  [ "$left" -lt "$s" ] && s=$left
+  [ "$s" -lt 5 ] && s=5
   timeout --signal=TERM --kill-after=10 "$s" "$@"
   local rc=$?
   [ $rc = 124 ] && echo "error: timed out after ${s}s: $*"
   return $rc
 }
 
-if want checks; then
+if want checks 60; then
 say "1. kernel checks and training step"
 limit 240 "$BIN" gpu-check --out "$ROWS" --only checks --name checks.json --date "$DATE" --command "$CMD" 2>&1 | tee "$LOG.step" | tee -a "$LOG"
 ran_or_fail "gpu-check --only checks" checks.json
 fi
 
-if want memcheck; then
+if want memcheck 150; then
 say "2. compute-sanitizer memcheck (kernel checks, then the flash-attention checks)"
 if command -v compute-sanitizer >/dev/null; then
   for what in checks attention; do
@@ -115,7 +126,7 @@ else
 fi
 fi
 
-if want mpi; then
+if want mpi 45; then
 say "3. two ranks sharing the GPU (MPI) vs one rank: tp 2 (tiny, head_dim 16: simple attention), cp 2 (head_dim 64: the ring drives the flash kernels)"
 python3 -c 'import json,random; random.seed(1); print(json.dumps([random.randrange(512) for _ in range(128)]))' >"$W/ids.json"
 # A small model with head_dim 64, so attention runs the flash kernels (configs/tiny.json has 16).
@@ -142,13 +153,13 @@ for case in "tiny:configs/tiny.json:--tp 2" "flash64:$W/flash64.json:--cp 2"; do
 done
 fi
 
-if want bench; then
+if want bench 40; then
 say "4. kernel benchmarks"
 limit 120 "$BIN" gpu-check --out "$ROWS" --only bench --name bench.json 2>&1 | tee "$LOG.step" | tee -a "$LOG"
 ran_or_fail "gpu-check --only bench" bench.json
 fi
 
-if want layer; then
+if want layer 50; then
 say "5. decoder layer beside PyTorch"
 limit 120 python3 bench/gpu/layer_torch.py --tokens 32768 --out "$W/torch-layer.json" 2>&1 | tee -a "$LOG"
 PEER=()
@@ -158,13 +169,13 @@ ran_or_fail "gpu-check --only layer" layer.json
 cp "$W/torch-layer.json" "$OUT/" 2>/dev/null
 fi
 
-if want attention; then
+if want attention 45; then
 say "6. flash attention vs the CPU f64 reference"
 limit 180 "$BIN" gpu-check --out "$ROWS" --only attention --name attention.json 2>&1 | tee "$LOG.step" | tee -a "$LOG"
 ran_or_fail "gpu-check --only attention" attention.json
 fi
 
-if want attn-bench; then
+if want attn-bench 150; then
 say "7. flash attention TFLOP/s beside torch SDPA (flash, cuDNN)"
 limit 200 python3 bench/gpu/attn_torch.py --seqlens "${ATTN_SEQLENS:-8192,32768,131072}" --out "$W/torch-attn.json" 2>&1 | tee -a "$LOG"
 APEER=()
@@ -179,9 +190,9 @@ limit 200 "$BIN" gpu-check --out "$ROWS" --only attn-bench --attn-seqlens "${ATT
 ran_or_fail "gpu-check --only attn-bench" attn-bench.json
 fi
 
-if want rank4m; then
-say "8. one rank of the 4M run (TP 8 x CP 16, 256K local tokens, local copies for communication)"
-limit "${RANK4M_LIMIT:-150}" "$BIN" gpu-check --out "$ROWS" --only rank4m --name rank4m.json 2>&1 | tee "$LOG.step" | tee -a "$LOG"
+if want rank4m 150; then
+say "8. one rank of the 4M run (TP 8 x CP 16, 256K local tokens, local copies for communication; 1 and 2 layers, extrapolated to 32)"
+limit "${RANK4M_LIMIT:-$((BUDGET - SECONDS))}" "$BIN" gpu-check --out "$ROWS" --only rank4m --rank4m-layers "${RANK4M_LAYERS:-1,2}" --name rank4m.json 2>&1 | tee "$LOG.step" | tee -a "$LOG"
 ran_or_fail "gpu-check --only rank4m" rank4m.json
 fi
 
