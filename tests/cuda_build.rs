@@ -118,18 +118,33 @@ fn flash_attention_ptx_uses_the_tensor_cores_and_async_copies() {
             "cp.async.cg.shared.global",
             "cp.async.wait_group",
         ] {
-            assert!(ptx.contains(needle), "attention_flash {arch} PTX has no {needle}");
+            assert!(
+                ptx.contains(needle),
+                "attention_flash {arch} PTX has no {needle}"
+            );
         }
         // The dQ atomics of the fast backward.
-        assert!(ptx.contains("red.global.add.f32") || ptx.contains("atom.global.add.f32"),
-            "attention_flash {arch} PTX has no fp32 global atomic add");
+        assert!(
+            ptx.contains("red.global.add.f32") || ptx.contains("atom.global.add.f32"),
+            "attention_flash {arch} PTX has no fp32 global atomic add"
+        );
     }
-    assert_eq!(&m.cubin_sm90a[..4], b"\x7fELF", "attention_flash sm_90a cubin");
+    assert_eq!(
+        &m.cubin_sm90a[..4],
+        b"\x7fELF",
+        "attention_flash sm_90a cubin"
+    );
     // The cubin holds machine code for every entry (symbol names are in the ELF string table).
     let cubin = String::from_utf8_lossy(m.cubin_sm90a);
     for d in [64, 128] {
-        assert!(cubin.contains(&format!("ul_flash_fwd_d{d}")), "sm_90a cubin: fwd d{d}");
-        assert!(cubin.contains(&format!("ul_flash_bwd_dkdv_d{d}")), "sm_90a cubin: dkdv d{d}");
+        assert!(
+            cubin.contains(&format!("ul_flash_fwd_d{d}")),
+            "sm_90a cubin: fwd d{d}"
+        );
+        assert!(
+            cubin.contains(&format!("ul_flash_bwd_dkdv_d{d}")),
+            "sm_90a cubin: dkdv d{d}"
+        );
     }
 }
 

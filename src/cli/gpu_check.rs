@@ -1106,7 +1106,11 @@ mod imp {
         let (mut out, mut lse) = (g.zeros(t * 4 * 128), g.zeros(4 * t));
         let (mut dq, mut dk, mut dv) = (g.zeros(t * 512), g.zeros(t * 128), g.zeros(t * 128));
         let sc = 1.0 / 128f64.sqrt();
-        let attn_kind = if g.uses_flash(&shape) { "flash" } else { "simple" };
+        let attn_kind = if g.uses_flash(&shape) {
+            "flash"
+        } else {
+            "simple"
+        };
         let attn_ms = time_ms(g, 0, 1, || {
             g.attention_forward(&q, &k, &v, &shape, sc, &mut out, &mut lse);
             g.attention_backward(
@@ -1220,11 +1224,51 @@ mod imp {
         };
         let cases = [
             case("diagonal GQA 8 d128", 8, 1, 128, long, long, 0, 0, true),
-            case("ring full step GQA 4 d128", 4, 1, 128, mid, mid, mid as i64, 0, true),
-            case("zigzag partial overlap h32k8 d128", 32, 8, 128, 130, 200, 1000, 900, true),
+            case(
+                "ring full step GQA 4 d128",
+                4,
+                1,
+                128,
+                mid,
+                mid,
+                mid as i64,
+                0,
+                true,
+            ),
+            case(
+                "zigzag partial overlap h32k8 d128",
+                32,
+                8,
+                128,
+                130,
+                200,
+                1000,
+                900,
+                true,
+            ),
             case("diagonal GQA 1 d64 length 77", 4, 4, 64, 77, 77, 0, 0, true),
-            case("zigzag chunk pair GQA 4 d64", 8, 2, 64, mid, mid / 2, 3 * mid as i64, mid as i64, true),
-            case("rows 0..59 see no key GQA 4 d64", 8, 2, 64, 150, 90, 0, 60, true),
+            case(
+                "zigzag chunk pair GQA 4 d64",
+                8,
+                2,
+                64,
+                mid,
+                mid / 2,
+                3 * mid as i64,
+                mid as i64,
+                true,
+            ),
+            case(
+                "rows 0..59 see no key GQA 4 d64",
+                8,
+                2,
+                64,
+                150,
+                90,
+                0,
+                60,
+                true,
+            ),
             case("no row sees a key d128", 4, 2, 128, 64, 100, 0, 1000, true),
             case("non-causal d128", 4, 2, 128, 33, 47, 0, 0, false),
         ];
@@ -1266,7 +1310,10 @@ mod imp {
             k_pos0: cs.kp,
             causal: cs.causal,
         };
-        assert!(g.uses_flash(&shape), "{tag}: the flash kernels do not take {shape:?}");
+        assert!(
+            g.uses_flash(&shape),
+            "{tag}: the flash kernels do not take {shape:?}"
+        );
         let mut dr = Draw {
             stream: 0,
             bf16: true,
@@ -1315,7 +1362,11 @@ mod imp {
         let masked = lcv.iter().filter(|x| **x == f64::NEG_INFINITY).count();
         let mut rows = vec![
             (format!("{tag}: out"), rel_l2(&ogv, &ocv), 1e-2),
-            (format!("{tag}: lse (finite rows)"), rel_l2(&fin_g, &fin_c), 1e-4),
+            (
+                format!("{tag}: lse (finite rows)"),
+                rel_l2(&fin_g, &fin_c),
+                1e-4,
+            ),
             (
                 format!("{tag}: {masked} rows that see no key have out 0, lse -inf (count wrong)"),
                 bad_rows as f64,
@@ -1339,7 +1390,11 @@ mod imp {
             g.attention_backward(
                 &qg, &kg, &vg, &og, &gg, &lg, &shape, sc, &mut dq, &mut dk, &mut dv,
             );
-            [g.download_f64(&dq), g.download_f64(&dk), g.download_f64(&dv)]
+            [
+                g.download_f64(&dq),
+                g.download_f64(&dk),
+                g.download_f64(&dv),
+            ]
         };
         let f = run(g, fast);
         let d1 = run(g, det);
@@ -1437,8 +1492,11 @@ mod imp {
             let dout = randn_dev(g, s * nq * d, 34, 1.0);
             let mut out = g.zeros(s * nq * d);
             let mut lse = g.zeros_dtype(nq * s, DType::F32);
-            let (mut dq, mut dk, mut dv) =
-                (g.zeros(s * nq * d), g.zeros(s * nkv * d), g.zeros(s * nkv * d));
+            let (mut dq, mut dk, mut dv) = (
+                g.zeros(s * nq * d),
+                g.zeros(s * nkv * d),
+                g.zeros(s * nkv * d),
+            );
             let t0 = Instant::now();
             g.attention_forward(&q, &k, &v, &shape, sc, &mut out, &mut lse);
             g.attention_backward(
@@ -1512,7 +1570,10 @@ mod imp {
             }
             // DESIGN.md: a rate above the dense peak is a bug (of the timing or the count).
             if tf > 989.0 {
-                rep.fail(&name, &format!("{tf:.0} TFLOP/s is above the 989 TFLOP/s peak"));
+                rep.fail(
+                    &name,
+                    &format!("{tf:.0} TFLOP/s is above the 989 TFLOP/s peak"),
+                );
             }
         }
     }
@@ -1555,16 +1616,24 @@ mod imp {
             .iter()
             .flat_map(|&(s, l)| s as u64..(s + l) as u64)
             .collect();
-        anyhow::ensure!(positions.len() == t, "zigzag: {} positions", positions.len());
+        anyhow::ensure!(
+            positions.len() == t,
+            "zigzag: {} positions",
+            positions.len()
+        );
         let mut points = vec![];
         for (k, &n) in layers.iter().enumerate() {
             let cfg = rank4m_config(n)?;
             layout.check_model(&cfg)?;
             let ids: Vec<u32> = (0..t as u64)
-                .map(|i| (rng::uniform(9, 0, i) * cfg.vocab_size as f64) as u32 % cfg.vocab_size as u32)
+                .map(|i| {
+                    (rng::uniform(9, 0, i) * cfg.vocab_size as f64) as u32 % cfg.vocab_size as u32
+                })
                 .collect();
             let targets: Vec<i32> = (0..t as u64)
-                .map(|i| (rng::uniform(9, 1, i) * cfg.vocab_size as f64) as i32 % cfg.vocab_size as i32)
+                .map(|i| {
+                    (rng::uniform(9, 1, i) * cfg.vocab_size as f64) as i32 % cfg.vocab_size as i32
+                })
                 .collect();
             g.synchronize();
             g.reset_peak();
@@ -1594,21 +1663,29 @@ mod imp {
             if k == 0 {
                 let t0 = Instant::now();
                 pass();
-                println!("rank4m: warm-up pass ({n} layers) {:.1} s", t0.elapsed().as_secs_f64());
+                println!(
+                    "rank4m: warm-up pass ({n} layers) {:.1} s",
+                    t0.elapsed().as_secs_f64()
+                );
             }
             let t0 = Instant::now();
             let loss = pass();
             let secs = t0.elapsed().as_secs_f64();
             let peak = (g.peak_bytes() - base.min(g.peak_bytes())) as f64 / (1u64 << 30) as f64;
-            let flops = t as f64
-                * (6.0 * n_params as f64 + 6.0 * 4.0 * 128.0 * seq as f64 * n as f64);
+            let flops =
+                t as f64 * (6.0 * n_params as f64 + 6.0 * 4.0 * 128.0 * seq as f64 * n as f64);
             rep.check(
-                &format!("rank4m {n} layers: loss finite ({:.4} per token)", loss / t as f64),
+                &format!(
+                    "rank4m {n} layers: loss finite ({:.4} per token)",
+                    loss / t as f64
+                ),
                 if loss.is_finite() { 0.0 } else { 1.0 },
                 0.0,
             );
             rep.metric(
-                &format!("rank4m_step_L{n}: TP8 x CP16 rank 0, 262144 tokens, {n} layers, fwd+bwd time"),
+                &format!(
+                    "rank4m_step_L{n}: TP8 x CP16 rank 0, 262144 tokens, {n} layers, fwd+bwd time"
+                ),
                 secs,
                 "s",
                 None,
@@ -1634,7 +1711,12 @@ mod imp {
             let np = at32(np1 as f64, np2 as f64);
             let from = format!("extrapolated from {n1} and {n2} layers");
             rep.metric(&format!("rank4m_step: 32 layers, {from}"), secs, "s", None);
-            rep.metric(&format!("rank4m_peak: 32 layers, {from}"), peak, "GiB", None);
+            rep.metric(
+                &format!("rank4m_peak: 32 layers, {from}"),
+                peak,
+                "GiB",
+                None,
+            );
             rep.metric(
                 &format!("rank4m_mfu: 32 layers, {from} (N = {np:.3e} parameters per rank)"),
                 flops / secs / 989e12,

@@ -251,10 +251,16 @@ mod tests {
             let log: CommLog = Arc::default();
             let topo = loopback_topology(layout, r, Some(log.clone()));
             let loss = rank_pass(&cfg, &topo, len);
-            assert!(loss.is_finite() && real_loss.is_finite(), "rank {r}: loss {loss}");
+            assert!(
+                loss.is_finite() && real_loss.is_finite(),
+                "rank {r}: loss {loss}"
+            );
             let got = log.lock().unwrap().clone();
             assert!(!got.is_empty(), "rank {r}: no collective at all");
-            assert_eq!(got, calls, "rank {r}: loopback calls differ from the thread world's");
+            assert_eq!(
+                got, calls,
+                "rank {r}: loopback calls differ from the thread world's"
+            );
         }
     }
 

@@ -7,9 +7,9 @@
 //! rounds q, k, v (and out, dout) into bf16 scratch and converts the results back, so both storages
 //! run the same kernels. Head dims other than 64 and 128 fall back to cuda/attention_simple.cu.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 use cudarc::driver::result;
 use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaBuf, DType};
 use crate::backend::AttnShape;
@@ -27,8 +27,7 @@ pub struct AttnOptions {
 impl AttnOptions {
     pub fn from_env() -> Self {
         let flash = !std::env::var("ULTRALONG_ATTN").is_ok_and(|v| v == "simple");
-        let deterministic =
-            std::env::var("ULTRALONG_ATTN_DETERMINISTIC").is_ok_and(|v| v == "1");
+        let deterministic = std::env::var("ULTRALONG_ATTN_DETERMINISTIC").is_ok_and(|v| v == "1");
         AttnOptions {
             flash,
             deterministic,
@@ -129,18 +128,21 @@ impl CudaBackend {
         let op = out_tmp.as_ref().map_or(out.ptr, |t| t.ptr);
         let lp = lse_tmp.as_ref().map_or(lse.ptr, |t| t.ptr);
         for p in [qp, kp, vp, op] {
-            assert!(p.is_multiple_of(16), "flash attention: operand not 16-byte aligned");
+            assert!(
+                p.is_multiple_of(16),
+                "flash attention: operand not 16-byte aligned"
+            );
         }
         let cfg = LaunchConfig {
-            grid_dim: (
-                shape.n_q_heads as u32,
-                shape.q_len.div_ceil(BM) as u32,
-                1,
-            ),
+            grid_dim: (shape.n_q_heads as u32, shape.q_len.div_ceil(BM) as u32, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem_fwd(d),
         };
-        let name = if d == 128 { "ul_flash_fwd_d128" } else { "ul_flash_fwd_d64" };
+        let name = if d == 128 {
+            "ul_flash_fwd_d128"
+        } else {
+            "ul_flash_fwd_d64"
+        };
         launch!(self, name, cfg; qp, kp, vp, s, scale as f32, op, lp);
         if let Some(t) = out_tmp {
             self.convert(t.ptr, DType::Bf16, out.ptr, out.dtype, out.len);
@@ -175,7 +177,10 @@ impl CudaBackend {
         let (gp, _tg) = self.bf16_operand(dout, 0, dout.len);
         let (lp, _tl) = self.f32_operand(lse);
         for p in [qp, kp, vp, op, gp] {
-            assert!(p.is_multiple_of(16), "flash attention: operand not 16-byte aligned");
+            assert!(
+                p.is_multiple_of(16),
+                "flash attention: operand not 16-byte aligned"
+            );
         }
         let sc = scale as f32;
         let dsum = self.alloc(nq * ql, DType::F32);
