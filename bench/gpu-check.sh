@@ -8,7 +8,15 @@
 #   2. the same checks, small, under compute-sanitizer memcheck;
 #   3. 2 ranks sharing the GPU through the MPI (host-staged) path equal to 1 rank (tp 2);
 #   4. benchmarks: copy bandwidth, RoPE/RMSNorm/SwiGLU/AdamW bandwidth, GEMM TFLOP/s;
-#   5. one Llama-3.1-8B decoder layer (TP-8 shapes, 32K tokens) beside PyTorch eager + SDPA.
+#   5. one Llama-3.1-8B decoder layer (TP-8 shapes, 32K tokens) beside PyTorch eager + SDPA;
+#   6. the flash-attention kernels against the CPU f64 reference (GQA, head_dim 64/128, ring and
+#      zigzag offsets, tails, fully masked rows, deterministic backward), also under memcheck;
+#   7. flash attention TFLOP/s (causal, d 128, h4k1 and h32k8, S 8K/32K/128K) beside torch SDPA's
+#      flash and cuDNN backends (bench/gpu/attn_torch.py), rows attn_{fwd,bwd,fwd_bwd}_causal_S*_h*k*;
+#   8. one rank of the 4M run (TP 8 x CP 16, 256K local tokens, communication as local copies).
+# STEPS="attention attn-bench" (names: checks memcheck mpi bench layer attention attn-bench
+# rank4m; default all) runs a subset; each step has its own time limit (timeout), so one slow
+# step costs its limit and the JSON is still written.
 # Everything lands in $OUT (what comes back) as gpu-check-DATE.json in the bench/results form,
 # plus the logs; the last lines printed are the summary table.
 set -uo pipefail
@@ -72,54 +80,121 @@ extra_row() {  # name value unit error  -> one JSON row file
 }
 
 ran_or_fail() {  # step-name json-file: a failing row if the step wrote no rows
-  [ -s "$ROWS/$2" ] || extra_row "check: $1 did not run ($(grep -m1 -i 'error' "$LOG.step" | tr -d '"' | cut -c1-200))" 0 pass "not run"
+  [ -s "$ROWS/$2" ] || extra_row "check: $1 did not run ($( (grep -m1 -i 'error\|panicked\|timed out' "$LOG.step" || echo 'no output') | tr -d '"' | cut -c1-200))" 0 pass "not run"
+}
+# The device call ends at 600 s whatever runs: steps start only while their typical time fits in
+# BUDGET seconds (default 560), so the summary below is always written.
+BUDGET=${BUDGET:-560}
+want() {  # step-name typical-seconds: whether STEPS selects it and the budget allows it
+  case " ${STEPS:-all} " in *" all "*|*" $1 "*) ;; *) return 1 ;; esac
+  if [ $((SECONDS + ${2:-0})) -gt "$BUDGET" ]; then
+    extra_row "check: step $1 skipped (time budget: ${SECONDS}s used of ${BUDGET}s; run STEPS=$1 in another call)" 0 pass "not run"
+    return 1
+  fi
+  return 0
+}
+# limit SECONDS command...: run with a time limit; a timeout is logged so ran_or_fail can say so.
+limit() {  # (capped at what is left of BUDGET)
+  local s=$1; shift
+  local left=$((BUDGET - SECONDS))
+  [ "$left" -lt "$s" ] && s=$left
+  [ "$s" -lt 5 ] && s=5
+  timeout --signal=TERM --kill-after=10 "$s" "$@"
+  local rc=$?
+  [ $rc = 124 ] && echo "error: timed out after ${s}s: $*"
+  return $rc
 }
 
+if want checks 60; then
 say "1. kernel checks and training step"
-"$BIN" gpu-check --out "$ROWS" --only checks --name checks.json --date "$DATE" --command "$CMD" 2>&1 | tee "$LOG.step" | tee -a "$LOG"
+limit 240 "$BIN" gpu-check --out "$ROWS" --only checks --name checks.json --date "$DATE" --command "$CMD" 2>&1 | tee "$LOG.step" | tee -a "$LOG"
 ran_or_fail "gpu-check --only checks" checks.json
+fi
 
-say "2. compute-sanitizer memcheck"
+if want memcheck 150; then
+say "2. compute-sanitizer memcheck (kernel checks, then the flash-attention checks)"
 if command -v compute-sanitizer >/dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN" gpu-check --out "$W/san" --only checks --small 2>&1 | tee "$OUT/memcheck.log" | tail -5 | tee -a "$LOG"
-  rc=${PIPESTATUS[0]}
-  errs=$(grep -o 'ERROR SUMMARY: [0-9]* error' "$OUT/memcheck.log" | tail -1 | grep -o '[0-9]*' || echo "?")
-  if [ "$rc" = 9 ] || [ "$errs" != 0 ]; then v=0; else v=1; fi
-  extra_row "check: compute-sanitizer memcheck on the kernel checks (errors: $errs, exit $rc)" "$v" pass "$errs"
+  for what in checks attention; do
+    limit 240 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN" gpu-check --out "$W/san-$what" --only $what --small 2>&1 | tee "$OUT/memcheck-$what.log" | tail -5 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    errs=$(grep -o 'ERROR SUMMARY: [0-9]* error' "$OUT/memcheck-$what.log" | tail -1 | grep -o '[0-9]*' || echo "?")
+    if [ "$rc" = 9 ] || [ "$errs" != 0 ]; then v=0; else v=1; fi
+    extra_row "check: compute-sanitizer memcheck on gpu-check --only $what --small (errors: ${errs:-?}, exit $rc)" "$v" pass "${errs:-?}"
+  done
 else
   extra_row "check: compute-sanitizer memcheck (skipped: not installed)" 0 pass "not run"
 fi
-
-say "3. two ranks sharing the GPU (MPI, tp 2) vs one rank"
-M="$W/tiny"
-"$BIN" init --config configs/tiny.json --seed 3 --out "$M" >>"$LOG" 2>&1
-python3 -c 'import json,random; random.seed(1); print(json.dumps([random.randrange(512) for _ in range(128)]))' >"$W/ids.json"
-"$BIN" forward --backend cuda --model "$M" --tokens "$W/ids.json" --grads "$W/g1.safetensors" >"$W/l1.json" 2>>"$LOG"
-r1=$?
-if command -v mpirun >/dev/null; then
-  mpirun -np 2 "$BIN" forward --backend cuda --tp 2 --model "$M" --tokens "$W/ids.json" --grads "$W/g2.safetensors" >"$W/l2.json" 2>"$W/mpi.err"
-  r2=$?
-  tail -5 "$W/mpi.err" >>"$LOG"
-  if [ $r1 = 0 ] && [ $r2 = 0 ]; then
-    python3 bench/gpu/layer_torch.py --compare "$W/g2.safetensors" "$W/g1.safetensors" "$W/l2.json" "$W/l1.json" --out "$ROWS/mpi.json" | tee -a "$LOG"
-  else
-    extra_row "check: 2 ranks (MPI fallback) vs 1 rank (failed: exit $r1/$r2, $(grep -m1 -i 'error' "$W/mpi.err" | tr -d '"' | cut -c1-200))" 0 pass "run failed"
-  fi
-else
-  extra_row "check: 2 ranks (MPI fallback) vs 1 rank (skipped: no mpirun, none carried)" 0 pass "not run"
 fi
 
-say "4. kernel benchmarks"
-"$BIN" gpu-check --out "$ROWS" --only bench --name bench.json 2>&1 | tee "$LOG.step" | tee -a "$LOG"
-ran_or_fail "gpu-check --only bench" bench.json
+if want mpi 45; then
+say "3. two ranks sharing the GPU (MPI) vs one rank: tp 2 (tiny, head_dim 16: simple attention), cp 2 (head_dim 64: the ring drives the flash kernels)"
+python3 -c 'import json,random; random.seed(1); print(json.dumps([random.randrange(512) for _ in range(128)]))' >"$W/ids.json"
+# A small model with head_dim 64, so attention runs the flash kernels (configs/tiny.json has 16).
+python3 -c 'import json; c=json.load(open("configs/tiny.json")); c.update(hidden_size=256, intermediate_size=512, head_dim=64); print(json.dumps(c))' >"$W/flash64.json"
+for case in "tiny:configs/tiny.json:--tp 2" "flash64:$W/flash64.json:--cp 2"; do
+  name=${case%%:*}; rest=${case#*:}; cfg=${rest%%:*}; par=${rest#*:}
+  M="$W/model-$name"
+  "$BIN" init --config "$cfg" --seed 3 --out "$M" >>"$LOG" 2>&1
+  limit 60 "$BIN" forward --backend cuda --model "$M" --tokens "$W/ids.json" --grads "$W/g1-$name.safetensors" >"$W/l1-$name.json" 2>>"$LOG"
+  r1=$?
+  if command -v mpirun >/dev/null; then
+    # shellcheck disable=SC2086
+    limit 90 mpirun -np 2 "$BIN" forward --backend cuda $par --model "$M" --tokens "$W/ids.json" --grads "$W/g2-$name.safetensors" >"$W/l2-$name.json" 2>"$W/mpi-$name.err"
+    r2=$?
+    tail -5 "$W/mpi-$name.err" >>"$LOG"
+    if [ $r1 = 0 ] && [ $r2 = 0 ]; then
+      python3 bench/gpu/layer_torch.py --label "$name, $par" --compare "$W/g2-$name.safetensors" "$W/g1-$name.safetensors" "$W/l2-$name.json" "$W/l1-$name.json" --out "$ROWS/mpi-$name.json" | tee -a "$LOG"
+    else
+      extra_row "check: 2 ranks (MPI fallback, $name, $par) vs 1 rank (failed: exit $r1/$r2, $(grep -m1 -i 'error' "$W/mpi-$name.err" | tr -d '"' | cut -c1-200))" 0 pass "run failed"
+    fi
+  else
+    extra_row "check: 2 ranks (MPI fallback, $name) vs 1 rank (skipped: no mpirun, none carried)" 0 pass "not run"
+  fi
+done
+fi
 
+if want bench 40; then
+say "4. kernel benchmarks"
+limit 120 "$BIN" gpu-check --out "$ROWS" --only bench --name bench.json 2>&1 | tee "$LOG.step" | tee -a "$LOG"
+ran_or_fail "gpu-check --only bench" bench.json
+fi
+
+if want layer 50; then
 say "5. decoder layer beside PyTorch"
-python3 bench/gpu/layer_torch.py --tokens 32768 --out "$W/torch-layer.json" 2>&1 | tee -a "$LOG"
+limit 120 python3 bench/gpu/layer_torch.py --tokens 32768 --out "$W/torch-layer.json" 2>&1 | tee -a "$LOG"
 PEER=()
 [ -s "$W/torch-layer.json" ] && PEER=(--peer "$W/torch-layer.json")
-"$BIN" gpu-check --out "$ROWS" --only layer --layer-tokens 32768 "${PEER[@]}" --name layer.json 2>&1 | tee "$LOG.step" | tee -a "$LOG"
+limit 120 "$BIN" gpu-check --out "$ROWS" --only layer --layer-tokens 32768 "${PEER[@]}" --name layer.json 2>&1 | tee "$LOG.step" | tee -a "$LOG"
 ran_or_fail "gpu-check --only layer" layer.json
 cp "$W/torch-layer.json" "$OUT/" 2>/dev/null
+fi
+
+if want attention 45; then
+say "6. flash attention vs the CPU f64 reference"
+limit 180 "$BIN" gpu-check --out "$ROWS" --only attention --name attention.json 2>&1 | tee "$LOG.step" | tee -a "$LOG"
+ran_or_fail "gpu-check --only attention" attention.json
+fi
+
+if want attn-bench 150; then
+say "7. flash attention TFLOP/s beside torch SDPA (flash, cuDNN)"
+limit 200 python3 bench/gpu/attn_torch.py --seqlens "${ATTN_SEQLENS:-8192,32768,131072}" --out "$W/torch-attn.json" 2>&1 | tee -a "$LOG"
+APEER=()
+if [ -s "$W/torch-attn.json" ]; then
+  APEER=(--attn-peer "$W/torch-attn.json")
+  cp "$W/torch-attn.json" "$OUT/"
+  python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])).get("checks", [])))' "$W/torch-attn.json" >"$ROWS/torch-attn-checks.json"
+else
+  extra_row "check: bench/gpu/attn_torch.py (SDPA peer) did not run" 0 pass "not run"
+fi
+limit 200 "$BIN" gpu-check --out "$ROWS" --only attn-bench --attn-seqlens "${ATTN_SEQLENS:-8192,32768,131072}" "${APEER[@]}" --name attn-bench.json 2>&1 | tee "$LOG.step" | tee -a "$LOG"
+ran_or_fail "gpu-check --only attn-bench" attn-bench.json
+fi
+
+if want rank4m 150; then
+say "8. one rank of the 4M run (TP 8 x CP 16, 256K local tokens, local copies for communication; 1 and 2 layers, extrapolated to 32)"
+limit "${RANK4M_LIMIT:-$((BUDGET - SECONDS))}" "$BIN" gpu-check --out "$ROWS" --only rank4m --rank4m-layers "${RANK4M_LAYERS:-1,2}" --name rank4m.json 2>&1 | tee "$LOG.step" | tee -a "$LOG"
+ran_or_fail "gpu-check --only rank4m" rank4m.json
+fi
 
 say "summary"
 rm -f "$LOG.step"

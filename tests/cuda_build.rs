@@ -1,5 +1,6 @@
 //! The CUDA build without a GPU: every `cuda/*.cu` is compiled by build.rs (nvcc, warnings as
-//! errors) and embedded; RoPE's PTX has no approximate sin/cos; every kernel the backend looks up
+//! errors) and embedded; RoPE's PTX has no approximate sin/cos; the flash-attention PTX uses
+//! mma.sync m16n8k16 bf16, ldmatrix and cp.async, and its sm_90a cubin has every entry; every kernel the backend looks up
 //! is in its module; `--backend cuda` without a driver fails with a clear message; and a build
 //! without nvcc still succeeds (ignored by default: a second full `cargo check`).
 #![cfg(feature = "cuda")]
@@ -94,6 +95,56 @@ fn rope_ptx_has_exact_angles_no_approximate_sin_cos() {
         }
         // The range reduction is in f64: fused multiply-adds on doubles.
         assert!(ptx.contains("fma.rn.f64"), "rope {arch} PTX has no f64 fma");
+    }
+}
+
+#[test]
+fn flash_attention_ptx_uses_the_tensor_cores_and_async_copies() {
+    if !kernels_or_skip() {
+        return;
+    }
+    let m = module("attention_flash").expect("attention_flash module");
+    for (arch, ptx) in [("sm_80", m.ptx_sm80), ("sm_90", m.ptx_sm90)] {
+        for d in [64, 128] {
+            for k in ["fwd", "bwd_dsum", "bwd_dkdv", "bwd_dq"] {
+                let e = format!(".entry ul_flash_{k}_d{d}(");
+                assert!(ptx.contains(&e), "{arch}: {e} missing");
+            }
+        }
+        for needle in [
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+            "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+            "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+            "cp.async.cg.shared.global",
+            "cp.async.wait_group",
+        ] {
+            assert!(
+                ptx.contains(needle),
+                "attention_flash {arch} PTX has no {needle}"
+            );
+        }
+        // The dQ atomics of the fast backward.
+        assert!(
+            ptx.contains("red.global.add.f32") || ptx.contains("atom.global.add.f32"),
+            "attention_flash {arch} PTX has no fp32 global atomic add"
+        );
+    }
+    assert_eq!(
+        &m.cubin_sm90a[..4],
+        b"\x7fELF",
+        "attention_flash sm_90a cubin"
+    );
+    // The cubin holds machine code for every entry (symbol names are in the ELF string table).
+    let cubin = String::from_utf8_lossy(m.cubin_sm90a);
+    for d in [64, 128] {
+        assert!(
+            cubin.contains(&format!("ul_flash_fwd_d{d}")),
+            "sm_90a cubin: fwd d{d}"
+        );
+        assert!(
+            cubin.contains(&format!("ul_flash_bwd_dkdv_d{d}")),
+            "sm_90a cubin: dkdv d{d}"
+        );
     }
 }
 

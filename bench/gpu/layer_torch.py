@@ -106,7 +106,7 @@ def layer_bench(t, reps):
     }
 
 
-def compare(a, b, la, lb):
+def compare(a, b, la, lb, label="tp 2"):
     """Rows: loss of `forward` JSON lines la/lb, gradient cosine per tensor of two safetensors."""
     import numpy as np
     from safetensors.numpy import load_file
@@ -114,14 +114,14 @@ def compare(a, b, la, lb):
     rows = []
     fa, fb = json.loads(open(la).read().strip().splitlines()[-1]), json.loads(open(lb).read().strip().splitlines()[-1])
     rel = abs(fa["loss"] - fb["loss"]) / abs(fb["loss"])
-    rows.append({"name": "check: 2 ranks (MPI fallback, tp 2, one GPU) loss vs 1 rank, relative", "value": int(rel < 1e-3), "unit": "pass", "error": rel, "tolerance": 1e-3, "peer": None, "peer_value": None})
+    rows.append({"name": f"check: 2 ranks (MPI fallback, {label}, one GPU) loss vs 1 rank, relative", "value": int(rel < 1e-3), "unit": "pass", "error": rel, "tolerance": 1e-3, "peer": None, "peer_value": None})
     ta, tb = load_file(a), load_file(b)
     worst = 1.0
     for n in sorted(tb):
         x, y = ta[n].astype(np.float64).ravel(), tb[n].astype(np.float64).ravel()
         c = float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-300))
         worst = min(worst, c)
-    rows.append({"name": "check: 2 ranks (MPI fallback) gradients vs 1 rank, min cosine over tensors", "value": int(worst > 0.999), "unit": "pass", "error": 1 - worst, "tolerance": 1e-3, "peer": None, "peer_value": None})
+    rows.append({"name": f"check: 2 ranks (MPI fallback, {label}) gradients vs 1 rank, min cosine over tensors", "value": int(worst > 0.999), "unit": "pass", "error": 1 - worst, "tolerance": 1e-3, "peer": None, "peer_value": None})
     return rows
 
 
@@ -131,9 +131,10 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out")
     p.add_argument("--compare", nargs=4, metavar=("GRADS_A", "GRADS_B", "LOSS_A", "LOSS_B"))
+    p.add_argument("--label", default="tp 2", help="what the 2 ranks split (for the row names)")
     a = p.parse_args()
     if a.compare:
-        res = compare(*a.compare)
+        res = compare(*a.compare, label=a.label)
     else:
         res = layer_bench(a.tokens, a.reps)
     s = json.dumps(res, indent=1)

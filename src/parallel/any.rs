@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::{Result, bail};
 
 use super::comm::{Comm, Elem, Exchange, ReduceOp, SelfComm, WaitClock};
+use super::loopback::LoopbackComm;
 #[cfg(feature = "mpi")]
 use super::mpi::MpiComm;
 use super::thread::ThreadComm;
@@ -27,6 +28,8 @@ pub enum AnyComm {
     /// A rank of an MPI world or a split of it.
     #[cfg(feature = "mpi")]
     Mpi(MpiComm),
+    /// One rank of a pretended world, collectives as local copies (`loopback`).
+    Loopback(LoopbackComm),
 }
 
 macro_rules! dispatch {
@@ -36,6 +39,7 @@ macro_rules! dispatch {
             AnyComm::Thread($c) => $e,
             #[cfg(feature = "mpi")]
             AnyComm::Mpi($c) => $e,
+            AnyComm::Loopback($c) => $e,
         }
     };
 }
@@ -49,6 +53,9 @@ impl AnyComm {
             AnyComm::Thread(c) => AnyComm::Thread(c.split(color, key)),
             #[cfg(feature = "mpi")]
             AnyComm::Mpi(c) => AnyComm::Mpi(c.split(color, key)),
+            AnyComm::Loopback(_) => {
+                panic!("a LoopbackComm does not split: build the topology with loopback_topology")
+            }
         }
     }
 
@@ -59,6 +66,7 @@ impl AnyComm {
             AnyComm::Thread(_) => "thread",
             #[cfg(feature = "mpi")]
             AnyComm::Mpi(_) => "mpi",
+            AnyComm::Loopback(_) => "loopback",
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod any;
 pub mod comm;
 pub mod context;
+pub mod loopback;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 #[cfg(feature = "cuda")]

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
 use cudarc::nvrtc::Ptx;
 
@@ -89,6 +90,19 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "ul_attn_merge",
         ],
     ),
+    (
+        "attention_flash",
+        &[
+            "ul_flash_fwd_d64",
+            "ul_flash_bwd_dsum_d64",
+            "ul_flash_bwd_dkdv_d64",
+            "ul_flash_bwd_dq_d64",
+            "ul_flash_fwd_d128",
+            "ul_flash_bwd_dsum_d128",
+            "ul_flash_bwd_dkdv_d128",
+            "ul_flash_bwd_dq_d128",
+        ],
+    ),
 ];
 
 /// Which image was loaded (reported by `gpu-check`).
@@ -137,6 +151,19 @@ impl Kernels {
                 let f = module
                     .load_function(e)
                     .with_context(|| format!("kernel {e} in cuda/{name}.cu"))?;
+                if e.starts_with("ul_flash_") {
+                    // Above 48 KiB of dynamic shared memory only after opting in, per function.
+                    f.set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        super::flash::FLASH_MAX_SMEM as i32,
+                    )
+                    .with_context(|| {
+                        format!(
+                            "{e}: allowing {} bytes of dynamic shared memory",
+                            super::flash::FLASH_MAX_SMEM
+                        )
+                    })?;
+                }
                 funcs.insert(*e, f);
             }
         }
@@ -150,7 +177,7 @@ impl Kernels {
     }
 }
 
-/// `UlAttnShape` of cuda/attention_simple.cu.
+/// `UlAttnShape` of cuda/attention_simple.cu and cuda/attention_flash.cuh (one layout).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct UlAttnShape {

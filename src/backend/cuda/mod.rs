@@ -115,6 +115,9 @@ macro_rules! launch {
     (@push $l:ident;) => {};
 }
 
+mod flash;
+pub use flash::{AttnOptions, flash_supports};
+
 /// Threads per block of the elementwise kernels.
 const THREADS: u32 = 256;
 
@@ -129,6 +132,7 @@ pub struct CudaBackend {
     sms: u32,
     sync_each: bool,
     device_name: String,
+    attn: AttnOptions,
 }
 
 /// Why `--backend cuda` cannot run here, or `None` if the driver, cuBLASLt and the kernels exist.
@@ -200,6 +204,7 @@ impl CudaBackend {
             sms,
             sync_each: std::env::var("ULTRALONG_CUDA_SYNC").is_ok_and(|v| v == "1"),
             device_name,
+            attn: AttnOptions::from_env(),
         })
     }
 
@@ -931,6 +936,10 @@ impl Backend for CudaBackend {
                 && lse.len == shape.n_q_heads * ql,
             "attention_forward: sizes for {shape:?}"
         );
+        if self.uses_flash(shape) {
+            self.flash_forward(q, k, v, shape, scale, out, lse);
+            return;
+        }
         let (kk, vv) = self.same_dtype_kv(q, k, v);
         let (kp, vp) = (kk.as_ref().unwrap_or(k).ptr, vv.as_ref().unwrap_or(v).ptr);
         let items = shape.n_q_heads * ql;
@@ -965,6 +974,10 @@ impl Backend for CudaBackend {
                 && dk.dtype == dv.dtype,
             "attention_backward: sizes for {shape:?}"
         );
+        if self.uses_flash(shape) {
+            self.flash_backward(q, k, v, out, dout, lse, shape, scale, dq, dk, dv);
+            return;
+        }
         // The simple kernels read q, k, v, out, dout with one dtype code: bring strays to q's.
         let conv = |b: &CudaBuf| {
             (b.dtype != q.dtype).then(|| {

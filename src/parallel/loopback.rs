@@ -1,0 +1,280 @@
+//! `LoopbackComm`: one rank of a large world, alone in one process, with every collective replaced
+//! by a local copy of the right size — how one GPU runs one rank of the real 4M layout (TP 8 ×
+//! CP 16) to measure its step time and peak memory (`gpu-check --only rank4m`) without 127 others.
+//!
+//! It pretends to be rank `rank` of `size`: `all_gather` fills every rank's block with this
+//! rank's data, `reduce_scatter` keeps this rank's block, `exchange_start` receives what it sends
+//! (the ring's KV blocks have one size on every rank), `all_reduce`, `broadcast` and `barrier` pass.
+//! The buffers moved and their sizes are the real ones; the values are not the real run's (they
+//! stay finite: copies of this rank's own).
+//!
+//! With an inner communicator it records instead: every call is passed on and logged, so a test
+//! can compare the calls of a loopback rank with those of the same rank in a real (thread) world.
+
+use std::sync::{Arc, Mutex};
+
+use super::any::AnyComm;
+use super::comm::{Comm, Elem, Exchange, PendingExchange, ReduceOp, SelfComm, WaitClock};
+use super::topology::{Layout, Topology};
+
+/// One collective as logged: the group's label, the operation and the elements it moved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommCall {
+    pub group: &'static str,
+    pub op: &'static str,
+    pub elems: usize,
+}
+
+pub type CommLog = Arc<Mutex<Vec<CommCall>>>;
+
+pub struct LoopbackComm {
+    rank: usize,
+    size: usize,
+    group: &'static str,
+    log: Option<CommLog>,
+    inner: Option<Box<AnyComm>>,
+    clock: WaitClock,
+}
+
+struct Ready<T>(Vec<T>, Vec<T>);
+
+impl<T: Elem> PendingExchange<T> for Ready<T> {
+    fn wait(self: Box<Self>) -> (Vec<T>, Vec<T>) {
+        (self.0, self.1)
+    }
+}
+
+impl LoopbackComm {
+    /// Rank `rank` of a pretended group of `size`, named `group` in the log.
+    pub fn new(rank: usize, size: usize, group: &'static str, log: Option<CommLog>) -> Self {
+        assert!(rank < size, "LoopbackComm: rank {rank} of {size}");
+        LoopbackComm {
+            rank,
+            size,
+            group,
+            log,
+            inner: None,
+            clock: WaitClock::default(),
+        }
+    }
+
+    /// Pass every call on to `inner`, logging it.
+    pub fn recording(inner: AnyComm, group: &'static str, log: CommLog) -> Self {
+        LoopbackComm {
+            rank: inner.rank(),
+            size: inner.size(),
+            group,
+            log: Some(log),
+            inner: Some(Box::new(inner)),
+            clock: WaitClock::default(),
+        }
+    }
+
+    fn note(&self, op: &'static str, elems: usize) {
+        if let Some(l) = &self.log {
+            l.lock().unwrap().push(CommCall {
+                group: self.group,
+                op,
+                elems,
+            });
+        }
+    }
+}
+
+impl Comm for LoopbackComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn all_reduce<T: Elem>(&self, buf: &mut [T], op: ReduceOp) {
+        self.note("all_reduce", buf.len());
+        if let Some(c) = &self.inner {
+            c.all_reduce(buf, op);
+        }
+    }
+    fn all_gather<T: Elem>(&self, send: &[T], recv: &mut [T]) {
+        self.note("all_gather", recv.len());
+        if let Some(c) = &self.inner {
+            return c.all_gather(send, recv);
+        }
+        assert_eq!(recv.len(), send.len() * self.size, "all_gather: sizes");
+        for block in recv.chunks_exact_mut(send.len().max(1)) {
+            block.copy_from_slice(send);
+        }
+    }
+    fn reduce_scatter<T: Elem>(&self, send: &[T], recv: &mut [T]) {
+        self.note("reduce_scatter", send.len());
+        if let Some(c) = &self.inner {
+            return c.reduce_scatter(send, recv);
+        }
+        assert_eq!(send.len(), recv.len() * self.size, "reduce_scatter: sizes");
+        let n = recv.len();
+        recv.copy_from_slice(&send[self.rank * n..][..n]);
+    }
+    fn broadcast<T: Elem>(&self, buf: &mut [T], root: usize) {
+        self.note("broadcast", buf.len());
+        if let Some(c) = &self.inner {
+            c.broadcast(buf, root);
+        }
+    }
+    fn barrier(&self) {
+        if let Some(c) = &self.inner {
+            c.barrier();
+        }
+    }
+    fn exchange_start<T: Elem>(
+        &self,
+        send: Vec<T>,
+        to: usize,
+        mut recv: Vec<T>,
+        from: usize,
+    ) -> Exchange<T> {
+        self.note("exchange", send.len() + recv.len());
+        if let Some(c) = &self.inner {
+            return c.exchange_start(send, to, recv, from);
+        }
+        assert!(to < self.size && from < self.size, "exchange: ranks");
+        let n = send.len().min(recv.len());
+        recv[..n].copy_from_slice(&send[..n]);
+        Exchange::new(Box::new(Ready(send, recv)))
+    }
+    fn wait_clock(&self) -> &WaitClock {
+        match &self.inner {
+            Some(c) => c.wait_clock(),
+            None => &self.clock,
+        }
+    }
+}
+
+/// The topology of world rank `world_rank` under `layout`, every group a `LoopbackComm` of the
+/// group's real size and this rank's place in it.
+pub fn loopback_topology(layout: Layout, world_rank: usize, log: Option<CommLog>) -> Topology {
+    let (t, c, d) = layout.coords(world_rank);
+    let lb = |rank, size, name| AnyComm::Loopback(LoopbackComm::new(rank, size, name, log.clone()));
+    Topology {
+        layout,
+        world_rank,
+        tp_rank: t,
+        cp_rank: c,
+        dp_rank: d,
+        world: lb(world_rank, layout.world(), "world"),
+        tp: lb(t, layout.tp, "tp"),
+        cp: lb(c, layout.cp, "cp"),
+        dp: lb(d, layout.dp, "dp"),
+        dpcp: lb(c + layout.cp * d, layout.cp * layout.dp, "dpcp"),
+    }
+}
+
+/// `topo` with every group wrapped in a recording `LoopbackComm` writing to `log`.
+pub fn recording_topology(mut topo: Topology, log: &CommLog) -> Topology {
+    let wrap = |c: &mut AnyComm, name: &'static str| {
+        let inner = std::mem::replace(c, AnyComm::Single(SelfComm::default()));
+        *c = AnyComm::Loopback(LoopbackComm::recording(inner, name, log.clone()));
+    };
+    wrap(&mut topo.world, "world");
+    wrap(&mut topo.tp, "tp");
+    wrap(&mut topo.cp, "cp");
+    wrap(&mut topo.dp, "dp");
+    wrap(&mut topo.dpcp, "dpcp");
+    topo
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::data::loader::{Sample, zigzag_slice};
+    use crate::model::config::ModelConfig;
+    use crate::model::llama::{Head, Llama, Workspace};
+    use crate::model::params::ParamStore;
+    use crate::model::rope::RopePrecision;
+    use crate::parallel::thread::ThreadComm;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig::from_json_str(
+            r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": false,
+            "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32}}"#,
+            "tiny",
+        )
+        .unwrap()
+    }
+
+    /// One rank's pass (recompute on, the long-context setting): its loss and the sizes of the
+    /// buffers it allocated for the workspace (the backend's bytes in use after building it).
+    fn rank_pass(cfg: &ModelConfig, topo: &Topology, len: usize) -> f64 {
+        let b = CpuBackend::<f32>::new();
+        let params = ParamStore::init_random_shard(&b, cfg, 3, topo.shard());
+        let model = Llama::new(cfg.clone(), RopePrecision::Exact, params).unwrap();
+        let cp = topo.layout.cp;
+        let mut ws = Workspace::for_rank(&b, cfg, topo, len / cp, true, 8);
+        let mut g = model.params.zeros_like(&b);
+        let ids: Vec<u32> = (0..len).map(|i| ((i * 7 + i * i) % 64) as u32).collect();
+        let targets: Vec<i32> = (0..len).map(|i| ((i * 5 + 1) % 64) as i32).collect();
+        let s = Sample {
+            ids,
+            targets,
+            positions: (0..len as u64).collect(),
+        };
+        let s = zigzag_slice(&s, cp, topo.cp_rank).unwrap();
+        model.forward_backward_rank(
+            &b,
+            topo,
+            &mut ws,
+            &s.ids,
+            &s.positions,
+            Head::Loss {
+                targets: &s.targets,
+                grad_scale: 1.0 / len as f64,
+            },
+            Some(&mut g),
+        )
+    }
+
+    #[test]
+    fn loopback_rank_moves_what_the_thread_world_moves() {
+        let cfg = tiny();
+        let (tp, cp, len) = (2, 2, 32);
+        let layout = Layout { tp, cp, dp: 1 };
+        // The real world of 4 thread ranks, each rank's collectives recorded.
+        let logs: Vec<(usize, Vec<CommCall>, f64)> = ThreadComm::run(tp * cp, |world: AnyComm| {
+            let log: CommLog = Arc::default();
+            let topo = recording_topology(Topology::new(&world, tp, cp).unwrap(), &log);
+            let loss = rank_pass(&cfg, &topo, len);
+            let calls = log.lock().unwrap().clone();
+            (topo.world_rank, calls, loss)
+        });
+        for (r, calls, real_loss) in logs {
+            let log: CommLog = Arc::default();
+            let topo = loopback_topology(layout, r, Some(log.clone()));
+            let loss = rank_pass(&cfg, &topo, len);
+            assert!(
+                loss.is_finite() && real_loss.is_finite(),
+                "rank {r}: loss {loss}"
+            );
+            let got = log.lock().unwrap().clone();
+            assert!(!got.is_empty(), "rank {r}: no collective at all");
+            assert_eq!(
+                got, calls,
+                "rank {r}: loopback calls differ from the thread world's"
+            );
+        }
+    }
+
+    #[test]
+    fn loopback_collectives_have_the_real_sizes() {
+        let c = LoopbackComm::new(2, 4, "t", None);
+        let mut recv = vec![0f32; 12];
+        c.all_gather(&[1.0, 2.0, 3.0], &mut recv);
+        assert_eq!(recv, [1.0, 2.0, 3.0].repeat(4));
+        let mut one = vec![0f32; 2];
+        c.reduce_scatter(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], &mut one);
+        assert_eq!(one, [4.0, 5.0]);
+        let x = c.exchange_start(vec![7u8, 8], 3, vec![0, 0], 1);
+        let (_, r) = c.wait(x);
+        assert_eq!(r, [7, 8]);
+    }
+}
