@@ -71,7 +71,7 @@ train() { # config, run dir, launcher ("" or "mpi"), extra train args...: trains
 LENGTHS=256,512,1K,2K,4K
 DEPTHS=0,25,50,75,100
 # Plain prompts end with the answer's prefix (RULER style); chat prompts let the model say it.
-PLAIN=(--query-format $'\n\nQuestion: {question}\nAnswer: The special magic number is:')
+PLAIN=(--query-format $'\n\n{question} The special magic number is:')
 evaluate() { # model dir, name, template, extra niah args
   $BIN eval niah --model "$1" --lengths $LENGTHS --depths $DEPTHS --trials "$TRIALS" --seed 7 \
     --haystack "$D/haystack.txt" --template "$3" --max-new-tokens 16 "${@:4}" --out "$D/eval/niah-$2" > /dev/null 2> "$D/eval/niah-$2.log"
@@ -126,7 +126,7 @@ sentences with one 7-digit "special magic number" each and a question about it a
 | sft | SFT of yarn at 512 tokens on chat samples (answers only), $S2 steps | $l2 |
 
 NIAH: lengths $LENGTHS x depths $DEPTHS %, $TRIALS trials per cell, greedy, exact match of the
-7 digits; \`plain\` template (Question/Answer, as in the corpus) for the pretrained models, the chat
+7 digits; \`plain\` template (the question, then the answer's first words, as in the corpus) for the pretrained models, the chat
 template for \`sft\`. The base model's window is 256: longer lengths test it beyond its window.
 Loss by position: 4 held-out sequences of 4096 tokens.
 MD

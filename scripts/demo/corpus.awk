@@ -2,9 +2,11 @@
 # carrying one needle — "The special magic number is: NNNNNNN." at a random depth — and ending with
 # the question "What is the special magic number?" and the answer "The special magic number is:
 # NNNNNNN." (as RULER's prompts end with the answer's prefix, the first digit follows the same
-# words as in the needle). A model learns from it to find one 7-digit
-# number in a haystack: the skill the needle-in-a-haystack test measures, at any length the model
-# can attend over.
+# words as in the needle), with no "Question:"/"Answer:" labels, as RULER's prompts. A model
+# learns from it to find one 7-digit number in a haystack: the skill the needle-in-a-haystack test
+# measures, at any length the model can attend over. (The 4-layer demo model, in its 3,600 steps,
+# learns to copy the number's later tokens but mostly misses its first: that token has to be found
+# through the words before it, the others through themselves. It did so with the labels too.)
 #   awk -v seed=S -v docs=N -v min_words=A -v max_words=B -v needle_rate=P [-v lists=L] \
 #     -f corpus.awk > out.jsonl
 # With lists=L a fraction L of the documents are number lists instead: "The numbers are: A B C.
@@ -61,7 +63,7 @@ BEGIN {
       printf "{\"messages\": [{\"role\": \"user\", \"content\": \"%s\\n\\nWhat is the special magic number?\"}, {\"role\": \"assistant\", \"content\": \"The special magic number is: %s.\"}]}\n", text, num;
       continue;
     }
-    if (has) text = text "\\n\\nQuestion: What is the special magic number?\\nAnswer: The special magic number is: " num ".";
+    if (has) text = text "\\n\\nWhat is the special magic number? The special magic number is: " num ".";
     printf "{\"text\": \"%s\", \"domain\": \"%s\"}\n", text, has ? "needle" : "filler";
   }
 }
