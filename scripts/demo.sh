@@ -66,7 +66,7 @@ train() { # config, run dir, launcher ("" or "mpi"), extra train args...: trains
   [ "$launch" = mpi ] && pre=("${MPIRUN[@]}")
   "${pre[@]}" $BIN train --config "$cfg" --set log.quiet=true --set "train.out_dir=\"$out\"" "$@" > "$out.jsonl" 2> "$out.log"
   $BIN export --checkpoint "$out" --out "$out-hf" --dtype f32 > /dev/null 2>> "$out.log"
-  echo "$(head -1 "$out.jsonl" | loss_of) -> $(tail -1 "$out.jsonl" | loss_of)"
+  echo "$(head -1 "$out.jsonl" | loss_of) -> $(tail -n 10 "$out.jsonl" | sed -E 's/.*"loss":([0-9.eE+-]+).*/\1/' | awk '{ s += $1 } END { printf "%.3f", s / NR }')"
 }
 LENGTHS=256,512,1K,2K,4K
 DEPTHS=0,25,50,75,100
@@ -113,10 +113,11 @@ Measured by \`make demo\` (scripts/demo.sh) on $(nproc) cores in $((t_end - t_st
 Tiny Llama: $(grep -o '"num_hidden_layers": [0-9]*' configs/demo/model.json | grep -o '[0-9]*$') layers,
 hidden $(grep -o '"hidden_size": [0-9]*' configs/demo/model.json | grep -o '[0-9]*$'), vocab 512, llama3 RoPE with a 256-token
 window (standing in for Llama-3.1-8B-Instruct's 128K). Corpus: generated documents of filler
-sentences with one 7-digit "special magic number" each and a question about it at the end
-(scripts/demo/corpus.awk); the NIAH haystack is held-out filler of the same kind.
+sentences with one 7-digit "special magic number" each and a question about it at the end, and as
+many number-list documents ("The numbers are: A B. Again, the numbers are: A B."), which teach
+copying (scripts/demo/corpus.awk); the NIAH haystack is held-out filler of the same kind.
 
-| stage | what | training loss (first -> last step) |
+| stage | what | training loss (first step -> mean of the last 10) |
 |---|---|---|
 | base | pretrain at 256 tokens, $S0 steps | $l0 |
 | yarn | **the recipe**: one-step extension to 4096 (16x), YaRN factor 32 over 128, beta_fast 4, beta_slow 1, \`<s>\` separators, no document mask, tp 2 x cp 2 on 4 ranks, $S1 steps | $l1 |
