@@ -41,9 +41,14 @@ port_free() { # port -> 0 if nothing listens on it
 }
 
 pick_port() {
-  local p
+  # Below the kernel's ephemeral range: a port there can be taken by any outgoing connection
+  # between this check and slurmctld's bind ("Address already in use", seen in CI).
+  local p lo=20000 hi=59999 eph
+  if read -r eph _ < /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null && [ "$eph" -gt 21000 ]; then
+    hi=$((eph - 1))
+  fi
   for _ in $(seq 200); do
-    p=$((20000 + RANDOM % 40000))
+    p=$((lo + RANDOM % (hi - lo + 1)))
     if port_free "$p"; then echo "$p"; return; fi
   done
   echo "error: no free port found" >&2
@@ -155,16 +160,23 @@ CONF
   export SLURM_CONF=$D/slurm.conf
   env "$(marker)" slurmctld -c
   env "$(marker)" slurmd -N localhost
-  local t=0 state=
-  while [ $t -lt 100 ]; do
-    state=$(sinfo -h -o %T 2>/dev/null || true)
+  # Wait at most 30 s of wall time (sinfo alone can block for its message timeout when no
+  # controller answers) and give up at once when a daemon has exited.
+  local start=$SECONDS state=
+  while [ $((SECONDS - start)) -lt 30 ]; do
+    state=$(timeout 5 sinfo -h -o %T 2>/dev/null || true)
     [ "$state" = idle ] && break
+    if [ $((SECONDS - start)) -ge 2 ] &&
+      { ! pid_of "$D/slurmctld.pid" >/dev/null || ! pid_of "$D/slurmd.pid" >/dev/null; }; then
+      state="a daemon exited"
+      break
+    fi
     sleep 0.2
-    t=$((t + 1))
   done
   if [ "$state" != idle ]; then
     echo "error: the node did not come up (state '${state}'); logs in $D/log:" >&2
     tail -n 20 "$D"/log/*.log "$D/munge/munged.log" >&2 || true
+    down
     exit 1
   fi
   echo "export SLURM_CONF=$D/slurm.conf"
