@@ -38,9 +38,7 @@ __device__ __forceinline__ void flash_fwd(const bf16 *__restrict__ q, const bf16
     const int h = blockIdx.x, kvh = h / (s.n_q / s.n_kv);
     const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
     const int delta = visibility_delta(s);
-    // Keys [0, n_end) may be visible to some row of this tile.
-    int n_end = s.kv_len;
-    if (s.causal) n_end = max(0, min(n_end, min(m0 + BM, s.q_len) - 1 + delta + 1));
+    const int n_end = visible_key_end(s, m0, BM, delta);
     const int n_tiles = (n_end + BN - 1) / BN;
 
     load_tile<BM, D, T>(sQ, q, m0, s.q_len, s.n_q, h, tid);
@@ -448,8 +446,7 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16 *__restrict__ q,
     const int h = blockIdx.x, kvh = h / (s.n_q / s.n_kv);
     const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
     const int delta = visibility_delta(s);
-    int n_end = s.kv_len;
-    if (s.causal) n_end = max(0, min(n_end, min(m0 + BM, s.q_len) - 1 + delta + 1));
+    const int n_end = visible_key_end(s, m0, BM, delta);
     const int n_tiles = (n_end + BN - 1) / BN;
 
     load_tile<BM, D, T>(sQ, q, m0, s.q_len, s.n_q, h, tid);

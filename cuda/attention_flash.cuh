@@ -40,6 +40,13 @@ __device__ __forceinline__ int visibility_delta(const UlAttnShape &s) {
     return (int)(d > lim ? lim : (d < -lim ? -lim : d));
 }
 
+// Keys [0, end) may be visible to some row of the query tile [m0, m0 + bm): the forward and the
+// deterministic dQ kernels loop over the key tiles below it.
+__device__ __forceinline__ int visible_key_end(const UlAttnShape &s, int m0, int bm, int delta) {
+    if (!s.causal) return s.kv_len;
+    return max(0, min(s.kv_len, min(m0 + bm, s.q_len) - 1 + delta + 1));
+}
+
 // Byte offset of 16-byte chunk `ch` of row `row` in a tile of W chunks per row. For W >= 8 the
 // chunk's low three bits are XORed with row mod 8 (rows are 128 or 256 bytes: 8 consecutive rows
 // at one chunk would share a bank group); for W == 4 (64-byte rows, two rows per 128 bytes) with
