@@ -16,8 +16,8 @@ pub use files::{
     TOKENIZER_FILES, copy_tokenizer_files, copy_tokenizer_files_layered, sha256_file, write_atomic,
 };
 pub use tensors::{
-    INDEX_FILE, SINGLE_FILE, load_safetensors_dir, load_safetensors_file, save_safetensors_dir,
-    save_safetensors_file,
+    INDEX_FILE, MappedTensors, SINGLE_FILE, load_safetensors_dir, load_safetensors_file,
+    save_safetensors_dir, save_safetensors_file,
 };
 
 /// The floating-point dtypes a model file may hold.

@@ -1,20 +1,22 @@
 //! safetensors in and out: one file, or a Hugging Face directory (single `model.safetensors` or
 //! shards with `model.safetensors.index.json`), laid out exactly as transformers writes them.
 //!
-//! Loading reads each file once into memory and decodes bf16/f16/f32 to f32 in parallel; a
-//! sharded directory is read one shard at a time, so the peak is the f32 model plus one shard.
+//! Loading memory-maps the files ([`MappedTensors`]) and decodes bf16/f16/f32 to f32 in parallel,
+//! a whole tensor or only a range of its rows or columns (a tensor-parallel rank's slice), so the
+//! resident peak is what was asked for plus the one tensor being read.
 //! Saving streams tensors through a bounded conversion buffer into a temporary file that is
 //! fsynced and renamed, so a crash never leaves a half-written file under a final name.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{BufWriter, Write};
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use half::{bf16, f16};
+use memmap2::{Mmap, UncheckedAdvice};
 use rayon::prelude::*;
-use safetensors::tensor::{Metadata, TensorInfo, TensorView};
+use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
 
@@ -33,13 +35,7 @@ const WRITE_BLOCK: usize = 1 << 22;
 
 /// Load one .safetensors file; bf16/f16/f32 are converted to f32, any other dtype is an error.
 pub fn load_safetensors_file(path: &Path) -> Result<TensorMap> {
-    let bytes = read_safetensors_bytes(path)?;
-    let st = parse_safetensors(&bytes, path)?;
-    let mut out = TensorMap::new();
-    for (name, view) in st.iter() {
-        out.insert(name.to_string(), decode_tensor(name, &view, path)?);
-    }
-    Ok(out)
+    MappedTensors::open_file(path)?.read_all()
 }
 
 /// Load every tensor of a HF model directory: `model.safetensors` (preferred when present, as in
@@ -47,72 +43,327 @@ pub fn load_safetensors_file(path: &Path) -> Result<TensorMap> {
 /// shards must agree exactly: a tensor the index promises but its shard lacks, or a tensor a
 /// shard holds that the index does not map to it, is an error.
 pub fn load_safetensors_dir(dir: &Path) -> Result<TensorMap> {
-    if !dir.is_dir() {
-        bail!(
-            "model directory {} does not exist or is not a directory",
-            dir.display()
-        );
-    }
-    let single = dir.join(SINGLE_FILE);
-    if single.is_file() {
-        return load_safetensors_file(&single);
-    }
-    let index = dir.join(INDEX_FILE);
-    if !index.is_file() {
-        bail!(
-            "model directory {} has neither {SINGLE_FILE} nor {INDEX_FILE}",
-            dir.display()
-        );
-    }
-    let weight_map = read_weight_map(&index)?;
+    MappedTensors::open_dir(dir)?.read_all()
+}
 
-    let mut by_shard: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for (name, shard) in &weight_map {
-        by_shard.entry(shard).or_default().insert(name);
-    }
-    // Check every shard exists before reading gigabytes of the others.
-    for (shard, names) in &by_shard {
-        let path = dir.join(shard);
+/// The tensors of one safetensors file or a HF directory, memory-mapped: opening reads only the
+/// headers; a tensor, or a range of its rows or columns, is decoded when asked for, and the pages
+/// it touched are handed back to the kernel afterwards (`MADV_DONTNEED`), so a tensor-parallel
+/// rank's resident memory is its own slices plus the one tensor being read, never the model.
+pub struct MappedTensors {
+    files: Vec<MappedFile>,
+    /// name -> (index into `files`, where the tensor lies)
+    tensors: BTreeMap<String, (usize, TensorEntry)>,
+}
+
+struct MappedFile {
+    path: PathBuf,
+    /// `None` for an empty file (which cannot be mapped; it is rejected when parsed).
+    map: Option<Mmap>,
+}
+
+#[derive(Clone)]
+struct TensorEntry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range of the data in the file.
+    start: usize,
+    end: usize,
+}
+
+impl MappedFile {
+    fn open(path: &Path) -> Result<Self> {
         if !path.is_file() {
-            let first = names.first().copied().unwrap_or_default();
-            bail!(
-                "{} maps tensor {first} ({} tensors in all) to shard {}, which does not exist",
-                index.display(),
-                names.len(),
-                path.display()
-            );
+            bail!("safetensors file {} does not exist", path.display());
         }
+        let file = fs::File::open(path)
+            .with_context(|| format!("reading safetensors file {}", path.display()))?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("reading safetensors file {}", path.display()))?
+            .len();
+        // SAFETY: the map is read-only; a file truncated by another process while mapped would
+        // fault, as with every memory-mapped reader (transformers' safetensors included).
+        let map =
+            if len == 0 {
+                None
+            } else {
+                Some(unsafe { Mmap::map(&file) }.with_context(|| {
+                    format!("memory-mapping safetensors file {}", path.display())
+                })?)
+            };
+        Ok(MappedFile {
+            path: path.to_path_buf(),
+            map,
+        })
     }
 
-    let mut out = TensorMap::new();
-    for (shard, names) in &by_shard {
-        let path = dir.join(shard);
-        let bytes = read_safetensors_bytes(&path)?;
-        let st = parse_safetensors(&bytes, &path)?;
-        let held: BTreeSet<&str> = st.iter().map(|(n, _)| n).collect();
-        if let Some(missing) = names.difference(&held).next() {
-            bail!(
-                "tensor {missing} is missing from shard {} ({} maps it there)",
-                path.display(),
-                index.display()
-            );
-        }
-        if let Some(extra) = held.difference(names).next() {
-            let mapped = match weight_map.get(*extra) {
-                Some(other) => format!("maps it to {other}"),
-                None => "does not list it".to_string(),
+    fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    /// Every tensor of the file with its absolute byte range; the file is validated whole
+    /// (header, offsets, length) as `SafeTensors::deserialize` does.
+    fn entries(&self) -> Result<Vec<(String, TensorEntry)>> {
+        let st = SafeTensors::deserialize(self.bytes()).with_context(|| {
+            format!(
+                "{} is not a valid safetensors file (corrupt or truncated?)",
+                self.path.display()
+            )
+        })?;
+        let base = self.bytes().as_ptr() as usize;
+        Ok(st
+            .iter()
+            .map(|(name, view)| {
+                let start = view.data().as_ptr() as usize - base;
+                let entry = TensorEntry {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    start,
+                    end: start + view.data().len(),
+                };
+                (name.to_string(), entry)
+            })
+            .collect())
+    }
+
+    /// Drop the pages of `range` from this process (they stay in the page cache).
+    fn release(&self, range: std::ops::Range<usize>) {
+        if let Some(map) = &self.map
+            && !range.is_empty()
+        {
+            // SAFETY: no slice of this range outlives the read that just decoded it; the map is
+            // a private read-only file mapping, so dropped pages read back from the file.
+            let _ = unsafe {
+                map.unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len())
             };
-            bail!(
-                "shard {} holds tensor {extra} but {} {mapped}",
-                path.display(),
-                index.display()
-            );
-        }
-        for (name, view) in st.iter() {
-            out.insert(name.to_string(), decode_tensor(name, &view, &path)?);
         }
     }
-    Ok(out)
+}
+
+impl MappedTensors {
+    /// One safetensors file.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let file = MappedFile::open(path)?;
+        let tensors = file
+            .entries()?
+            .into_iter()
+            .map(|(name, e)| (name, (0, e)))
+            .collect();
+        Ok(MappedTensors {
+            files: vec![file],
+            tensors,
+        })
+    }
+
+    /// A HF model directory, as [`load_safetensors_dir`] reads it (same checks, same errors).
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!(
+                "model directory {} does not exist or is not a directory",
+                dir.display()
+            );
+        }
+        let single = dir.join(SINGLE_FILE);
+        if single.is_file() {
+            return Self::open_file(&single);
+        }
+        let index = dir.join(INDEX_FILE);
+        if !index.is_file() {
+            bail!(
+                "model directory {} has neither {SINGLE_FILE} nor {INDEX_FILE}",
+                dir.display()
+            );
+        }
+        let weight_map = read_weight_map(&index)?;
+
+        let mut by_shard: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (name, shard) in &weight_map {
+            by_shard.entry(shard).or_default().insert(name);
+        }
+        // Check every shard exists before mapping any.
+        for (shard, names) in &by_shard {
+            let path = dir.join(shard);
+            if !path.is_file() {
+                let first = names.first().copied().unwrap_or_default();
+                bail!(
+                    "{} maps tensor {first} ({} tensors in all) to shard {}, which does not exist",
+                    index.display(),
+                    names.len(),
+                    path.display()
+                );
+            }
+        }
+
+        let mut files = Vec::new();
+        let mut tensors = BTreeMap::new();
+        for (shard, names) in &by_shard {
+            let file = MappedFile::open(&dir.join(shard))?;
+            let entries = file.entries()?;
+            let held: BTreeSet<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
+            if let Some(missing) = names.difference(&held).next() {
+                bail!(
+                    "tensor {missing} is missing from shard {} ({} maps it there)",
+                    file.path.display(),
+                    index.display()
+                );
+            }
+            if let Some(extra) = held.difference(names).next() {
+                let mapped = match weight_map.get(*extra) {
+                    Some(other) => format!("maps it to {other}"),
+                    None => "does not list it".to_string(),
+                };
+                bail!(
+                    "shard {} holds tensor {extra} but {} {mapped}",
+                    file.path.display(),
+                    index.display()
+                );
+            }
+            let k = files.len();
+            for (name, e) in entries {
+                tensors.insert(name, (k, e));
+            }
+            files.push(file);
+        }
+        Ok(MappedTensors { files, tensors })
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The shape of tensor `name` as stored, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|(_, e)| e.shape.as_slice())
+    }
+
+    /// Every tensor, whole.
+    pub fn read_all(&self) -> Result<TensorMap> {
+        self.names()
+            .map(|n| Ok((n.to_string(), self.read(n)?)))
+            .collect()
+    }
+
+    /// Tensor `name`, whole.
+    pub fn read(&self, name: &str) -> Result<HostTensor> {
+        let (_, e) = self.entry(name)?;
+        let rows = e.shape.first().copied().unwrap_or(1);
+        if e.shape.is_empty() {
+            // A scalar: one element, no row dimension.
+            let data = self.decode_range(name, 0..1)?;
+            return Ok(HostTensor::new(vec![], data));
+        }
+        self.read_rows(name, 0..rows)
+    }
+
+    /// Rows `rows` (along the first dimension) of tensor `name`: one contiguous byte range.
+    pub fn read_rows(&self, name: &str, rows: std::ops::Range<usize>) -> Result<HostTensor> {
+        let (_, e) = self.entry(name)?;
+        let Some(&n_rows) = e.shape.first() else {
+            bail!("tensor {name} is a scalar; it has no rows to slice");
+        };
+        if rows.start > rows.end || rows.end > n_rows {
+            bail!(
+                "tensor {name} has {n_rows} rows; rows {}..{} were asked for",
+                rows.start,
+                rows.end
+            );
+        }
+        let row: usize = e.shape[1..].iter().product();
+        let data = self.decode_range(name, rows.start * row..rows.end * row)?;
+        let mut shape = e.shape.clone();
+        shape[0] = rows.len();
+        Ok(HostTensor::new(shape, data))
+    }
+
+    /// Columns `cols` (along the second dimension) of the 2-D tensor `name`: one range per row.
+    pub fn read_cols(&self, name: &str, cols: std::ops::Range<usize>) -> Result<HostTensor> {
+        let (k, e) = self.entry(name)?;
+        let &[n_rows, n_cols] = e.shape.as_slice() else {
+            bail!(
+                "tensor {name} has shape {:?}; a column range needs a 2-D tensor",
+                e.shape
+            );
+        };
+        if cols.start > cols.end || cols.end > n_cols {
+            bail!(
+                "tensor {name} has {n_cols} columns; columns {}..{} were asked for",
+                cols.start,
+                cols.end
+            );
+        }
+        let size = dtype_size(name, e.dtype, &self.files[k].path)?;
+        let bytes = &self.files[k].bytes()[e.start..e.end];
+        let w = cols.len();
+        let mut out = vec![0f32; n_rows * w];
+        out.par_chunks_mut(w.max(1)).enumerate().for_each(|(r, o)| {
+            let b = &bytes[(r * n_cols + cols.start) * size..(r * n_cols + cols.end) * size];
+            decode_into(e.dtype, b, o);
+        });
+        self.files[k].release(e.start..e.end);
+        Ok(HostTensor::new(vec![n_rows, w], out))
+    }
+
+    fn entry(&self, name: &str) -> Result<(usize, &TensorEntry)> {
+        let (k, e) = self.tensors.get(name).with_context(|| {
+            format!(
+                "tensor {name} is not in {}",
+                self.files
+                    .first()
+                    .map(|f| f.path.display().to_string())
+                    .unwrap_or_default()
+            )
+        })?;
+        Ok((*k, e))
+    }
+
+    /// Elements `elems` of tensor `name` (flat, row-major), decoded to f32.
+    fn decode_range(&self, name: &str, elems: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let (k, e) = self.entry(name)?;
+        let file = &self.files[k];
+        let size = dtype_size(name, e.dtype, &file.path)?;
+        let range = e.start + elems.start * size..e.start + elems.end * size;
+        let mut out = vec![0f32; elems.len()];
+        out.par_chunks_mut(CONVERT_CHUNK)
+            .zip(file.bytes()[range.clone()].par_chunks(CONVERT_CHUNK * size))
+            .for_each(|(o, b)| decode_into(e.dtype, b, o));
+        file.release(range);
+        Ok(out)
+    }
+}
+
+/// Bytes per element of a file dtype we read; any other dtype is an error naming the tensor.
+fn dtype_size(name: &str, dtype: Dtype, path: &Path) -> Result<usize> {
+    match dtype {
+        Dtype::F32 => Ok(4),
+        Dtype::BF16 | Dtype::F16 => Ok(2),
+        other => bail!(
+            "tensor {name} in {} has dtype {other:?}; expected F32, BF16 or F16",
+            path.display()
+        ),
+    }
+}
+
+/// Little-endian `dtype` words of `bytes` -> f32 into `out` (same length in elements).
+fn decode_into(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+    fn words<const N: usize>(bytes: &[u8], out: &mut [f32], word: impl Fn([u8; N]) -> f32) {
+        for (x, w) in out.iter_mut().zip(bytes.chunks_exact(N)) {
+            let mut a = [0u8; N];
+            a.copy_from_slice(w);
+            *x = word(a);
+        }
+    }
+    match dtype {
+        Dtype::F32 => words::<4>(bytes, out, f32::from_le_bytes),
+        Dtype::BF16 => words::<2>(bytes, out, |b| {
+            bf16::from_bits(u16::from_le_bytes(b)).to_f32()
+        }),
+        Dtype::F16 => words::<2>(bytes, out, |b| {
+            f16::from_bits(u16::from_le_bytes(b)).to_f32()
+        }),
+        _ => unreachable!("dtype_size rejected {dtype:?} before decoding"),
+    }
 }
 
 /// Save one .safetensors file (tmp + rename), with optional string metadata (`__metadata__`).
@@ -182,22 +433,6 @@ pub fn save_safetensors_dir(
     sync_dir(dir)
 }
 
-fn read_safetensors_bytes(path: &Path) -> Result<Vec<u8>> {
-    if !path.is_file() {
-        bail!("safetensors file {} does not exist", path.display());
-    }
-    fs::read(path).with_context(|| format!("reading safetensors file {}", path.display()))
-}
-
-fn parse_safetensors<'a>(bytes: &'a [u8], path: &Path) -> Result<SafeTensors<'a>> {
-    SafeTensors::deserialize(bytes).with_context(|| {
-        format!(
-            "{} is not a valid safetensors file (corrupt or truncated?)",
-            path.display()
-        )
-    })
-}
-
 /// The `weight_map` of a shard index: tensor name -> shard file name (a plain name in the
 /// same directory; anything with a path component is rejected).
 fn read_weight_map(index: &Path) -> Result<BTreeMap<String, String>> {
@@ -237,49 +472,6 @@ fn read_weight_map(index: &Path) -> Result<BTreeMap<String, String>> {
         out.insert(name.clone(), shard.to_string());
     }
     Ok(out)
-}
-
-fn decode_tensor(name: &str, view: &TensorView<'_>, path: &Path) -> Result<HostTensor> {
-    let bytes = view.data();
-    let data = match view.dtype() {
-        Dtype::F32 => decode_words::<4>(bytes, f32::from_le_bytes),
-        Dtype::BF16 => {
-            decode_words::<2>(bytes, |b| bf16::from_bits(u16::from_le_bytes(b)).to_f32())
-        }
-        Dtype::F16 => decode_words::<2>(bytes, |b| f16::from_bits(u16::from_le_bytes(b)).to_f32()),
-        other => bail!(
-            "tensor {name} in {} has dtype {other:?}; expected F32, BF16 or F16",
-            path.display()
-        ),
-    };
-    // safetensors has checked that the byte length matches the shape, so this cannot fail;
-    // check anyway rather than trust a panic in HostTensor::new.
-    let numel: usize = view.shape().iter().product();
-    if numel != data.len() {
-        bail!(
-            "tensor {name} in {}: shape {:?} has {numel} elements but the data holds {}",
-            path.display(),
-            view.shape(),
-            data.len()
-        );
-    }
-    Ok(HostTensor::new(view.shape().to_vec(), data))
-}
-
-/// Little-endian words of N bytes -> f32, in parallel chunks. The words need not be aligned
-/// (other producers do not always pad the header to a multiple of the word size).
-fn decode_words<const N: usize>(bytes: &[u8], word: impl Fn([u8; N]) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; bytes.len() / N];
-    out.par_chunks_mut(CONVERT_CHUNK)
-        .zip(bytes.par_chunks(CONVERT_CHUNK * N))
-        .for_each(|(o, b)| {
-            for (x, w) in o.iter_mut().zip(b.chunks_exact(N)) {
-                let mut a = [0u8; N];
-                a.copy_from_slice(w);
-                *x = word(a);
-            }
-        });
-    out
 }
 
 /// f32 -> little-endian bytes of `dtype` (round to nearest even for bf16/f16), in parallel.
@@ -891,5 +1083,36 @@ mod tests {
         assert!(!is_shard_name("model-00001-of-00004.bin"));
         assert!(!is_shard_name("adapter-00001-of-00004.safetensors"));
         assert!(!is_shard_name("model.safetensors"));
+    }
+
+    #[test]
+    fn mapped_row_and_column_ranges_equal_slices_of_the_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = sample();
+        m.insert(
+            "wide".into(),
+            t(&[3, 5], (0..15).map(|i| i as f32 * 0.25 - 1.0).collect()),
+        );
+        save_safetensors_dir(dir.path(), &m, DType::BF16, 16).unwrap();
+        let whole = load_safetensors_dir(dir.path()).unwrap();
+        let mapped = MappedTensors::open_dir(dir.path()).unwrap();
+        let w = &whole["wide"].data;
+        let rows = mapped.read_rows("wide", 1..3).unwrap();
+        assert_eq!(rows.shape, vec![2, 5]);
+        assert_eq!(rows.data, w[5..15].to_vec());
+        let cols = mapped.read_cols("wide", 2..4).unwrap();
+        assert_eq!(cols.shape, vec![3, 2]);
+        assert_eq!(cols.data, vec![w[2], w[3], w[7], w[8], w[12], w[13]]);
+        assert_eq!(mapped.read_cols("wide", 0..0).unwrap().shape, vec![3, 0]);
+        assert_eq!(mapped.shape("wide"), Some(&[3usize, 5][..]));
+
+        let e = err_text(mapped.read_rows("wide", 2..4));
+        assert!(e.contains("has 3 rows; rows 2..4"), "{e}");
+        let e = err_text(mapped.read_cols("wide", 4..6));
+        assert!(e.contains("has 5 columns; columns 4..6"), "{e}");
+        let e = err_text(mapped.read_cols("model.norm.weight", 0..1));
+        assert!(e.contains("needs a 2-D tensor"), "{e}");
+        let e = err_text(mapped.read("absent"));
+        assert!(e.contains("tensor absent is not in"), "{e}");
     }
 }

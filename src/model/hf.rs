@@ -25,11 +25,13 @@ impl<B: Backend> Llama<B> {
         Self::load_shard(b, dir, precision, Shard::WHOLE)
     }
 
-    /// Load the part of `dir`'s weights that TP rank `shard` holds.
+    /// Load the part of `dir`'s weights that TP rank `shard` holds, reading only that part
+    /// (memory-mapped row or column ranges of each tensor).
     pub fn load_shard(b: &B, dir: &Path, precision: RopePrecision, shard: Shard) -> Result<Self> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let map = io::load_safetensors_dir(dir)?;
-        let params = ParamStore::from_host_shard(b, &cfg, &map, &dir.display().to_string(), shard)?;
+        let files = io::MappedTensors::open_dir(dir)?;
+        let params =
+            ParamStore::from_mapped_shard(b, &cfg, &files, &dir.display().to_string(), shard)?;
         Llama::new(cfg, precision, params)
     }
 
@@ -85,5 +87,90 @@ pub fn save_hf_dir(
             io::copy_tokenizer_files(src, dir)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    /// 4 KV heads, so the tensor-parallel sizes 1, 2 and 4 all divide every split dimension.
+    fn tp4_config(tied: bool) -> ModelConfig {
+        let text = format!(
+            r#"{{"vocab_size": 32, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": {tied},
+            "initializer_range": 0.3}}"#
+        );
+        ModelConfig::from_json_str(&text, "tp4").unwrap()
+    }
+
+    /// Sharded loading reads each rank's rows/columns straight from the (several) files; the
+    /// reference is the whole directory read into memory and cut by `ParamSpec::take_shard`.
+    #[test]
+    fn sharded_load_equals_full_load_then_slice() {
+        for tied in [false, true] {
+            for dtype in [DType::BF16, DType::F32] {
+                let b = CpuBackend::<f32>::new();
+                let cfg = tp4_config(tied);
+                let host = ParamStore::init_random(&b, &cfg, 3).to_host(&b);
+                let dir = tempfile::tempdir().unwrap();
+                let json = serde_json::to_string(&cfg.to_hf_json()).unwrap();
+                std::fs::write(dir.path().join("config.json"), json).unwrap();
+                // Shards of ~1 KB: the model is spread over many files.
+                io::save_safetensors_dir(dir.path(), &host, dtype, 1024).unwrap();
+                assert!(dir.path().join(io::INDEX_FILE).is_file());
+                let full = io::load_safetensors_dir(dir.path()).unwrap();
+                for tp in [1, 2, 4] {
+                    for rank in 0..tp {
+                        let shard = Shard { rank, size: tp };
+                        let got =
+                            Llama::load_shard(&b, dir.path(), RopePrecision::Exact, shard).unwrap();
+                        let want =
+                            ParamStore::from_host_shard(&b, &cfg, &full, "ref", shard).unwrap();
+                        assert_eq!(got.params.specs, want.specs);
+                        for (s, (x, y)) in want
+                            .specs
+                            .iter()
+                            .zip(got.params.bufs.iter().zip(&want.bufs))
+                        {
+                            let (x, y) = (b.download(x), b.download(y));
+                            let xb: Vec<u32> = x.iter().map(|v| v.to_bits()).collect();
+                            let yb: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+                            assert_eq!(xb, yb, "{} tp {tp} rank {rank} {dtype}", s.name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sharded_load_names_a_wrong_shape() {
+        let b = CpuBackend::<f32>::new();
+        let cfg = tp4_config(false);
+        let mut host = ParamStore::init_random(&b, &cfg, 3).to_host(&b);
+        host.insert(
+            "model.norm.weight".into(),
+            io::HostTensor::new(vec![15], vec![1.0; 15]),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let json = serde_json::to_string(&cfg.to_hf_json()).unwrap();
+        std::fs::write(dir.path().join("config.json"), json).unwrap();
+        io::save_safetensors_dir(dir.path(), &host, DType::F32, u64::MAX).unwrap();
+        let err = Llama::load_shard(
+            &b,
+            dir.path(),
+            RopePrecision::Exact,
+            Shard { rank: 1, size: 2 },
+        )
+        .err()
+        .unwrap();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("model.norm.weight") && msg.contains("[15]") && msg.contains("[16]"),
+            "{msg}"
+        );
     }
 }

@@ -7,7 +7,7 @@
 use anyhow::{Context, Result, bail};
 
 use crate::backend::Backend;
-use crate::io::{HostTensor, TensorMap};
+use crate::io::{HostTensor, MappedTensors, TensorMap};
 use crate::model::config::ModelConfig;
 use crate::util::rng;
 
@@ -246,6 +246,44 @@ impl<B: Backend> ParamStore<B> {
         Ok(ParamStore { specs, bufs })
     }
 
+    /// The `shard` of a model's tensors read straight from (memory-mapped) files: each tensor's
+    /// rows or columns of this rank only, so host memory holds this rank's part plus one tensor's
+    /// slice — never the whole model (8 ranks of a node reading an 8B model read 16 GB, not 128).
+    pub fn from_mapped_shard(
+        b: &B,
+        cfg: &ModelConfig,
+        files: &MappedTensors,
+        source: &str,
+        shard: Shard,
+    ) -> Result<Self> {
+        check_tensor_names(
+            cfg,
+            files.names().filter_map(|n| Some((n, files.shape(n)?))),
+            source,
+        )?;
+        let full = param_specs(cfg);
+        let specs: Vec<ParamSpec> = full.iter().map(|s| s.sharded(shard)).collect();
+        let bufs = specs
+            .iter()
+            .map(|s| {
+                let part = match s.split {
+                    Split::Replicated => files.read(&s.name),
+                    Split::Rows => {
+                        let n = s.shape[0];
+                        files.read_rows(&s.name, shard.rank * n..(shard.rank + 1) * n)
+                    }
+                    Split::Cols => {
+                        let n = s.shape[1];
+                        files.read_cols(&s.name, shard.rank * n..(shard.rank + 1) * n)
+                    }
+                }
+                .with_context(|| format!("{source}: reading tensor `{}`", s.name))?;
+                Ok(b.upload(&part.data))
+            })
+            .collect::<Result<_>>()?;
+        Ok(ParamStore { specs, bufs })
+    }
+
     /// Random initialisation (as `init_random`) of the part `shard` holds: the values are those
     /// of the unsharded model.
     pub fn init_random_shard(b: &B, cfg: &ModelConfig, seed: u64, shard: Shard) -> Self {
@@ -312,29 +350,44 @@ impl<B: Backend> ParamStore<B> {
 /// Every tensor of `cfg` must be in `map` with its full shape, and nothing else (a tied LM head may
 /// be present), so a wrong config is caught.
 fn check_host_map(cfg: &ModelConfig, map: &TensorMap, source: &str) -> Result<()> {
+    check_tensor_names(
+        cfg,
+        map.iter().map(|(k, t)| (k.as_str(), t.shape.as_slice())),
+        source,
+    )
+}
+
+/// [`check_host_map`] over (name, shape) pairs, whatever holds the tensors.
+fn check_tensor_names<'a>(
+    cfg: &ModelConfig,
+    held: impl Iterator<Item = (&'a str, &'a [usize])>,
+    source: &str,
+) -> Result<()> {
+    let held: std::collections::BTreeMap<&str, &[usize]> = held.collect();
     let specs = param_specs(cfg);
     for s in &specs {
-        let t = map.get(&s.name).with_context(|| {
+        let shape = held.get(s.name.as_str()).with_context(|| {
             format!(
                 "{source}: tensor `{}` is missing (expected shape {:?})",
                 s.name, s.shape
             )
         })?;
-        if t.shape != s.shape {
+        if *shape != s.shape.as_slice() {
             bail!(
                 "{source}: tensor `{}` has shape {:?}; the config implies {:?}",
                 s.name,
-                t.shape,
+                shape,
                 s.shape
             );
         }
     }
-    let mut extra: Vec<&String> = map
+    let mut extra: Vec<&str> = held
         .keys()
-        .filter(|k| !specs.iter().any(|s| &s.name == *k))
+        .copied()
+        .filter(|k| !specs.iter().any(|s| s.name == *k))
         .collect();
     if cfg.tie_word_embeddings {
-        extra.retain(|k| k.as_str() != "lm_head.weight");
+        extra.retain(|k| *k != "lm_head.weight");
     }
     if let Some(k) = extra.first() {
         bail!(
