@@ -56,7 +56,8 @@ pub const TARGET_ELSEWHERE: i32 = -2;
 pub use cpu::kernels::NOT_IN_SHARD;
 
 pub trait Backend: Sync {
-    type Buf: Send + Sync;
+    /// `'static` so a communicator can recognise its backend's buffers (`parallel::nccl`).
+    type Buf: Send + Sync + 'static;
     /// The element type buffers are staged through on the host for communication.
     type Host: crate::parallel::comm::Elem;
 

@@ -13,11 +13,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Result, bail};
 
-use super::comm::{Comm, Elem, Exchange, ReduceOp, SelfComm, WaitClock};
+use super::comm::{BufExchange, Comm, Elem, Exchange, ReduceOp, SelfComm, WaitClock};
 use super::loopback::LoopbackComm;
 #[cfg(feature = "mpi")]
 use super::mpi::MpiComm;
 use super::thread::ThreadComm;
+use crate::backend::Backend;
 
 /// Every communicator this crate has, behind one `Comm`.
 pub enum AnyComm {
@@ -30,6 +31,9 @@ pub enum AnyComm {
     Mpi(MpiComm),
     /// One rank of a pretended world, collectives as local copies (`loopback`).
     Loopback(LoopbackComm),
+    /// A group on GPUs: host collectives over its MPI communicator, device buffers over NCCL.
+    #[cfg(feature = "cuda")]
+    Nccl(super::nccl::NcclGroup),
 }
 
 macro_rules! dispatch {
@@ -40,6 +44,8 @@ macro_rules! dispatch {
             #[cfg(feature = "mpi")]
             AnyComm::Mpi($c) => $e,
             AnyComm::Loopback($c) => $e,
+            #[cfg(feature = "cuda")]
+            AnyComm::Nccl($c) => $e,
         }
     };
 }
@@ -56,6 +62,10 @@ impl AnyComm {
             AnyComm::Loopback(_) => {
                 panic!("a LoopbackComm does not split: build the topology with loopback_topology")
             }
+            #[cfg(feature = "cuda")]
+            AnyComm::Nccl(_) => {
+                panic!("split the host communicators, then join NCCL over each group")
+            }
         }
     }
 
@@ -67,6 +77,8 @@ impl AnyComm {
             #[cfg(feature = "mpi")]
             AnyComm::Mpi(_) => "mpi",
             AnyComm::Loopback(_) => "loopback",
+            #[cfg(feature = "cuda")]
+            AnyComm::Nccl(_) => "nccl",
         }
     }
 }
@@ -104,6 +116,46 @@ impl Comm for AnyComm {
     }
     fn wait_clock(&self) -> &WaitClock {
         dispatch!(self, c => c.wait_clock())
+    }
+    fn buf_path(&self) -> &'static str {
+        dispatch!(self, c => c.buf_path())
+    }
+    fn all_gather_buf<B: Backend>(
+        &self,
+        b: &B,
+        send: &B::Buf,
+        off: usize,
+        n: usize,
+        recv: &mut B::Buf,
+    ) {
+        dispatch!(self, c => c.all_gather_buf(b, send, off, n, recv))
+    }
+    fn reduce_scatter_buf<B: Backend>(
+        &self,
+        b: &B,
+        send: &B::Buf,
+        n: usize,
+        recv: &mut B::Buf,
+        accumulate: bool,
+    ) {
+        dispatch!(self, c => c.reduce_scatter_buf(b, send, n, recv, accumulate))
+    }
+    fn all_reduce_buf<B: Backend>(&self, b: &B, buf: &mut B::Buf, n: usize) {
+        dispatch!(self, c => c.all_reduce_buf(b, buf, n))
+    }
+    fn exchange_buf_start<'a, B: Backend>(
+        &self,
+        b: &B,
+        send: &'a B::Buf,
+        n: usize,
+        to: usize,
+        recv: &'a mut B::Buf,
+        from: usize,
+    ) -> BufExchange<'a, B> {
+        dispatch!(self, c => c.exchange_buf_start(b, send, n, to, recv, from))
+    }
+    fn wait_buf<B: Backend>(&self, b: &B, x: BufExchange<'_, B>) {
+        dispatch!(self, c => c.wait_buf(b, x))
     }
 }
 

@@ -6,9 +6,18 @@
 //! Every collective is blocking and called by every rank of the communicator in the same order.
 //! The only non-blocking operation is `exchange_start`: the point-to-point step of the
 //! context-parallel ring, overlapped with the local block's compute.
+//!
+//! **The model's communication boundary is the `*_buf` methods**: collectives on backend buffers
+//! (the TP/sequence-parallel pairs, the vocab-parallel reductions, the CP ring). Their default
+//! bodies stage through host memory with the host collectives above — the CPU backend's path and
+//! the GPU fallback (NCCL missing, ranks sharing a GPU). A communicator that moves device memory
+//! itself overrides them: NCCL on the GPU (`parallel::nccl`), device-local copies in the loopback
+//! (`parallel::loopback`). Model code calls only these names, so it does not know which runs.
 
 use std::cell::Cell;
 use std::time::Instant;
+
+use crate::backend::Backend;
 
 /// Element types a collective can carry. `KIND` picks the MPI datatype.
 pub trait Elem: bytemuck::Pod + Default + PartialOrd + Send + Sync + 'static {
@@ -99,6 +108,56 @@ impl WaitClock {
     }
 }
 
+/// `n` elements of `buf` from `off`, on the host.
+fn stage_down<B: Backend>(b: &B, buf: &B::Buf, off: usize, n: usize) -> Vec<B::Host> {
+    let mut v = vec![B::Host::default(); n];
+    b.read_host(buf, off, &mut v);
+    v
+}
+
+/// A buffer exchange in flight (`Comm::exchange_buf_start`). It borrows both buffers until
+/// `Comm::wait_buf`, so neither can be reused or freed while a transfer may still touch them.
+pub struct BufExchange<'a, B: Backend> {
+    recv: &'a mut B::Buf,
+    n: usize,
+    pending: BufPending<B>,
+}
+
+impl<'a, B: Backend> BufExchange<'a, B> {
+    /// An exchange whose data is already in `recv` (or arrives on the backend's stream, ordered
+    /// before any later kernel): nothing to wait for.
+    pub fn done(recv: &'a mut B::Buf, n: usize) -> Self {
+        BufExchange {
+            recv,
+            n,
+            pending: BufPending::Done,
+        }
+    }
+
+    /// An exchange a communicator tracks itself (`wait` blocks until `recv` may be read).
+    pub fn device(recv: &'a mut B::Buf, n: usize, p: Box<dyn PendingDevice>) -> Self {
+        BufExchange {
+            recv,
+            n,
+            pending: BufPending::Device(p),
+        }
+    }
+}
+
+enum BufPending<B: Backend> {
+    /// Staged through the host: the received data is written into `recv` at the wait.
+    Staged(Exchange<B::Host>),
+    Done,
+    Device(Box<dyn PendingDevice>),
+}
+
+/// A device transfer a communicator tracks (e.g. NCCL send/recv on a communication stream).
+pub trait PendingDevice {
+    /// Block (or order the compute stream) until the received buffer may be read and the sent
+    /// one reused.
+    fn wait(self: Box<Self>);
+}
+
 pub trait Comm {
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
@@ -129,6 +188,92 @@ pub trait Comm {
         let r = x.finish();
         self.wait_clock().add(t0.elapsed().as_secs_f64());
         r
+    }
+
+    /// Which path the `*_buf` collectives take, for the start-up line and the metrics.
+    fn buf_path(&self) -> &'static str {
+        "host-staged"
+    }
+
+    /// `recv[0 .. size·n]` = every rank's `send[off .. off+n]`, in rank order.
+    fn all_gather_buf<B: Backend>(
+        &self,
+        b: &B,
+        send: &B::Buf,
+        off: usize,
+        n: usize,
+        recv: &mut B::Buf,
+    ) {
+        let local = stage_down(b, send, off, n);
+        let mut all = vec![B::Host::default(); n * self.size()];
+        self.all_gather(&local, &mut all);
+        b.write_host(recv, 0, &all);
+    }
+
+    /// `recv[0 .. n] (+)=` this rank's block of `Σ over ranks of send[0 .. size·n]` (with
+    /// `accumulate`, added to what `recv` holds: the residual connection).
+    fn reduce_scatter_buf<B: Backend>(
+        &self,
+        b: &B,
+        send: &B::Buf,
+        n: usize,
+        recv: &mut B::Buf,
+        accumulate: bool,
+    ) {
+        let all = stage_down(b, send, 0, n * self.size());
+        let mut mine = vec![B::Host::default(); n];
+        self.reduce_scatter(&all, &mut mine);
+        if accumulate {
+            let cur = stage_down(b, recv, 0, n);
+            for (m, c) in mine.iter_mut().zip(cur) {
+                *m = c.add(*m);
+            }
+        }
+        b.write_host(recv, 0, &mine);
+    }
+
+    /// `buf[0 .. n] ←` the element-wise sum of every rank's `buf[0 .. n]`.
+    fn all_reduce_buf<B: Backend>(&self, b: &B, buf: &mut B::Buf, n: usize) {
+        let mut v = stage_down(b, buf, 0, n);
+        self.all_reduce(&mut v, ReduceOp::Sum);
+        b.write_host(buf, 0, &v);
+    }
+
+    /// Start sending `send[0 .. n]` to rank `to` and receiving rank `from`'s into `recv[0 .. n]`
+    /// (the ring's step); `recv` is written by the time `wait_buf` returns. Every rank must start
+    /// its exchanges with the same peers in the same order.
+    fn exchange_buf_start<'a, B: Backend>(
+        &self,
+        b: &B,
+        send: &'a B::Buf,
+        n: usize,
+        to: usize,
+        recv: &'a mut B::Buf,
+        from: usize,
+    ) -> BufExchange<'a, B> {
+        let host = stage_down(b, send, 0, n);
+        let x = self.exchange_start(host, to, vec![B::Host::default(); n], from);
+        BufExchange {
+            recv,
+            n,
+            pending: BufPending::Staged(x),
+        }
+    }
+
+    /// Finish a buffer exchange (`recv` then holds the data), adding the time blocked to
+    /// `wait_clock`.
+    fn wait_buf<B: Backend>(&self, b: &B, x: BufExchange<'_, B>) {
+        let t0 = Instant::now();
+        let BufExchange { recv, n, pending } = x;
+        match pending {
+            BufPending::Staged(e) => {
+                let (_, got) = e.finish();
+                b.write_host(recv, 0, &got[..n]);
+            }
+            BufPending::Done => {}
+            BufPending::Device(d) => d.wait(),
+        }
+        self.wait_clock().add(t0.elapsed().as_secs_f64());
     }
 }
 

@@ -23,10 +23,11 @@
 //! with it one step behind (received from r−1, this rank's contribution added, sent on to r+1) and
 //! after `cp` steps arrives back at its owner. Both transfers of a step are in flight during the
 //! step's compute; the time blocked waiting for them is the exposed communication
-//! (`Comm::wait_clock`).
+//! (`Comm::wait_clock`). Blocks travel as backend buffers (`Comm::exchange_buf_start`): NCCL
+//! keeps them on the device, the host-staged path copies them through host memory.
 
 use crate::backend::{AttnShape, Backend};
-use crate::parallel::comm::{Comm, Elem, Exchange, PendingExchange};
+use crate::parallel::comm::{BufExchange, Comm};
 
 /// `ULTRALONG_RING_NO_OVERLAP=1` waits for each transfer right after starting it, so the time
 /// blocked is the whole communication time: the benchmark's baseline for the share hidden.
@@ -35,28 +36,24 @@ fn no_overlap() -> bool {
     *FLAG.get_or_init(|| std::env::var("ULTRALONG_RING_NO_OVERLAP").is_ok_and(|v| v == "1"))
 }
 
-/// Start an exchange; without overlap (benchmark baseline) finish it at once.
-fn start<T: Elem, C: Comm>(
+/// Start sending `send[..n]` to the next rank and receiving the previous rank's into `recv`;
+/// without overlap (benchmark baseline) finish at once and return `None`.
+#[allow(clippy::too_many_arguments)]
+fn start<'a, B: Backend, C: Comm>(
+    b: &B,
     cp: &C,
-    send: Vec<T>,
+    send: &'a B::Buf,
+    n: usize,
     to: usize,
-    recv: Vec<T>,
+    recv: &'a mut B::Buf,
     from: usize,
-) -> Exchange<T> {
-    let x = cp.exchange_start(send, to, recv, from);
+) -> Option<BufExchange<'a, B>> {
+    let x = cp.exchange_buf_start(b, send, n, to, recv, from);
     if no_overlap() {
-        let (s, r) = cp.wait(x);
-        return Exchange::new(Box::new(Done(s, r)));
+        cp.wait_buf(b, x);
+        return None;
     }
-    x
-}
-
-struct Done<T>(Vec<T>, Vec<T>);
-
-impl<T: Elem> PendingExchange<T> for Done<T> {
-    fn wait(self: Box<Self>) -> (Vec<T>, Vec<T>) {
-        (self.0, self.1)
-    }
+    Some(x)
 }
 
 /// Local shapes of one ring attention call: `t` local tokens (2 zigzag chunks when cp > 1), heads
@@ -90,10 +87,22 @@ impl RingShape {
     }
 }
 
-/// Buffers of the ring, allocated once per run (none when cp = 1).
+/// Buffers of the ring, allocated once per run (none when cp = 1). The blocks that travel are
+/// backend buffers (`Comm::exchange_buf_start`): on a GPU they never leave device memory unless
+/// the communicator stages them.
 pub struct RingScratch<B: Backend> {
-    kb: B::Buf,
-    vb: B::Buf,
+    /// The K/V block attended at this step, and the next one arriving.
+    k_cur: B::Buf,
+    v_cur: B::Buf,
+    k_next: B::Buf,
+    v_next: B::Buf,
+    /// Backward: the dK/dV accumulator of the block held at the previous step (sent on at this
+    /// step), and the one arriving.
+    dk_acc: B::Buf,
+    dv_acc: B::Buf,
+    dk_in: B::Buf,
+    dv_in: B::Buf,
+    /// The block's first chunk (attention takes exactly `kv_len` rows).
     kh: B::Buf,
     vh: B::Buf,
     qh: B::Buf,
@@ -118,9 +127,16 @@ impl<B: Backend> RingScratch<B> {
             return None;
         }
         let (t, c) = (s.t, s.t / 2);
+        let kv = || b.zeros(t * s.kvw());
         Some(RingScratch {
-            kb: b.zeros(t * s.kvw()),
-            vb: b.zeros(t * s.kvw()),
+            k_cur: kv(),
+            v_cur: kv(),
+            k_next: kv(),
+            v_next: kv(),
+            dk_acc: kv(),
+            dv_acc: kv(),
+            dk_in: kv(),
+            dv_in: kv(),
             kh: b.zeros(c * s.kvw()),
             vh: b.zeros(c * s.kvw()),
             qh: b.zeros(c * s.qw()),
@@ -133,8 +149,8 @@ impl<B: Backend> RingScratch<B> {
             lse_h: b.zeros(c * s.n_q),
             dq_f: b.zeros(t * s.qw()),
             dq_h: b.zeros(c * s.qw()),
-            dk_f: b.zeros(t * s.kvw()),
-            dv_f: b.zeros(t * s.kvw()),
+            dk_f: kv(),
+            dv_f: kv(),
             dk_h: b.zeros(c * s.kvw()),
             dv_h: b.zeros(c * s.kvw()),
         })
@@ -159,23 +175,6 @@ pub fn step_kind(r: usize, src: usize) -> Step {
         Less => Step::FirstHalfKeys,
         Greater => Step::SecondHalfQueries,
     }
-}
-
-fn to_host<B: Backend>(b: &B, buf: &B::Buf, off: usize, n: usize, out: &mut [B::Host]) {
-    b.read_host(buf, off, &mut out[..n]);
-}
-
-/// Copy the first `rows` rows (per-row width `w`) of the host block `[k; v]` into `k`/`v`.
-fn upload_kv<B: Backend>(
-    b: &B,
-    block: &[B::Host],
-    kvn: usize,
-    k: &mut B::Buf,
-    v: &mut B::Buf,
-    n: usize,
-) {
-    b.write_host(k, 0, &block[..n]);
-    b.write_host(v, 0, &block[kvn..kvn + n]);
 }
 
 /// Copy `lse [heads, q_len]` columns `row0 .. row0+rows` into `dst [heads, rows]`.
@@ -216,18 +215,25 @@ pub fn ring_attention_forward<B: Backend, C: Comm>(
     let (t, c) = (s.t, s.t / 2);
     let kvn = t * s.kvw();
     let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
-    let mut cur = vec![B::Host::default(); 2 * kvn];
-    to_host(b, k, 0, kvn, &mut cur[..kvn]);
-    to_host(b, v, 0, kvn, &mut cur[kvn..]);
-    let mut spare = vec![B::Host::default(); 2 * kvn];
+    b.copy(k, 0, &mut sc.k_cur, 0, kvn);
+    b.copy(v, 0, &mut sc.v_cur, 0, kvn);
     for i in 0..n {
         let src = (r + n - i) % n;
-        let inflight =
-            (i + 1 < n).then(|| start(cp, cur.clone(), next, std::mem::take(&mut spare), prev));
+        // K and V of the next step travel while this step's block is attended.
+        let (kx, vx) = if i + 1 < n {
+            (
+                start(b, cp, &sc.k_cur, kvn, next, &mut sc.k_next, prev),
+                start(b, cp, &sc.v_cur, kvn, next, &mut sc.v_next, prev),
+            )
+        } else {
+            (None, None)
+        };
         match step_kind(r, src) {
             Step::Diagonal => b.attention_forward(q, k, v, &s.attn(t, t, true), scale, out, lse),
             Step::FirstHalfKeys => {
-                upload_kv(b, &cur, kvn, &mut sc.kh, &mut sc.vh, c * s.kvw());
+                // The block's first chunk: its first c rows.
+                b.copy(&sc.k_cur, 0, &mut sc.kh, 0, c * s.kvw());
+                b.copy(&sc.v_cur, 0, &mut sc.vh, 0, c * s.kvw());
                 b.attention_forward(
                     q,
                     &sc.kh,
@@ -240,12 +246,11 @@ pub fn ring_attention_forward<B: Backend, C: Comm>(
                 b.attention_merge(out, lse, &sc.out_f, &sc.lse_f, 0, t, t, s.n_q, s.head_dim);
             }
             Step::SecondHalfQueries => {
-                upload_kv(b, &cur, kvn, &mut sc.kb, &mut sc.vb, kvn);
                 b.copy(q, c * s.qw(), &mut sc.qh, 0, c * s.qw());
                 b.attention_forward(
                     &sc.qh,
-                    &sc.kb,
-                    &sc.vb,
+                    &sc.k_cur,
+                    &sc.v_cur,
                     &s.attn(c, t, false),
                     scale,
                     &mut sc.out_h,
@@ -254,10 +259,12 @@ pub fn ring_attention_forward<B: Backend, C: Comm>(
                 b.attention_merge(out, lse, &sc.out_h, &sc.lse_h, c, c, t, s.n_q, s.head_dim);
             }
         }
-        if let Some(x) = inflight {
-            let (sent, got) = cp.wait(x);
-            spare = sent;
-            cur = got;
+        for x in [kx, vx].into_iter().flatten() {
+            cp.wait_buf(b, x);
+        }
+        if i + 1 < n {
+            std::mem::swap(&mut sc.k_cur, &mut sc.k_next);
+            std::mem::swap(&mut sc.v_cur, &mut sc.v_next);
         }
     }
 }
@@ -303,37 +310,37 @@ pub fn ring_attention_backward<B: Backend, C: Comm>(
     let (qw, kvw) = (s.qw(), s.kvw());
     let kvn = t * kvw;
     let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
-    let mut cur = vec![B::Host::default(); 2 * kvn];
-    to_host(b, k, 0, kvn, &mut cur[..kvn]);
-    to_host(b, v, 0, kvn, &mut cur[kvn..]);
-    let mut spare = vec![B::Host::default(); 2 * kvn];
+    b.copy(k, 0, &mut sc.k_cur, 0, kvn);
+    b.copy(v, 0, &mut sc.v_cur, 0, kvn);
     // The second query chunk's rows, for the steps that only it takes part in.
     b.copy(q, c * qw, &mut sc.qh, 0, c * qw);
     b.copy(out, c * qw, &mut sc.oh, 0, c * qw);
     b.copy(dout, c * qw, &mut sc.doh, 0, c * qw);
     slice_lse(b, lse, s.n_q, t, c, c, &mut sc.lseh);
     b.fill_zero(dq);
-    // The dK/dV accumulator of the block held at the previous step, sent on at this step.
-    let mut acc: Vec<B::Host> = Vec::new();
-    let mut acc_spare = vec![B::Host::default(); 2 * kvn];
-    let mut block = vec![B::Host::default(); 2 * kvn];
     for i in 0..n {
         let src = (r + n - i) % n;
-        // Order matters: every rank starts the dK/dV exchange before the K/V one, so the two
-        // messages of a step between the same pair of ranks match in posting order.
-        let dkv_flight = (i > 0).then(|| {
-            start(
-                cp,
-                std::mem::take(&mut acc),
-                next,
-                std::mem::take(&mut acc_spare),
-                prev,
+        // Order matters: every rank starts the dK/dV exchanges before the K/V ones, so the
+        // messages of a step between the same pair of ranks match in posting order. From step 1
+        // on, `dk_acc`/`dv_acc` hold the accumulator of the block of the previous step.
+        let (dkx, dvx) = if i > 0 {
+            (
+                start(b, cp, &sc.dk_acc, kvn, next, &mut sc.dk_in, prev),
+                start(b, cp, &sc.dv_acc, kvn, next, &mut sc.dv_in, prev),
             )
-        });
-        let kv_flight =
-            (i + 1 < n).then(|| start(cp, cur.clone(), next, std::mem::take(&mut spare), prev));
-        block.iter_mut().for_each(|x| *x = B::Host::default());
-        match step_kind(r, src) {
+        } else {
+            (None, None)
+        };
+        let (kx, vx) = if i + 1 < n {
+            (
+                start(b, cp, &sc.k_cur, kvn, next, &mut sc.k_next, prev),
+                start(b, cp, &sc.v_cur, kvn, next, &mut sc.v_next, prev),
+            )
+        } else {
+            (None, None)
+        };
+        // This rank's contribution to the block's dK/dV: rows [0, rows) of (dk_blk, dv_blk).
+        let (half, rows) = match step_kind(r, src) {
             Step::Diagonal => {
                 b.attention_backward(
                     q,
@@ -349,11 +356,11 @@ pub fn ring_attention_backward<B: Backend, C: Comm>(
                     &mut sc.dv_f,
                 );
                 b.add_at(dq, 0, &sc.dq_f, 0, t * qw);
-                b.read_host(&sc.dk_f, 0, &mut block[..kvn]);
-                b.read_host(&sc.dv_f, 0, &mut block[kvn..]);
+                (false, t)
             }
             Step::FirstHalfKeys => {
-                upload_kv(b, &cur, kvn, &mut sc.kh, &mut sc.vh, c * kvw);
+                b.copy(&sc.k_cur, 0, &mut sc.kh, 0, c * kvw);
+                b.copy(&sc.v_cur, 0, &mut sc.vh, 0, c * kvw);
                 b.attention_backward(
                     q,
                     &sc.kh,
@@ -368,15 +375,13 @@ pub fn ring_attention_backward<B: Backend, C: Comm>(
                     &mut sc.dv_h,
                 );
                 b.add_at(dq, 0, &sc.dq_f, 0, t * qw);
-                b.read_host(&sc.dk_h, 0, &mut block[..c * kvw]);
-                b.read_host(&sc.dv_h, 0, &mut block[kvn..kvn + c * kvw]);
+                (true, c)
             }
             Step::SecondHalfQueries => {
-                upload_kv(b, &cur, kvn, &mut sc.kb, &mut sc.vb, kvn);
                 b.attention_backward(
                     &sc.qh,
-                    &sc.kb,
-                    &sc.vb,
+                    &sc.k_cur,
+                    &sc.v_cur,
                     &sc.oh,
                     &sc.doh,
                     &sc.lseh,
@@ -387,34 +392,39 @@ pub fn ring_attention_backward<B: Backend, C: Comm>(
                     &mut sc.dv_f,
                 );
                 b.add_at(dq, c * qw, &sc.dq_h, 0, c * qw);
-                b.read_host(&sc.dk_f, 0, &mut block[..kvn]);
-                b.read_host(&sc.dv_f, 0, &mut block[kvn..]);
-            }
-        }
-        // This block's accumulator: what the ranks before added, plus this rank's part.
-        acc = match dkv_flight {
-            None => std::mem::take(&mut block),
-            Some(x) => {
-                let (sent, mut got) = cp.wait(x);
-                acc_spare = sent;
-                for (a, &g) in got.iter_mut().zip(&block) {
-                    *a = a.add(g);
-                }
-                got
+                (false, t)
             }
         };
-        if block.is_empty() {
-            block = vec![B::Host::default(); 2 * kvn];
+        for x in [dkx, dvx].into_iter().flatten() {
+            cp.wait_buf(b, x);
         }
-        if let Some(x) = kv_flight {
-            let (sent, got) = cp.wait(x);
-            spare = sent;
-            cur = got;
+        // This block's accumulator: what the ranks before added (received), plus this rank's
+        // part; at step 0 there is nothing received yet.
+        if i > 0 {
+            std::mem::swap(&mut sc.dk_acc, &mut sc.dk_in);
+            std::mem::swap(&mut sc.dv_acc, &mut sc.dv_in);
+        } else {
+            b.fill_zero(&mut sc.dk_acc);
+            b.fill_zero(&mut sc.dv_acc);
+        }
+        let (dk_blk, dv_blk) = if half {
+            (&sc.dk_h, &sc.dv_h)
+        } else {
+            (&sc.dk_f, &sc.dv_f)
+        };
+        b.add_at(&mut sc.dk_acc, 0, dk_blk, 0, rows * kvw);
+        b.add_at(&mut sc.dv_acc, 0, dv_blk, 0, rows * kvw);
+        for x in [kx, vx].into_iter().flatten() {
+            cp.wait_buf(b, x);
+        }
+        if i + 1 < n {
+            std::mem::swap(&mut sc.k_cur, &mut sc.k_next);
+            std::mem::swap(&mut sc.v_cur, &mut sc.v_next);
         }
     }
     // The last accumulator belongs to the next rank; this rank's own arrives from the previous.
-    let x = start(cp, acc, next, acc_spare, prev);
-    let (_, mine) = cp.wait(x);
-    b.write_host(dk, 0, &mine[..kvn]);
-    b.write_host(dv, 0, &mine[kvn..]);
+    let dkx = cp.exchange_buf_start(b, &sc.dk_acc, kvn, next, dk, prev);
+    let dvx = cp.exchange_buf_start(b, &sc.dv_acc, kvn, next, dv, prev);
+    cp.wait_buf(b, dkx);
+    cp.wait_buf(b, dvx);
 }

@@ -14,10 +14,14 @@
 use std::sync::{Arc, Mutex};
 
 use super::any::AnyComm;
-use super::comm::{Comm, Elem, Exchange, PendingExchange, ReduceOp, SelfComm, WaitClock};
+use super::comm::{
+    BufExchange, Comm, Elem, Exchange, PendingExchange, ReduceOp, SelfComm, WaitClock,
+};
 use super::topology::{Layout, Topology};
+use crate::backend::Backend;
 
-/// One collective as logged: the group's label, the operation and the elements it moved.
+/// One collective as logged: the group's label, the operation and the elements it moved. Host
+/// collectives are named `host …`; the buffer collectives (`Comm::*_buf`) by the bare name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommCall {
     pub group: &'static str,
@@ -89,13 +93,13 @@ impl Comm for LoopbackComm {
         self.size
     }
     fn all_reduce<T: Elem>(&self, buf: &mut [T], op: ReduceOp) {
-        self.note("all_reduce", buf.len());
+        self.note("host all_reduce", buf.len());
         if let Some(c) = &self.inner {
             c.all_reduce(buf, op);
         }
     }
     fn all_gather<T: Elem>(&self, send: &[T], recv: &mut [T]) {
-        self.note("all_gather", recv.len());
+        self.note("host all_gather", recv.len());
         if let Some(c) = &self.inner {
             return c.all_gather(send, recv);
         }
@@ -105,7 +109,7 @@ impl Comm for LoopbackComm {
         }
     }
     fn reduce_scatter<T: Elem>(&self, send: &[T], recv: &mut [T]) {
-        self.note("reduce_scatter", send.len());
+        self.note("host reduce_scatter", send.len());
         if let Some(c) = &self.inner {
             return c.reduce_scatter(send, recv);
         }
@@ -114,7 +118,7 @@ impl Comm for LoopbackComm {
         recv.copy_from_slice(&send[self.rank * n..][..n]);
     }
     fn broadcast<T: Elem>(&self, buf: &mut [T], root: usize) {
-        self.note("broadcast", buf.len());
+        self.note("host broadcast", buf.len());
         if let Some(c) = &self.inner {
             c.broadcast(buf, root);
         }
@@ -131,7 +135,7 @@ impl Comm for LoopbackComm {
         mut recv: Vec<T>,
         from: usize,
     ) -> Exchange<T> {
-        self.note("exchange", send.len() + recv.len());
+        self.note("host exchange", send.len() + recv.len());
         if let Some(c) = &self.inner {
             return c.exchange_start(send, to, recv, from);
         }
@@ -144,6 +148,83 @@ impl Comm for LoopbackComm {
         match &self.inner {
             Some(c) => c.wait_clock(),
             None => &self.clock,
+        }
+    }
+    fn buf_path(&self) -> &'static str {
+        match &self.inner {
+            Some(c) => c.buf_path(),
+            None => "loopback (device-local copies)",
+        }
+    }
+
+    // The buffer collectives: logged under the same names as the host ones; without an inner
+    // communicator they are copies within the backend (on a GPU, device to device: the one-rank
+    // 4M step pays for moving the real sizes in device memory, never a host round trip).
+    fn all_gather_buf<B: Backend>(
+        &self,
+        b: &B,
+        send: &B::Buf,
+        off: usize,
+        n: usize,
+        recv: &mut B::Buf,
+    ) {
+        self.note("all_gather", n * self.size);
+        if let Some(c) = &self.inner {
+            return c.all_gather_buf(b, send, off, n, recv);
+        }
+        for r in 0..self.size {
+            b.copy(send, off, recv, r * n, n);
+        }
+    }
+    fn reduce_scatter_buf<B: Backend>(
+        &self,
+        b: &B,
+        send: &B::Buf,
+        n: usize,
+        recv: &mut B::Buf,
+        accumulate: bool,
+    ) {
+        self.note("reduce_scatter", n * self.size);
+        if let Some(c) = &self.inner {
+            return c.reduce_scatter_buf(b, send, n, recv, accumulate);
+        }
+        if accumulate {
+            b.add_at(recv, 0, send, self.rank * n, n);
+        } else {
+            b.copy(send, self.rank * n, recv, 0, n);
+        }
+    }
+    fn all_reduce_buf<B: Backend>(&self, b: &B, buf: &mut B::Buf, n: usize) {
+        self.note("all_reduce", n);
+        if let Some(c) = &self.inner {
+            c.all_reduce_buf(b, buf, n);
+        }
+    }
+    fn exchange_buf_start<'a, B: Backend>(
+        &self,
+        b: &B,
+        send: &'a B::Buf,
+        n: usize,
+        to: usize,
+        recv: &'a mut B::Buf,
+        from: usize,
+    ) -> BufExchange<'a, B> {
+        self.note("exchange", 2 * n);
+        if let Some(c) = &self.inner {
+            return c.exchange_buf_start(b, send, n, to, recv, from);
+        }
+        assert!(to < self.size && from < self.size, "exchange: ranks");
+        b.copy(send, 0, recv, 0, n);
+        BufExchange::done(recv, n)
+    }
+    fn wait_buf<B: Backend>(&self, b: &B, x: BufExchange<'_, B>) {
+        match &self.inner {
+            Some(c) => c.wait_buf(b, x),
+            None => {
+                let t0 = std::time::Instant::now();
+                drop(x);
+                self.clock.add(t0.elapsed().as_secs_f64());
+            }
         }
     }
 }
@@ -262,6 +343,60 @@ mod tests {
                 "rank {r}: loopback calls differ from the thread world's"
             );
         }
+    }
+
+    /// Every activation-sized collective of a tp 2 × cp 2 pass goes through the buffer interface
+    /// (what NCCL implements on GPUs); the host collectives left carry per-row statistics only
+    /// (the vocab-parallel cross-entropy's max, Σexp and target logit: 3 values per row of a
+    /// chunk, from each TP rank).
+    #[test]
+    fn tensors_cross_ranks_only_through_the_buffer_collectives() {
+        let cfg = tiny();
+        let (tp, cp, len, ce_chunk) = (2, 2, 32, 8);
+        let logs: Vec<Vec<CommCall>> = ThreadComm::run(tp * cp, |world: AnyComm| {
+            let log: CommLog = Arc::default();
+            let topo = recording_topology(Topology::new(&world, tp, cp).unwrap(), &log);
+            rank_pass(&cfg, &topo, len);
+            log.lock().unwrap().clone()
+        });
+        for calls in logs {
+            let bufs: Vec<&CommCall> = calls.iter().filter(|c| !c.op.starts_with("host")).collect();
+            // Per layer: TP gathers/scatters and the CP ring, forward, recompute and backward.
+            assert!(bufs.len() >= 2 * 4, "{calls:?}");
+            assert!(bufs.iter().any(|c| c.group == "cp" && c.op == "exchange"));
+            assert!(bufs.iter().any(|c| c.group == "tp" && c.op == "all_gather"));
+            assert!(
+                bufs.iter()
+                    .any(|c| c.group == "tp" && c.op == "reduce_scatter")
+            );
+            for c in calls.iter().filter(|c| c.op.starts_with("host")) {
+                assert!(
+                    c.group == "tp" && c.op == "host all_gather" && c.elems <= 3 * ce_chunk * tp,
+                    "a tensor went through a host collective: {c:?}"
+                );
+            }
+        }
+    }
+
+    /// The loopback's buffer collectives copy within the backend, with the real sizes.
+    #[test]
+    fn loopback_buffer_collectives_are_local_copies() {
+        let b = CpuBackend::<f32>::new();
+        let c = LoopbackComm::new(1, 3, "t", None);
+        let send = b.upload(&[9.0, 1.0, 2.0]);
+        let mut recv = b.zeros(6);
+        c.all_gather_buf(&b, &send, 1, 2, &mut recv);
+        assert_eq!(b.download(&recv), [1.0, 2.0, 1.0, 2.0, 1.0, 2.0]);
+        let full = b.upload(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        let mut out = b.upload(&[10.0, 20.0]);
+        c.reduce_scatter_buf(&b, &full, 2, &mut out, true);
+        assert_eq!(b.download(&out), [12.0, 23.0]);
+        c.reduce_scatter_buf(&b, &full, 2, &mut out, false);
+        assert_eq!(b.download(&out), [2.0, 3.0]);
+        let mut got = b.zeros(3);
+        let x = c.exchange_buf_start(&b, &send, 2, 2, &mut got, 0);
+        c.wait_buf(&b, x);
+        assert_eq!(b.download(&got), [9.0, 1.0, 0.0]);
     }
 
     #[test]

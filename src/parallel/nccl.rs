@@ -2,17 +2,27 @@
 //! bootstrapped over the group's existing host `Comm` (MPI): the group's rank 0 makes the NCCL
 //! unique id and broadcasts its 128 bytes, every rank then joins with `ncclCommInitRank`.
 //!
-//! Status (docs/DEVELOPERS.md, CUDA): compiled, not yet wired and not yet run on a GPU. The model
-//! code talks to ranks through the host-buffer `Comm` trait, which with the CUDA backend stages
-//! device buffers through `read_host`/`write_host` (the host-staged MPI fallback, also what lets
-//! several ranks share one GPU in tests). Moving `parallel::tensor`/`context`/`zero` onto device
-//! collectives is the step that uses this module.
+//! [`NcclGroup`] is a whole communicator of the model's: host collectives (losses, flags, the
+//! bootstrap) over the group's MPI communicator, and the buffer collectives the model calls
+//! (`Comm::*_buf`: the TP pairs, the CP ring) through NCCL on the backend's stream when the
+//! buffers are the CUDA backend's — device memory never goes through the host. Issued on the
+//! compute stream, they are ordered with the kernels around them without any host
+//! synchronisation; a separate communication stream with events (overlapping the next ring step
+//! with this one's attention) is not built yet.
+//!
+//! Status: compiled, not yet run on a GPU (needs a GPU task: the world-of-1 test of
+//! `gpu-check`). The host-staged MPI path stays the fallback: NCCL missing, ranks sharing one GPU
+//! (NCCL refuses that), or `ULTRALONG_COMM=mpi`.
+
+use std::any::Any;
 
 use anyhow::{Result, anyhow, bail};
 use cudarc::nccl::{result, sys};
 
+use crate::backend::Backend;
 use crate::backend::cuda::{CudaBackend, CudaBuf, DType};
-use crate::parallel::comm::Comm;
+use crate::parallel::any::AnyComm;
+use crate::parallel::comm::{BufExchange, Comm, Elem, Exchange, ReduceOp, WaitClock};
 
 /// A NCCL communicator over the ranks of one group, issuing on the backend's stream.
 pub struct NcclComm {
@@ -173,4 +183,338 @@ impl Drop for NcclComm {
             let _ = result::comm_destroy(self.comm);
         }
     }
+}
+
+/// Element `off` of `buf` as a device address.
+fn at(buf: &CudaBuf, off: usize) -> *mut std::ffi::c_void {
+    (buf.device_ptr() as usize + off * buf.dtype().size()) as *mut std::ffi::c_void
+}
+
+fn must(what: &str, r: Result<()>) {
+    // A failed NCCL call leaves the group's collectives out of step: nothing can continue, and
+    // the world's error path (MPI_Abort on the first failing rank) names it.
+    if let Err(e) = r {
+        panic!("{what}: {e:#}");
+    }
+}
+
+impl NcclComm {
+    /// `recv[0 .. size·n]` = every rank's `send[off .. off+n]`.
+    fn all_gather_at(
+        &self,
+        send: &CudaBuf,
+        off: usize,
+        n: usize,
+        recv: &mut CudaBuf,
+    ) -> Result<()> {
+        if off + n > send.len() || recv.len() < n * self.size || send.dtype() != recv.dtype() {
+            bail!(
+                "NCCL all_gather: {n} elements at {off} of {} -> {}",
+                send.len(),
+                recv.len()
+            );
+        }
+        // SAFETY: ranges checked above; both buffers outlive the call's stream work (the caller
+        // holds them, and later kernels on the same stream are ordered after it).
+        unsafe {
+            check(
+                "all_gather",
+                result::all_gather(
+                    at(send, off),
+                    at(recv, 0),
+                    n,
+                    nccl_type(send.dtype()),
+                    self.comm,
+                    self.stream,
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `recv[0 .. n]` = this rank's block of `Σ over ranks of send[0 .. size·n]`.
+    fn reduce_scatter_at(&self, send: &CudaBuf, n: usize, recv: &mut CudaBuf) -> Result<()> {
+        if send.len() < n * self.size || recv.len() < n || send.dtype() != recv.dtype() {
+            bail!(
+                "NCCL reduce_scatter: {} -> {n} over {} ranks",
+                send.len(),
+                self.size
+            );
+        }
+        // SAFETY: ranges checked above.
+        unsafe {
+            check(
+                "reduce_scatter",
+                result::reduce_scatter(
+                    at(send, 0),
+                    at(recv, 0),
+                    n,
+                    nccl_type(send.dtype()),
+                    sys::ncclRedOp_t::ncclSum,
+                    self.comm,
+                    self.stream,
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `buf[0 .. n] ← Σ over ranks`.
+    fn all_reduce_at(&self, buf: &mut CudaBuf, n: usize) -> Result<()> {
+        if n > buf.len() {
+            bail!("NCCL all_reduce: {n} elements of {}", buf.len());
+        }
+        // SAFETY: range checked above.
+        unsafe {
+            check(
+                "all_reduce",
+                result::all_reduce(
+                    at(buf, 0),
+                    at(buf, 0),
+                    n,
+                    nccl_type(buf.dtype()),
+                    sys::ncclRedOp_t::ncclSum,
+                    self.comm,
+                    self.stream,
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Send `send[0 .. n]` to `to` and receive `from`'s into `recv[0 .. n]`, as one NCCL group
+    /// (so the two directions of a ring step cannot deadlock each other).
+    fn exchange_at(
+        &self,
+        send: &CudaBuf,
+        n: usize,
+        to: usize,
+        recv: &mut CudaBuf,
+        from: usize,
+    ) -> Result<()> {
+        if n > send.len() || n > recv.len() || send.dtype() != recv.dtype() {
+            bail!(
+                "NCCL exchange: {n} elements of {} -> {}",
+                send.len(),
+                recv.len()
+            );
+        }
+        let ty = nccl_type(send.dtype());
+        check("group start", result::group_start())?;
+        // SAFETY: ranges checked above; the group is closed below whatever happens.
+        let sent = unsafe { result::send(at(send, 0), n, ty, to as i32, self.comm, self.stream) };
+        let got = unsafe { result::recv(at(recv, 0), n, ty, from as i32, self.comm, self.stream) };
+        let end = result::group_end();
+        check("send", sent)?;
+        check("recv", got)?;
+        check("group end", end)?;
+        Ok(())
+    }
+}
+
+/// One of the model's communicators on GPUs: the host `Comm` for host data, NCCL for device
+/// buffers (see the module comment).
+pub struct NcclGroup {
+    host: Box<AnyComm>,
+    nccl: NcclComm,
+}
+
+impl NcclGroup {
+    /// Join NCCL over `host`'s ranks (collective over them).
+    pub fn new(b: &CudaBackend, host: AnyComm) -> Result<Self> {
+        let nccl = NcclComm::from_group(b, &host)?;
+        Ok(NcclGroup {
+            host: Box::new(host),
+            nccl,
+        })
+    }
+}
+
+/// The CUDA buffers behind a generic backend's, when the backend is the CUDA one.
+fn cuda<B: Backend>(buf: &B::Buf) -> Option<&CudaBuf> {
+    (buf as &dyn Any).downcast_ref::<CudaBuf>()
+}
+fn cuda_mut<B: Backend>(buf: &mut B::Buf) -> Option<&mut CudaBuf> {
+    (buf as &mut dyn Any).downcast_mut::<CudaBuf>()
+}
+
+impl Comm for NcclGroup {
+    fn rank(&self) -> usize {
+        self.host.rank()
+    }
+    fn size(&self) -> usize {
+        self.host.size()
+    }
+    fn all_reduce<T: Elem>(&self, buf: &mut [T], op: ReduceOp) {
+        self.host.all_reduce(buf, op)
+    }
+    fn all_gather<T: Elem>(&self, send: &[T], recv: &mut [T]) {
+        self.host.all_gather(send, recv)
+    }
+    fn reduce_scatter<T: Elem>(&self, send: &[T], recv: &mut [T]) {
+        self.host.reduce_scatter(send, recv)
+    }
+    fn broadcast<T: Elem>(&self, buf: &mut [T], root: usize) {
+        self.host.broadcast(buf, root)
+    }
+    fn barrier(&self) {
+        self.host.barrier()
+    }
+    fn exchange_start<T: Elem>(
+        &self,
+        send: Vec<T>,
+        to: usize,
+        recv: Vec<T>,
+        from: usize,
+    ) -> Exchange<T> {
+        self.host.exchange_start(send, to, recv, from)
+    }
+    fn wait_clock(&self) -> &WaitClock {
+        self.host.wait_clock()
+    }
+    fn buf_path(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn all_gather_buf<B: Backend>(
+        &self,
+        b: &B,
+        send: &B::Buf,
+        off: usize,
+        n: usize,
+        recv: &mut B::Buf,
+    ) {
+        let Some(s) = cuda::<B>(send) else {
+            return self.host.all_gather_buf(b, send, off, n, recv);
+        };
+        let r = cuda_mut::<B>(recv).expect("send and recv come from one backend");
+        must("NCCL all_gather", self.nccl.all_gather_at(s, off, n, r));
+    }
+    fn reduce_scatter_buf<B: Backend>(
+        &self,
+        b: &B,
+        send: &B::Buf,
+        n: usize,
+        recv: &mut B::Buf,
+        accumulate: bool,
+    ) {
+        let Some(s) = cuda::<B>(send) else {
+            return self.host.reduce_scatter_buf(b, send, n, recv, accumulate);
+        };
+        if accumulate {
+            // NCCL writes, it does not add: reduce into a scratch block, then add it.
+            let mut tmp = b.zeros(n);
+            let t = cuda_mut::<B>(&mut tmp).expect("a CUDA backend makes CUDA buffers");
+            must("NCCL reduce_scatter", self.nccl.reduce_scatter_at(s, n, t));
+            b.add_at(recv, 0, &tmp, 0, n);
+        } else {
+            let r = cuda_mut::<B>(recv).expect("send and recv come from one backend");
+            must("NCCL reduce_scatter", self.nccl.reduce_scatter_at(s, n, r));
+        }
+    }
+    fn all_reduce_buf<B: Backend>(&self, b: &B, buf: &mut B::Buf, n: usize) {
+        if cuda::<B>(buf).is_none() {
+            return self.host.all_reduce_buf(b, buf, n);
+        }
+        let r = cuda_mut::<B>(buf).expect("checked above");
+        must("NCCL all_reduce", self.nccl.all_reduce_at(r, n));
+    }
+    fn exchange_buf_start<'a, B: Backend>(
+        &self,
+        b: &B,
+        send: &'a B::Buf,
+        n: usize,
+        to: usize,
+        recv: &'a mut B::Buf,
+        from: usize,
+    ) -> BufExchange<'a, B> {
+        let Some(s) = cuda::<B>(send) else {
+            return self.host.exchange_buf_start(b, send, n, to, recv, from);
+        };
+        let r = cuda_mut::<B>(recv).expect("send and recv come from one backend");
+        must("NCCL exchange", self.nccl.exchange_at(s, n, to, r, from));
+        // On the compute stream: every later kernel is ordered after the transfer.
+        BufExchange::done(recv, n)
+    }
+}
+
+/// Why the buffer collectives of a run take the path they take: one line for the start-up log.
+pub struct CommChoice {
+    pub path: &'static str,
+    pub why: String,
+}
+
+/// Move every group of `topo` onto NCCL when that can work — NCCL loads on every rank, no two
+/// ranks of the world share a GPU (NCCL refuses that), and `ULTRALONG_COMM` is not `mpi` —
+/// else keep the host-staged MPI path. Collective over the world; every rank decides the same.
+pub fn device_collectives(
+    mut topo: crate::parallel::topology::Topology,
+    b: &CudaBackend,
+) -> Result<(crate::parallel::topology::Topology, CommChoice)> {
+    let keep = |topo, why: String| {
+        Ok((
+            topo,
+            CommChoice {
+                path: "host-staged MPI",
+                why,
+            },
+        ))
+    };
+    if topo.world.size() == 1 {
+        return keep(topo, "one rank: nothing to communicate".into());
+    }
+    let asked_mpi = std::env::var("ULTRALONG_COMM").is_ok_and(|v| v == "mpi");
+    // SAFETY: only tries to load libnccl.
+    let present = unsafe { sys::is_culib_present() };
+    // Every rank's (host, GPU), to find ranks sharing one; and the flags, agreed by all.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host_hash = host.trim().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
+        (h ^ c as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let me = [
+        host_hash,
+        b.context().ordinal() as u64,
+        asked_mpi as u64,
+        (!present) as u64,
+    ];
+    let mut all = vec![0u64; 4 * topo.world.size()];
+    topo.world.all_gather(&me, &mut all);
+    if all.chunks(4).any(|x| x[2] == 1) {
+        return keep(topo, "ULTRALONG_COMM=mpi".into());
+    }
+    if let Some(r) = all.chunks(4).position(|x| x[3] == 1) {
+        return keep(
+            topo,
+            format!("NCCL (libnccl.so.2) could not be loaded on world rank {r}"),
+        );
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for (r, x) in all.chunks(4).enumerate() {
+        if let Some(first) = seen.insert((x[0], x[1]), r) {
+            return keep(
+                topo,
+                format!(
+                    "world ranks {first} and {r} share GPU {} of one node (NCCL needs one GPU per rank)",
+                    x[1]
+                ),
+            );
+        }
+    }
+    let join = |c: &mut AnyComm| -> Result<()> {
+        let host = std::mem::replace(c, AnyComm::Single(Default::default()));
+        *c = AnyComm::Nccl(NcclGroup::new(b, host)?);
+        Ok(())
+    };
+    join(&mut topo.tp)?;
+    join(&mut topo.cp)?;
+    join(&mut topo.dp)?;
+    join(&mut topo.dpcp)?;
+    join(&mut topo.world)?;
+    Ok((
+        topo,
+        CommChoice {
+            path: "nccl",
+            why: "one GPU per rank, NCCL loaded".into(),
+        },
+    ))
 }

@@ -11,17 +11,11 @@
 //!
 //! Column-parallel layers (q/k/v, gate/up) sit after `gather_seq`; row-parallel layers (o,
 //! down) and the vocab-parallel embedding produce partial sums that `reduce_scatter_seq` sums and
-//! splits back into sequence shards. The host-staged forms here work for every backend; a GPU
-//! backend with NCCL replaces the staging, not the pairs.
+//! splits back into sequence shards. The pairs call the communicator's buffer collectives
+//! (`Comm::*_buf`): host-staged MPI on the CPU, NCCL or the host-staged fallback on GPUs.
 
 use crate::backend::Backend;
-use crate::parallel::comm::{Comm, Elem, ReduceOp};
-
-fn stage<B: Backend>(b: &B, buf: &B::Buf, off: usize, n: usize) -> Vec<B::Host> {
-    let mut v = vec![B::Host::default(); n];
-    b.read_host(buf, off, &mut v);
-    v
-}
+use crate::parallel::comm::Comm;
 
 /// `gather_seq` forward: `full [size·n]` = the group's `local [n]` blocks in rank order.
 pub fn gather_seq_forward<B: Backend, C: Comm>(
@@ -35,10 +29,7 @@ pub fn gather_seq_forward<B: Backend, C: Comm>(
         b.copy(local, 0, full, 0, n);
         return;
     }
-    let send = stage(b, local, 0, n);
-    let mut recv = vec![B::Host::default(); n * comm.size()];
-    comm.all_gather(&send, &mut recv);
-    b.write_host(full, 0, &recv);
+    comm.all_gather_buf(b, local, 0, n, full);
 }
 
 /// `gather_seq` backward: `dlocal (+)= Σ over ranks of their dfull[rank block]`.
@@ -93,16 +84,7 @@ fn reduce_scatter_into<B: Backend, C: Comm>(
         }
         return;
     }
-    let send = stage(b, full, 0, n * comm.size());
-    let mut recv = vec![B::Host::default(); n];
-    comm.reduce_scatter(&send, &mut recv);
-    if accumulate {
-        let cur = stage(b, out, 0, n);
-        for (r, c) in recv.iter_mut().zip(cur) {
-            *r = c.add(*r);
-        }
-    }
-    b.write_host(out, 0, &recv);
+    comm.reduce_scatter_buf(b, full, n, out, accumulate);
 }
 
 /// Sum a buffer over the group in place (gradients of replicated weights, partial sums).
@@ -111,9 +93,7 @@ pub fn all_reduce_buf<B: Backend, C: Comm>(b: &B, comm: &C, buf: &mut B::Buf) {
         return;
     }
     let n = b.len(buf);
-    let mut v = stage(b, buf, 0, n);
-    comm.all_reduce(&mut v, ReduceOp::Sum);
-    b.write_host(buf, 0, &v);
+    comm.all_reduce_buf(b, buf, n);
 }
 
 /// The full tensors of a store of TP shards (every rank of the TP group gets all of them), with
