@@ -603,11 +603,21 @@ pub fn memory(s: &RankShape<'_>, target: Target, reserve: u64) -> Memory {
         let cq = sh(&["t/2", "heads/tp·d"], &[c, qw]);
         b.add(
             rs,
-            "kb, vb (whole block)",
-            format!("2 × {tkv}"),
-            2,
+            "k_cur, v_cur, k_next, v_next (ring K/V: current + in flight)",
+            format!("4 × {tkv}"),
+            4,
             u(t * kvw),
             dt.act,
+            dev,
+            None,
+        );
+        b.add(
+            rs,
+            "dk_acc, dv_acc, dk_in, dv_in (ring dK/dV: accumulator + in flight)",
+            format!("4 × {tkv}"),
+            4,
+            u(t * kvw),
+            dt.ring_acc,
             dev,
             None,
         );
@@ -693,36 +703,21 @@ pub fn memory(s: &RankShape<'_>, target: Target, reserve: u64) -> Memory {
         );
     }
 
-    // Communication buffers. The ring's K/V blocks in flight (current + next) and, in the
-    // backward, the dK/dV accumulators (current + in flight) and this step's block; the CPU code
-    // stages them in host vectors during the ring call, a CUDA/NCCL build keeps them on the device.
+    // Communication buffers. The ring's blocks are backend buffers (ring scratch above); the
+    // host-staged path (the CPU's, and the GPU fallback without NCCL) also holds each exchange in
+    // flight on the host, send + receive: in the backward 4 of them (dK, dV, K, V).
     let blk = format!("[2, t, kv/tp·d] = [2, {t}, {kvw}]");
     let cm = "comm buffers";
-    let (cplace, cphase) = if target.is_cpu() {
-        (host, Some(PHASE_RING_BWD))
-    } else {
-        (dev, None)
-    };
-    if ring {
+    if ring && target.is_cpu() {
         b.add(
             cm,
-            "ring K/V block: current + in flight",
-            format!("2 × {blk}"),
-            2,
+            "ring staging: 4 exchanges in flight, send + receive",
+            format!("4 × {blk}"),
+            4,
             u(2 * t * kvw),
             dt.act,
-            cplace,
-            cphase,
-        );
-        b.add(
-            cm,
-            "ring dK/dV: accumulator + in flight + step block",
-            format!("3 × {blk}"),
-            3,
-            u(2 * t * kvw),
-            dt.ring_acc,
-            cplace,
-            cphase,
+            host,
+            Some(PHASE_RING_BWD),
         );
     }
     if target.is_cpu() {
