@@ -10,6 +10,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod timed;
 
 /// Shape of one attention call: queries `[q_len, n_q_heads, head_dim]` against keys/values
 /// `[kv_len, n_kv_heads, head_dim]` (GQA: query head `h` reads KV head `h / (n_q_heads/n_kv_heads)`).
@@ -63,6 +64,10 @@ pub trait Backend: Sync {
 
     /// Human-readable name, e.g. "cpu-f32".
     fn name(&self) -> String;
+
+    /// Where the step is (`timed::Annotation`): read by `timed::Timed` for its breakdown, and
+    /// ignored by every other backend.
+    fn annotate(&self, _a: timed::Annotation) {}
 
     // ---- memory -------------------------------------------------------------------------------
     fn zeros(&self, n: usize) -> Self::Buf;

@@ -15,6 +15,7 @@
 //! for every layer, or — with full recompute — for one layer at a time, recomputed from its input
 //! during the backward pass. All buffers are allocated once, in `Workspace::new`.
 
+use crate::backend::timed::Annotation;
 use crate::backend::{Backend, NOT_IN_SHARD, TARGET_ELSEWHERE, TARGET_IGNORE};
 use crate::model::config::ModelConfig;
 use crate::model::params::{
@@ -638,6 +639,7 @@ impl<B: Backend> Llama<B> {
         mut head: Head<'_>,
         mut grads: Option<&mut ParamStore<B>>,
     ) -> f64 {
+        b.annotate(Annotation::Pass("forward"));
         let d = ws.dims;
         assert!(
             ids.len() == d.t && positions.len() == d.t,
@@ -713,6 +715,7 @@ impl<B: Backend> Llama<B> {
         // turned into its gradient in place and consumed before the next chunk. Vocab-parallel:
         // each TP rank holds `vocab` rows of the head; per-row max and Σexp are combined over the
         // group, so the full logits are never gathered.
+        b.annotate(Annotation::Pass("lm head"));
         let backward = grads.is_some() && matches!(head, Head::Loss { .. });
         let lm = lm_head_index(&self.cfg);
         let dxf_full: &mut B::Buf = ws.grads.dxnf.as_mut().unwrap_or(&mut ws.grads.dxn);
@@ -826,6 +829,7 @@ impl<B: Backend> Llama<B> {
             return loss_sum;
         }
 
+        b.annotate(Annotation::Pass("backward"));
         if let Some(f) = &ws.grads.dxnf {
             gather_seq_backward(b, &topo.tp, f, ts * h, &mut ws.grads.dxn, false);
         }

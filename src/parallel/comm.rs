@@ -18,6 +18,7 @@ use std::cell::Cell;
 use std::time::Instant;
 
 use crate::backend::Backend;
+use crate::backend::timed::Annotation;
 
 /// Element types a collective can carry. `KIND` picks the MPI datatype.
 pub trait Elem: bytemuck::Pod + Default + PartialOrd + Send + Sync + 'static {
@@ -204,10 +205,14 @@ pub trait Comm {
         n: usize,
         recv: &mut B::Buf,
     ) {
+        b.annotate(Annotation::CommBegin {
+            elems: n * self.size(),
+        });
         let local = stage_down(b, send, off, n);
         let mut all = vec![B::Host::default(); n * self.size()];
         self.all_gather(&local, &mut all);
         b.write_host(recv, 0, &all);
+        b.annotate(Annotation::CommEnd);
     }
 
     /// `recv[0 .. n] (+)=` this rank's block of `Σ over ranks of send[0 .. size·n]` (with
@@ -220,6 +225,9 @@ pub trait Comm {
         recv: &mut B::Buf,
         accumulate: bool,
     ) {
+        b.annotate(Annotation::CommBegin {
+            elems: n * self.size(),
+        });
         let all = stage_down(b, send, 0, n * self.size());
         let mut mine = vec![B::Host::default(); n];
         self.reduce_scatter(&all, &mut mine);
@@ -230,13 +238,16 @@ pub trait Comm {
             }
         }
         b.write_host(recv, 0, &mine);
+        b.annotate(Annotation::CommEnd);
     }
 
     /// `buf[0 .. n] ←` the element-wise sum of every rank's `buf[0 .. n]`.
     fn all_reduce_buf<B: Backend>(&self, b: &B, buf: &mut B::Buf, n: usize) {
+        b.annotate(Annotation::CommBegin { elems: n });
         let mut v = stage_down(b, buf, 0, n);
         self.all_reduce(&mut v, ReduceOp::Sum);
         b.write_host(buf, 0, &v);
+        b.annotate(Annotation::CommEnd);
     }
 
     /// Start sending `send[0 .. n]` to rank `to` and receiving rank `from`'s into `recv[0 .. n]`
@@ -251,7 +262,9 @@ pub trait Comm {
         recv: &'a mut B::Buf,
         from: usize,
     ) -> BufExchange<'a, B> {
+        b.annotate(Annotation::CommBegin { elems: n });
         let host = stage_down(b, send, 0, n);
+        b.annotate(Annotation::CommEnd);
         let x = self.exchange_start(host, to, vec![B::Host::default(); n], from);
         BufExchange {
             recv,
@@ -267,8 +280,11 @@ pub trait Comm {
         let BufExchange { recv, n, pending } = x;
         match pending {
             BufPending::Staged(e) => {
+                // The wait is exposed communication (0 more elements: counted at the start).
+                b.annotate(Annotation::CommBegin { elems: 0 });
                 let (_, got) = e.finish();
                 b.write_host(recv, 0, &got[..n]);
+                b.annotate(Annotation::CommEnd);
             }
             BufPending::Done => {}
             BufPending::Device(d) => d.wait(),

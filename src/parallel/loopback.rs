@@ -19,6 +19,7 @@ use super::comm::{
 };
 use super::topology::{Layout, Topology};
 use crate::backend::Backend;
+use crate::backend::timed::Annotation;
 
 /// One collective as logged: the group's label, the operation and the elements it moved. Host
 /// collectives are named `host …`; the buffer collectives (`Comm::*_buf`) by the bare name.
@@ -172,9 +173,13 @@ impl Comm for LoopbackComm {
         if let Some(c) = &self.inner {
             return c.all_gather_buf(b, send, off, n, recv);
         }
+        b.annotate(Annotation::CommBegin {
+            elems: n * self.size,
+        });
         for r in 0..self.size {
             b.copy(send, off, recv, r * n, n);
         }
+        b.annotate(Annotation::CommEnd);
     }
     fn reduce_scatter_buf<B: Backend>(
         &self,
@@ -188,11 +193,15 @@ impl Comm for LoopbackComm {
         if let Some(c) = &self.inner {
             return c.reduce_scatter_buf(b, send, n, recv, accumulate);
         }
+        b.annotate(Annotation::CommBegin {
+            elems: n * self.size,
+        });
         if accumulate {
             b.add_at(recv, 0, send, self.rank * n, n);
         } else {
             b.copy(send, self.rank * n, recv, 0, n);
         }
+        b.annotate(Annotation::CommEnd);
     }
     fn all_reduce_buf<B: Backend>(&self, b: &B, buf: &mut B::Buf, n: usize) {
         self.note("all_reduce", n);
@@ -214,7 +223,9 @@ impl Comm for LoopbackComm {
             return c.exchange_buf_start(b, send, n, to, recv, from);
         }
         assert!(to < self.size && from < self.size, "exchange: ranks");
+        b.annotate(Annotation::CommBegin { elems: n });
         b.copy(send, 0, recv, 0, n);
+        b.annotate(Annotation::CommEnd);
         BufExchange::done(recv, n)
     }
     fn wait_buf<B: Backend>(&self, b: &B, x: BufExchange<'_, B>) {

@@ -21,6 +21,7 @@ use cudarc::nccl::{result, sys};
 
 use crate::backend::Backend;
 use crate::backend::cuda::{CudaBackend, CudaBuf, DType};
+use crate::backend::timed::Annotation;
 use crate::parallel::any::AnyComm;
 use crate::parallel::comm::{BufExchange, Comm, Elem, Exchange, ReduceOp, WaitClock};
 
@@ -388,7 +389,11 @@ impl Comm for NcclGroup {
             return self.host.all_gather_buf(b, send, off, n, recv);
         };
         let r = cuda_mut::<B>(recv).expect("send and recv come from one backend");
+        b.annotate(Annotation::CommBegin {
+            elems: n * self.size(),
+        });
         must("NCCL all_gather", self.nccl.all_gather_at(s, off, n, r));
+        b.annotate(Annotation::CommEnd);
     }
     fn reduce_scatter_buf<B: Backend>(
         &self,
@@ -401,6 +406,9 @@ impl Comm for NcclGroup {
         let Some(s) = cuda::<B>(send) else {
             return self.host.reduce_scatter_buf(b, send, n, recv, accumulate);
         };
+        b.annotate(Annotation::CommBegin {
+            elems: n * self.size(),
+        });
         if accumulate {
             // NCCL writes, it does not add: reduce into a scratch block, then add it.
             let mut tmp = b.zeros(n);
@@ -411,13 +419,16 @@ impl Comm for NcclGroup {
             let r = cuda_mut::<B>(recv).expect("send and recv come from one backend");
             must("NCCL reduce_scatter", self.nccl.reduce_scatter_at(s, n, r));
         }
+        b.annotate(Annotation::CommEnd);
     }
     fn all_reduce_buf<B: Backend>(&self, b: &B, buf: &mut B::Buf, n: usize) {
         if cuda::<B>(buf).is_none() {
             return self.host.all_reduce_buf(b, buf, n);
         }
         let r = cuda_mut::<B>(buf).expect("checked above");
+        b.annotate(Annotation::CommBegin { elems: n });
         must("NCCL all_reduce", self.nccl.all_reduce_at(r, n));
+        b.annotate(Annotation::CommEnd);
     }
     fn exchange_buf_start<'a, B: Backend>(
         &self,
@@ -432,7 +443,9 @@ impl Comm for NcclGroup {
             return self.host.exchange_buf_start(b, send, n, to, recv, from);
         };
         let r = cuda_mut::<B>(recv).expect("send and recv come from one backend");
+        b.annotate(Annotation::CommBegin { elems: n });
         must("NCCL exchange", self.nccl.exchange_at(s, n, to, r, from));
+        b.annotate(Annotation::CommEnd);
         // On the compute stream: every later kernel is ordered after the transfer.
         BufExchange::done(recv, n)
     }
