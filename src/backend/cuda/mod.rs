@@ -18,6 +18,7 @@
 pub mod gemm;
 pub mod kernels;
 pub mod pool;
+pub mod timeline;
 
 use std::sync::Arc;
 
