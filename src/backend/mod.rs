@@ -216,17 +216,6 @@ pub trait Backend: Sync {
         dup: &mut Self::Buf,
     );
 
-    /// One chunk of the LM-head cross-entropy: `logits [rows, vocab]` is replaced in place by
-    /// `grad_scale · (softmax − onehot)` (rows whose target is negative are ignored: zero
-    /// gradient, no loss). Returns Σ loss over the chunk's counted rows, in f64.
-    fn cross_entropy_chunk(
-        &self,
-        logits: &mut Self::Buf,
-        targets: &[i32],
-        vocab: usize,
-        grad_scale: f64,
-    ) -> f64;
-
     /// Vocabulary-parallel cross-entropy, pass 1: per row of `logits [rows, vocab]` (one shard
     /// of the vocabulary) its maximum, `Σ exp(z − max)` and, if `targets[r] >= 0` (a shard-local
     /// index), the target's logit. `TARGET_IGNORE` rows give zeros; `TARGET_ELSEWHERE` rows no

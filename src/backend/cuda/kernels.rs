@@ -67,10 +67,7 @@ pub const KERNELS: &[(&str, &[&str])] = &[
         ],
     ),
     ("embedding", &["ul_embedding_fwd", "ul_embedding_bwd"]),
-    (
-        "cross_entropy",
-        &["ul_ce_chunk", "ul_ce_stats", "ul_ce_grad"],
-    ),
+    ("cross_entropy", &["ul_ce_stats", "ul_ce_grad"]),
     (
         "adamw",
         &[

@@ -1057,39 +1057,6 @@ impl Backend for CudaBackend {
             dup.dtype.code(), n as i64);
     }
 
-    fn cross_entropy_chunk(
-        &self,
-        logits: &mut CudaBuf,
-        targets: &[i32],
-        vocab: usize,
-        grad_scale: f64,
-    ) -> f64 {
-        let rows = targets.len();
-        assert_eq!(
-            logits.len,
-            rows * vocab,
-            "cross_entropy_chunk: logits/targets size mismatch"
-        );
-        for &t in targets {
-            assert!(
-                t < vocab as i32,
-                "target {t} out of range for vocabulary {vocab}"
-            );
-        }
-        if rows == 0 {
-            return 0.0;
-        }
-        let tg = self.upload_raw(targets);
-        let loss = self.alloc(rows * 2, DType::F32);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (Self::row_threads(vocab / 8, 1024), 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self, "ul_ce_chunk", cfg; logits.ptr, logits.dtype.code(), tg.ptr, rows as i32,
-            vocab as i32, grad_scale as f32, loss.ptr);
-        self.download_raw::<f64>(&loss, rows).iter().sum()
-    }
     fn cross_entropy_stats(&self, logits: &CudaBuf, targets: &[i32], vocab: usize) -> Vec<CeStats> {
         let rows = targets.len();
         assert_eq!(logits.len, rows * vocab, "cross_entropy_stats: sizes");
