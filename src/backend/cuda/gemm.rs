@@ -2,7 +2,7 @@
 //! output buffer's dtype (fp32 or bf16). The backend's row-major `C[m,n] = op(A)·op(B)` is cuBLASLt's
 //! column-major `Cᵀ[n,m] = op(B)ᵀ·op(A)ᵀ`: the operands swap and each keeps its own transpose flag.
 //! A plan (descriptors, layouts, the heuristic's algorithm) is made once per shape, transpose,
-//! output dtype and operand alignment, and cached.
+//! output dtype and operand alignment, and cached. `gemm` below is the `Backend::gemm` launcher.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
-use super::DType;
+use super::{CudaBackend, CudaBuf, DType};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
@@ -209,4 +209,51 @@ impl Drop for Lt {
         // SAFETY: created in `new`.
         let _ = unsafe { lt::destroy_handle(self.handle) };
     }
+}
+
+/// `Backend::gemm`: fp32 operands are rounded into bf16 scratch first; `k = 0` is a zero product
+/// (cuBLASLt takes no empty inner dimension).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm(
+    g: &CudaBackend,
+    c: &mut CudaBuf,
+    c_off: usize,
+    a: &CudaBuf,
+    a_off: usize,
+    b: &CudaBuf,
+    b_off: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) {
+    assert!(c_off + m * n <= c.len, "gemm: C too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            g.memset_zero(c.at(c_off), m * n * c.dtype.size());
+        }
+        return;
+    }
+    let (pa, _ta) = g.bf16_operand(a, a_off, m * k);
+    let (pb, _tb) = g.bf16_operand(b, b_off, k * n);
+    g.bind();
+    g.lt.matmul(
+        g.stream.cu_stream(),
+        c.at(c_off),
+        c.dtype,
+        pa,
+        pb,
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+        accumulate,
+    );
+    g.after_launch("cublasLtMatmul");
 }
