@@ -80,6 +80,14 @@ pub trait Backend: Sync {
     /// Bytes currently held by live buffers of this backend (for peak-memory reports).
     fn bytes_in_use(&self) -> usize;
     fn peak_bytes(&self) -> usize;
+    /// The first device failure since this backend was made (an allocation, a kernel launch, a
+    /// kernel's error found at a synchronisation), as an error naming the operation, its sizes or
+    /// bytes and the device. The ops return no `Result`; a backend that can fail this way (CUDA)
+    /// records the failure, skips the work that follows, and reads NaN, so callers check before
+    /// they trust or save results (the trainer once per step). The CPU never fails this way.
+    fn check(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 
     // ---- elementwise --------------------------------------------------------------------------
     /// `dst += src` (residual connections, gradient sums).

@@ -220,6 +220,9 @@ mod imp {
                 rope_table_check(&g32)
             });
             guarded(&mut rep, "training step", || training_step_check(&g32));
+            device_failure(&mut rep, &g32, "checks");
+            guarded(&mut rep, "out of memory", || oom_check(&g32));
+            guarded(&mut rep, "out of memory at the command line", cli_oom_check);
         }
         if a.only == "all" || a.only == "bench" {
             let g16 = CudaBackend::new(0, DType::Bf16)?;
@@ -300,6 +303,121 @@ mod imp {
                 rep.fail(name, &msg);
             }
         }
+    }
+
+    /// A failure the backend recorded during a group (a launch, an allocation, a kernel's error)
+    /// becomes a failed row; the backend is cleared to go on with the next group.
+    fn device_failure(rep: &mut Report, g: &CudaBackend, name: &str) {
+        if let Err(e) = g.check() {
+            rep.fail(name, &format!("{e:#}"));
+            g.clear_failure();
+        }
+    }
+
+    /// An out-of-memory forced by the pool's byte limit: `try_alloc` returns an error naming the
+    /// buffer, the bytes and the device; through the trait (`zeros`) the failure is recorded with
+    /// the caller's source line, later work is skipped and reads NaN, and `check` returns it;
+    /// cleared, the backend works again.
+    fn oom_check(g: &CudaBackend) -> Vec<(String, f64, f64)> {
+        let n = 100 << 20; // 400 MiB of fp32, past a limit of 64 MiB above what is held
+        let bytes = (4 * n).to_string();
+        g.set_memory_limit(Some(g.reserved_bytes() + (64 << 20)));
+        let e = g
+            .try_alloc(n, DType::F32, "the test buffer")
+            .err()
+            .map_or(String::new(), |e| format!("{e:#}"));
+        let named = e.contains("allocating the test buffer (104857600 x F32) on cuda:")
+            && e.contains(&bytes)
+            && e.contains("limit");
+        let big = g.zeros_dtype(n, DType::F32);
+        let mut x = g.upload(&[1.0; 4]);
+        g.scale(&mut x, 2.0);
+        let skipped = g.download(&x).iter().all(|v| v.is_nan());
+        let c = g.check().err().map_or(String::new(), |e| format!("{e:#}"));
+        let recorded = c.contains("out of memory")
+            && c.contains(file!())
+            && c.contains(&bytes)
+            && !c.contains('\n');
+        drop(big);
+        g.set_memory_limit(None);
+        g.clear_failure();
+        let y = g.upload(&[1.0, 2.0]);
+        let works = g.download(&y) == [1.0, 2.0] && g.check().is_ok();
+        let row = |what: &str, ok: bool, msg: &str| {
+            (format!("{what}: {msg:?}"), if ok { 0.0 } else { 1.0 }, 0.0)
+        };
+        vec![
+            row(
+                "out of memory: try_alloc names the buffer, bytes, device",
+                named,
+                &e,
+            ),
+            row(
+                "out of memory: recorded by zeros, check returns one line",
+                recorded,
+                &c,
+            ),
+            row(
+                "out of memory: work after it is skipped (reads NaN)",
+                skipped,
+                "",
+            ),
+            row("out of memory: cleared, the backend works again", works, ""),
+        ]
+    }
+
+    /// The same through the command line: `forward --backend cuda` on a tiny model with
+    /// ULTRALONG_CUDA_MEM_LIMIT just above the cuBLASLt workspace fails with exit 1 and one line,
+    /// `error: ...out of memory...` naming the model code's source line of the buffer.
+    fn cli_oom_check() -> Vec<(String, f64, f64)> {
+        let run = || -> Result<(bool, String)> {
+            let exe = std::env::current_exe()?;
+            let dir = std::env::temp_dir().join(format!("ul-oom-check-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let model = dir.join("model");
+            let ids = dir.join("ids.json");
+            std::fs::write(&ids, serde_json::to_string(&(0..64).collect::<Vec<u32>>())?)?;
+            let init = std::process::Command::new(&exe)
+                .args([
+                    "init",
+                    "--config",
+                    "configs/tiny.json",
+                    "--seed",
+                    "1",
+                    "--out",
+                ])
+                .arg(&model)
+                .output()?;
+            anyhow::ensure!(
+                init.status.success(),
+                "init: {}",
+                String::from_utf8_lossy(&init.stderr)
+            );
+            let o = std::process::Command::new(&exe)
+                .args(["forward", "--backend", "cuda", "--model"])
+                .arg(&model)
+                .arg("--tokens")
+                .arg(&ids)
+                .env(
+                    "ULTRALONG_CUDA_MEM_LIMIT",
+                    ((32 << 20) + (64 << 10)).to_string(),
+                )
+                .output()?;
+            let _ = std::fs::remove_dir_all(&dir);
+            let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+            let ok = o.status.code() == Some(1)
+                && err.lines().count() == 1
+                && err.starts_with("error: ")
+                && err.contains("out of memory")
+                && err.contains("src/");
+            Ok((ok, err))
+        };
+        let (ok, msg) = run().unwrap_or_else(|e| (false, format!("{e:#}")));
+        vec![(
+            format!("out of memory at the command line: one line naming the buffer: {msg:?}"),
+            if ok { 0.0 } else { 1.0 },
+            0.0,
+        )]
     }
 
     /// Fresh random inputs: each call draws from a new stream of the counter RNG.

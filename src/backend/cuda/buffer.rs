@@ -8,7 +8,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use half::bf16;
 
 use super::CudaBackend;
-use super::pool::Pool;
+use super::pool::{OutOfMemory, Pool};
 
 /// Element type of a device buffer (the codes match `cuda/common.cuh`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -77,33 +77,65 @@ impl Drop for CudaBuf {
 }
 
 /// An uninitialised buffer of `n` elements of `dtype` from `pool`.
-pub(super) fn pool_buffer(pool: &Arc<Pool>, n: usize, dtype: DType) -> CudaBuf {
+pub(super) fn pool_buffer(
+    pool: &Arc<Pool>,
+    n: usize,
+    dtype: DType,
+) -> Result<CudaBuf, OutOfMemory> {
     let (ptr, class) = if n == 0 {
         (0, 0)
     } else {
-        pool.alloc(n * dtype.size())
+        pool.alloc(n * dtype.size())?
     };
-    CudaBuf {
+    Ok(CudaBuf {
         ptr,
         len: n,
         dtype,
         class,
         pool: pool.clone(),
-    }
+    })
 }
 
 impl CudaBackend {
-    /// An uninitialised buffer of `n` elements of `dtype`.
-    pub fn alloc(&self, n: usize, dtype: DType) -> CudaBuf {
-        pool_buffer(&self.pool, n, dtype)
+    /// An uninitialised buffer of `n` elements of `dtype`, or an error naming `what`, the bytes
+    /// and the device.
+    pub fn try_alloc(&self, n: usize, dtype: DType, what: &str) -> anyhow::Result<CudaBuf> {
+        pool_buffer(&self.pool, n, dtype).map_err(|e| {
+            anyhow::anyhow!(
+                "allocating {what} ({n} x {dtype:?}) on {}: {e}",
+                self.device_label()
+            )
+        })
     }
 
+    /// An uninitialised buffer of `n` elements of `dtype`. A failed allocation is recorded
+    /// (`Backend::check`) naming the caller's source line (the buffer: through `#[track_caller]`
+    /// on `Backend::zeros`/`upload` it is the model's line that asked); the buffer returned then
+    /// holds no memory, which is safe because every launch and copy is skipped from then on.
+    #[track_caller]
+    pub fn alloc(&self, n: usize, dtype: DType) -> CudaBuf {
+        let at = std::panic::Location::caller();
+        let what = format!("the buffer made at {}:{}", at.file(), at.line());
+        self.try_alloc(n, dtype, &what).unwrap_or_else(|e| {
+            self.fail(|| format!("{e:#}"));
+            CudaBuf {
+                ptr: 0,
+                len: n,
+                dtype,
+                class: 0,
+                pool: self.pool.clone(),
+            }
+        })
+    }
+
+    #[track_caller]
     pub fn zeros_dtype(&self, n: usize, dtype: DType) -> CudaBuf {
         let b = self.alloc(n, dtype);
         self.memset_zero(b.ptr, b.bytes());
         b
     }
 
+    #[track_caller]
     pub fn upload_dtype(&self, host: &[f32], dtype: DType) -> CudaBuf {
         let mut b = self.alloc(host.len(), dtype);
         self.write_f32(&mut b, 0, host);
@@ -111,6 +143,7 @@ impl CudaBackend {
     }
 
     /// Bytes of plain data (indices, tables) in a temporary device buffer.
+    #[track_caller]
     pub(super) fn upload_raw<T: bytemuck::Pod>(&self, host: &[T]) -> CudaBuf {
         let bytes: &[u8] = bytemuck::cast_slice(host);
         let b = self.alloc(bytes.len().div_ceil(4), DType::F32);

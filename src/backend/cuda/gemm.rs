@@ -146,7 +146,7 @@ impl Lt {
     }
 
     /// `C[m,n] = op(A)·op(B) (+ C if accumulate)`; `a`, `b` bf16 device pointers, `c` of dtype
-    /// `out`. Panics with the shape on a cuBLASLt error.
+    /// `out`. A cuBLASLt error comes back with the shape.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &self,
@@ -161,7 +161,7 @@ impl Lt {
         trans_a: bool,
         trans_b: bool,
         accumulate: bool,
-    ) {
+    ) -> Result<(), String> {
         let key = Key {
             m,
             n,
@@ -171,11 +171,22 @@ impl Lt {
             out,
             align: [alignment(a), alignment(b), alignment(c)],
         };
+        let shape = || {
+            format!(
+                "C[{m}x{n}] ({out:?}) = {}[{m}x{k}] · {}[{k}x{n}] (bf16{})",
+                if trans_a { "Aᵀ" } else { "A" },
+                if trans_b { "Bᵀ" } else { "B" },
+                if accumulate { ", accumulating" } else { "" }
+            )
+        };
         let mut plans = self.plans.lock().unwrap();
-        let p = plans.entry(key).or_insert_with(|| {
-            self.plan(&key)
-                .unwrap_or_else(|e| panic!("cuBLASLt plan for {key:?}: {e:?}"))
-        });
+        let p = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                self.plan(&key)
+                    .map_err(|err| format!("cuBLASLt has no plan for {}: {err:?}", shape()))?,
+            ),
+        };
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
         // SAFETY: pointers cover the shapes (checked by the caller), plan made for them.
@@ -199,7 +210,7 @@ impl Lt {
                 stream as sys::cudaStream_t,
             )
         }
-        .unwrap_or_else(|e| panic!("cublasLtMatmul {key:?}: {e:?}"));
+        .map_err(|err| format!("cublasLtMatmul {} failed: {err:?}", shape()))
     }
 }
 
@@ -241,8 +252,10 @@ pub(super) fn gemm(
     }
     let (pa, _ta) = g.bf16_operand(a, a_off, m * k);
     let (pb, _tb) = g.bf16_operand(b, b_off, k * n);
-    g.bind();
-    g.lt.matmul(
+    if !g.bind() {
+        return;
+    }
+    let r = g.lt.matmul(
         g.stream.cu_stream(),
         c.at(c_off),
         c.dtype,
@@ -255,5 +268,8 @@ pub(super) fn gemm(
         trans_b,
         accumulate,
     );
-    g.after_launch("cublasLtMatmul");
+    match r {
+        Ok(()) => g.after_launch("cublasLtMatmul"),
+        Err(e) => g.fail(|| format!("{e} on {}", g.device_label())),
+    }
 }

@@ -167,9 +167,7 @@ impl Kernels {
         Ok(Kernels { funcs, image })
     }
 
-    pub fn get(&self, name: &str) -> &CudaFunction {
-        self.funcs
-            .get(name)
-            .unwrap_or_else(|| panic!("CUDA kernel {name} not loaded"))
+    pub fn get(&self, name: &str) -> Option<&CudaFunction> {
+        self.funcs.get(name)
     }
 }

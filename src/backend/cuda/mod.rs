@@ -18,8 +18,10 @@
 //! is for forward passes and benchmarks, not training (docs/DEVELOPERS.md, CUDA).
 //!
 //! All work runs on the context's default stream, in order; host transfers synchronise. A CUDA
-//! error panics with the kernel's name (the trait has no `Result`). With `ULTRALONG_CUDA_SYNC=1`
-//! every launch is followed by a synchronise and an error check (for compute-sanitizer runs).
+//! failure (allocation, launch, a kernel's error) is recorded with the operation, its sizes and
+//! the device, and returned by `Backend::check` (device.rs says how). With
+//! `ULTRALONG_CUDA_SYNC=1` every launch is followed by a synchronise and an error check (for
+//! compute-sanitizer runs, and to name the kernel that failed).
 
 #[macro_use]
 mod device;
@@ -38,7 +40,8 @@ mod rmsnorm;
 mod rope;
 mod swiglu;
 
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use cudarc::driver::{CudaContext, CudaStream};
@@ -60,7 +63,26 @@ pub struct CudaBackend {
     sms: u32,
     sync_each: bool,
     device_name: String,
+    ordinal: usize,
     attn: AttnOptions,
+    /// The first failure (device.rs), and whether there is one (read before every launch).
+    fault: Mutex<Option<String>>,
+    failed: AtomicBool,
+    /// The kernel launched last, named when an asynchronous error surfaces at a synchronisation.
+    last_launch: Mutex<&'static str>,
+}
+
+/// `ULTRALONG_CUDA_MEM_LIMIT`: at most this many bytes of device memory (the pool's limit), to
+/// emulate a smaller GPU or force an out-of-memory; unset, the device's.
+fn memory_limit() -> Result<Option<usize>> {
+    match std::env::var("ULTRALONG_CUDA_MEM_LIMIT") {
+        Err(_) => Ok(None),
+        Ok(v) => {
+            v.trim().parse().map(Some).with_context(|| {
+                format!("ULTRALONG_CUDA_MEM_LIMIT={v:?}: expected a number of bytes")
+            })
+        }
+    }
 }
 
 /// Why `--backend cuda` cannot run here, or `None` if the driver, cuBLASLt and the kernels exist.
@@ -104,16 +126,23 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let k = Kernels::load(&ctx)?;
-        let pool = Arc::new(Pool::new(ctx.clone()));
+        let pool = Arc::new(Pool::new(pool::Driver(ctx.clone())));
         let sms = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .context("SM count")? as u32;
         let ws_bytes = 32 << 20;
-        let workspace = buffer::pool_buffer(&pool, ws_bytes / 4, DType::F32);
-        let lt = gemm::Lt::new(workspace.ptr, ws_bytes)?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        if let Some(limit) = memory_limit()? {
+            pool.set_limit(Some(limit));
+        }
+        let workspace = buffer::pool_buffer(&pool, ws_bytes / 4, DType::F32).map_err(|e| {
+            anyhow::anyhow!(
+                "allocating the cuBLASLt workspace on cuda:{ordinal} ({device_name}): {e}"
+            )
+        })?;
+        let lt = gemm::Lt::new(workspace.ptr, ws_bytes)?;
         Ok(CudaBackend {
             ctx,
             stream,
@@ -125,7 +154,11 @@ impl CudaBackend {
             sms,
             sync_each: std::env::var("ULTRALONG_CUDA_SYNC").is_ok_and(|v| v == "1"),
             device_name,
+            ordinal,
             attn: AttnOptions::from_env(),
+            fault: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            last_launch: Mutex::new("none"),
         })
     }
 
@@ -172,6 +205,10 @@ impl CudaBackend {
     pub fn reserved_bytes(&self) -> usize {
         self.pool.reserved()
     }
+    /// At most `bytes` of device memory from now on (`None`: the device's); see `memory_limit`.
+    pub fn set_memory_limit(&self, bytes: Option<usize>) {
+        self.pool.set_limit(bytes);
+    }
 }
 
 impl Backend for CudaBackend {
@@ -185,12 +222,14 @@ impl Backend for CudaBackend {
         }
     }
 
+    #[track_caller]
     fn zeros(&self, n: usize) -> CudaBuf {
         self.zeros_dtype(n, self.storage)
     }
     fn len(&self, b: &CudaBuf) -> usize {
         b.len
     }
+    #[track_caller]
     fn upload(&self, host: &[f32]) -> CudaBuf {
         self.upload_dtype(host, self.storage)
     }
@@ -199,6 +238,7 @@ impl Backend for CudaBackend {
         self.read_f32(b, 0, &mut out);
         out
     }
+    #[track_caller]
     fn upload_f64(&self, host: &[f64]) -> CudaBuf {
         let h: Vec<f32> = host.iter().map(|&x| x as f32).collect();
         self.upload(&h)
@@ -223,6 +263,13 @@ impl Backend for CudaBackend {
     }
     fn peak_bytes(&self) -> usize {
         self.pool.peak()
+    }
+    fn check(&self) -> Result<()> {
+        self.synchronize();
+        match self.fault() {
+            None => Ok(()),
+            Some(f) => Err(anyhow::anyhow!(f)),
+        }
     }
 
     fn add_assign(&self, dst: &mut CudaBuf, src: &CudaBuf) {
