@@ -30,6 +30,8 @@ pub mod gemm;
 pub mod kernels;
 pub mod pool;
 
+pub mod checks;
+
 mod adamw;
 mod attention_flash;
 mod attention_simple;
