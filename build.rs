@@ -82,7 +82,8 @@ const CUDA_TARGETS: [(&str, &[&str]); 3] = [
 ];
 
 /// Flags for every kernel file. No `--use_fast_math`: RoPE's f64 range reduction and the exact
-/// `sincos` must not turn into `sin.approx` (tests/cuda_build.rs reads the PTX to check).
+/// `sincos` must not turn into `sin.approx` (tests/cuda_build.rs reads the PTX to check). A
+/// register spill is a ptxas warning, so an error (the flash kernels run near 255 registers).
 const NVCC_FLAGS: &[&str] = &[
     "-std=c++17",
     "-O3",
@@ -90,6 +91,7 @@ const NVCC_FLAGS: &[&str] = &[
     "--Werror",
     "all-warnings",
     "-Xptxas=-Werror",
+    "-Xptxas=-warn-spills",
 ];
 
 fn cuda_kernels() {

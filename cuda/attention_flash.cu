@@ -90,13 +90,13 @@ __device__ __forceinline__ void flash_fwd(const bf16 *__restrict__ q, const bf16
             }
         }
         // Mask only tiles that cross the end of the keys or the diagonal of some row.
-        if (n0 + BN > s.kv_len || (s.causal && n0 + BN - 1 > m0 + delta)) {
+        if (tile_needs_mask(s, delta, m0, n0, BN)) {
 #pragma unroll
             for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
                 for (int c = 0; c < 4; ++c) {
                     const int j = n0 + nt * 8 + 2 * t4 + (c & 1), i = row_base + 8 * (c >> 1);
-                    if (j >= s.kv_len || (s.causal && j > i + delta)) sc[nt][c] = -INFINITY;
+                    if (key_hidden(s, delta, i, j)) sc[nt][c] = -INFINITY;
                 }
             }
         }
@@ -298,7 +298,7 @@ __device__ __forceinline__ void flash_bwd_dkdv(
         }
         // Pᵀ = exp(Sᵀ·scale − lse), masked across the diagonal and past the last key (a zero key
         // row's exp(−lse) can overflow when every score of a row is very negative).
-        const bool need_mask = (s.causal && m0 + delta < n0 + BN - 1) || n0 + BN > s.kv_len;
+        const bool need_mask = tile_needs_mask(s, delta, m0, n0, BN);
 #pragma unroll
         for (int mt = 0; mt < BM / 8; ++mt) {
 #pragma unroll
@@ -310,8 +310,7 @@ __device__ __forceinline__ void flash_bwd_dkdv(
                 for (int r = 0; r < 2; ++r) {
                     float x = exp2f(fmaf(p[mt][2 * r + e], sl2, -Ls));
                     if (need_mask) {
-                        const int j = jrow + 8 * r;
-                        if (j >= s.kv_len || (s.causal && j > m0 + col + delta)) x = 0.f;
+                        if (key_hidden(s, delta, m0 + col, jrow + 8 * r)) x = 0.f;
                     }
                     p[mt][2 * r + e] = x;
                 }
@@ -505,7 +504,7 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16 *__restrict__ q,
                 mma16816(dp[2 * np + 1], ag, b[2], b[3]);
             }
         }
-        const bool need_mask = n0 + BN > s.kv_len || (s.causal && n0 + BN - 1 > m0 + delta);
+        const bool need_mask = tile_needs_mask(s, delta, m0, n0, BN);
 #pragma unroll
         for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
@@ -514,7 +513,7 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16 *__restrict__ q,
                 float x = exp2f(fmaf(sc[nt][c], sl2, -Ls[r]));
                 if (need_mask) {
                     const int j = n0 + nt * 8 + 2 * t4 + (c & 1), i = row_base + 8 * r;
-                    if (j >= s.kv_len || (s.causal && j > i + delta)) x = 0.f;
+                    if (key_hidden(s, delta, i, j)) x = 0.f;
                 }
                 sc[nt][c] = x * (dp[nt][c] - Dr[r]);
             }

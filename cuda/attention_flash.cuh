@@ -47,6 +47,19 @@ __device__ __forceinline__ int visible_key_end(const UlAttnShape &s, int m0, int
     return max(0, min(s.kv_len, min(m0 + bm, s.q_len) - 1 + delta + 1));
 }
 
+// The mask, one predicate for the forward and both backward kernels (FlashAttention-2's mask.h):
+// key row j is hidden from query row i iff it lies past the keys or, causal, after i's diagonal.
+__device__ __forceinline__ bool key_hidden(const UlAttnShape &s, int delta, int i, int j) {
+    return j >= s.kv_len || (s.causal && j > i + delta);
+}
+
+// Whether `key_hidden` holds for some pair of the query tile starting at row m0 and the key tile
+// [n0, n0 + bn) (its first query row sees the fewest keys): only such tiles pay the element test.
+__device__ __forceinline__ bool tile_needs_mask(const UlAttnShape &s, int delta, int m0, int n0,
+                                                int bn) {
+    return n0 + bn > s.kv_len || (s.causal && n0 + bn - 1 > m0 + delta);
+}
+
 // Byte offset of 16-byte chunk `ch` of row `row` in a tile of W chunks per row. For W >= 8 the
 // chunk's low three bits are XORed with row mod 8 (rows are 128 or 256 bytes: 8 consecutive rows
 // at one chunk would share a bank group); for W == 4 (64-byte rows, two rows per 128 bytes) with

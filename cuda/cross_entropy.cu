@@ -1,43 +1,12 @@
-// Cross-entropy on one chunk of LM-head logits [rows, vocab] (src/model/llama.rs computes the chunk
-// with a GEMM, calls one of these, and consumes the gradient with two GEMMs before the next chunk:
-// never more than one chunk of logits alive). One block per row; max and Σexp in fp32 per thread,
-// combined in f64; the gradient overwrites the logits in place.
+// Vocabulary-parallel cross-entropy on one chunk of LM-head logits [rows, vocab] (src/model/llama.rs
+// computes the chunk with a GEMM, takes each row's statistics over its vocabulary shard, combines
+// them across the shard group, writes the gradient in place and consumes it with two GEMMs before
+// the next chunk: never more than one chunk of logits alive). One block per row; max and Σexp in
+// fp32 per thread, combined in f64.
 //
 // Targets: ≥ 0 an index into this row's vocabulary (shard); -1 ignored (zero gradient, no loss);
-// -2 counted but the target lives on another vocabulary shard (vocab-parallel, stats/grad only).
+// -2 counted but the target lives on another vocabulary shard.
 #include "common.cuh"
-
-// loss_rows[r] = log Σ exp(z − max) − (z_t − max), or 0 for ignored rows;
-// logits ← grad_scale · (softmax − onehot).
-extern "C" __global__ void ul_ce_chunk(void *logits, int dt, const int *targets, int rows,
-                                       int vocab, float grad_scale, double *loss_rows) {
-    __shared__ double dscratch[32];
-    __shared__ float fscratch[32];
-    int r = blockIdx.x;
-    if (r >= rows) return;
-    i64 base = (i64)r * vocab;
-    int tgt = targets[r];
-    if (tgt < 0) {
-        for (int j = threadIdx.x; j < vocab; j += blockDim.x) st(logits, dt, base + j, 0.f);
-        if (threadIdx.x == 0) loss_rows[r] = 0.0;
-        return;
-    }
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, ld(logits, dt, base + j));
-    m = block_max(m, fscratch);
-    float part = 0.f;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) part += expf(ld(logits, dt, base + j) - m);
-    double sum = block_sum_d((double)part, dscratch);
-    float zt = ld(logits, dt, base + tgt);
-    __syncthreads();  // every thread has read z_t before anyone overwrites it
-    float k = (float)((double)grad_scale / sum);
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float g = expf(ld(logits, dt, base + j) - m) * k;
-        if (j == tgt) g -= grad_scale;
-        st(logits, dt, base + j, g);
-    }
-    if (threadIdx.x == 0) loss_rows[r] = log(sum) - (double)(zt - m);
-}
 
 // stats[r] = (max, Σ exp(z − max), target logit, has_target) over this shard's row.
 extern "C" __global__ void ul_ce_stats(const void *logits, int dt, const int *targets, int rows,

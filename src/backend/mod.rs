@@ -86,6 +86,14 @@ pub trait Backend: Sync {
     /// Bytes currently held by live buffers of this backend (for peak-memory reports).
     fn bytes_in_use(&self) -> usize;
     fn peak_bytes(&self) -> usize;
+    /// The first device failure since this backend was made (an allocation, a kernel launch, a
+    /// kernel's error found at a synchronisation), as an error naming the operation, its sizes or
+    /// bytes and the device. The ops return no `Result`; a backend that can fail this way (CUDA)
+    /// records the failure, skips the work that follows, and reads NaN, so callers check before
+    /// they trust or save results (the trainer once per step). The CPU never fails this way.
+    fn check(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 
     // ---- elementwise --------------------------------------------------------------------------
     /// `dst += src` (residual connections, gradient sums).
@@ -221,17 +229,6 @@ pub trait Backend: Sync {
         dgate: &mut Self::Buf,
         dup: &mut Self::Buf,
     );
-
-    /// One chunk of the LM-head cross-entropy: `logits [rows, vocab]` is replaced in place by
-    /// `grad_scale · (softmax − onehot)` (rows whose target is negative are ignored: zero
-    /// gradient, no loss). Returns Σ loss over the chunk's counted rows, in f64.
-    fn cross_entropy_chunk(
-        &self,
-        logits: &mut Self::Buf,
-        targets: &[i32],
-        vocab: usize,
-        grad_scale: f64,
-    ) -> f64;
 
     /// Vocabulary-parallel cross-entropy, pass 1: per row of `logits [rows, vocab]` (one shard
     /// of the vocabulary) its maximum, `Σ exp(z − max)` and, if `targets[r] >= 0` (a shard-local

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::backend::Backend;
@@ -160,6 +160,7 @@ fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
             grads.as_mut(),
         );
     }
+    b.check().context("the forward and backward pass")?;
     let mut ls = [loss_sum];
     topo.dpcp.all_reduce(&mut ls, ReduceOp::Sum);
     let loss_sum = ls[0];
@@ -183,6 +184,7 @@ fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
                 None,
             );
         }
+        b.check().context("the forward pass for --out")?;
         // Every DP × CP rank's rows, put back in sequence order.
         let mut all = vec![0f32; logits.len() * topo.dpcp.size()];
         topo.dpcp.all_gather(&logits, &mut all);
@@ -221,6 +223,7 @@ fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
             all_reduce_buf(b, &topo.dpcp, buf);
         }
         let full = gather_full_host(b, &topo.tp, g, "");
+        b.check().context("gathering the gradients for --grads")?;
         if lead {
             io::save_safetensors_file(path, &full, DType::F32, Some(meta("grads")))?;
         }

@@ -559,6 +559,8 @@ pub fn train_on<B: Backend>(
                 Some(&mut grads),
             );
         }
+        b.check()
+            .with_context(|| format!("step {}: forward and backward", st.step + 1))?;
         let mut ls = [loss_sum];
         topo.dpcp.all_reduce(&mut ls, ReduceOp::Sum);
         let loss = ls[0] / n_targets;
@@ -581,6 +583,8 @@ pub fn train_on<B: Backend>(
             grad_scale: 1.0,
         };
         let grad_norm = opt.step(b, topo, &mut model.params, &mut grads, hp, o.grad_clip);
+        b.check()
+            .with_context(|| format!("step {step}: optimizer"))?;
         let ring_wait_s = topo.cp.wait_clock().get() - wait0;
         st.step = step;
         st.tokens_seen += per_step * seq as u64;

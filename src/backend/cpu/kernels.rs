@@ -301,53 +301,6 @@ pub fn swiglu_backward<T: Real>(gate: &[T], up: &[T], dout: &[T], dgate: &mut [T
         });
 }
 
-/// One chunk of softmax cross-entropy; see `Backend::cross_entropy_chunk`. Per row: one pass of
-/// `exp(x − max)` in the working precision, written in place and summed in f64, then one scaling
-/// pass to `grad_scale · softmax`; the loss is `ln Σ − (x_target − max)`.
-pub fn cross_entropy_chunk<T: Real>(
-    logits: &mut [T],
-    targets: &[i32],
-    vocab: usize,
-    grad_scale: f64,
-) -> f64 {
-    assert_eq!(
-        logits.len(),
-        targets.len() * vocab,
-        "cross_entropy_chunk: logits/targets size mismatch"
-    );
-    let losses: Vec<f64> = logits
-        .par_chunks_mut(vocab)
-        .zip(targets.par_iter())
-        .map(|(row, &tgt)| {
-            if tgt < 0 {
-                row.fill(T::zero());
-                return 0.0;
-            }
-            let tgt = tgt as usize;
-            assert!(
-                tgt < vocab,
-                "target {tgt} out of range for vocabulary {vocab}"
-            );
-            let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-            let shifted_target = (row[tgt] - max).as_f64();
-            let mut sum = 0.0f64;
-            for v in row.iter_mut() {
-                let e = (*v - max).exp();
-                *v = e;
-                sum += e.as_f64();
-            }
-            let loss = sum.ln() - shifted_target;
-            let k = T::of(grad_scale / sum);
-            for v in row.iter_mut() {
-                *v *= k;
-            }
-            row[tgt] -= T::of(grad_scale);
-            loss
-        })
-        .collect();
-    losses.iter().sum()
-}
-
 /// Per row of one vocabulary shard's `logits [rows, vocab]`: the row maximum, `Σ exp(z − max)`
 /// (f64) and the target's logit when the target is in this shard (`targets[r] >= 0`). Rows with
 /// target `IGNORE` (−1) give zeros.
@@ -689,9 +642,17 @@ mod tests {
                 })
                 .sum::<f64>()
         };
-        let mut g = logits.clone();
-        let loss = cross_entropy_chunk(&mut g, &targets, vocab, scale);
+        // The two passes on one shard (the whole vocabulary): loss = ln Σ + max − z_target.
+        let stats = cross_entropy_stats(&logits, &targets, vocab);
+        let loss: f64 = stats
+            .iter()
+            .filter_map(|s| Some(s.sum.ln() + s.max - s.target?))
+            .sum();
         assert!((loss - ce(&logits)).abs() < 1e-12);
+        let mut g = logits.clone();
+        let max: Vec<f64> = stats.iter().map(|s| s.max).collect();
+        let sum: Vec<f64> = stats.iter().map(|s| s.sum).collect();
+        cross_entropy_grad(&mut g, &targets, vocab, &max, &sum, scale);
         let n: Vec<f64> = numeric_grad(&mut |l| ce(l) * scale, &logits, H);
         assert!(rel_err(&g, &n) < 1e-6, "{}", rel_err(&g, &n));
         assert!(

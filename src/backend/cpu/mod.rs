@@ -330,16 +330,6 @@ impl<T: Real> Backend for CpuBackend<T> {
         );
     }
 
-    fn cross_entropy_chunk(
-        &self,
-        logits: &mut CpuBuf<T>,
-        targets: &[i32],
-        vocab: usize,
-        grad_scale: f64,
-    ) -> f64 {
-        kernels::cross_entropy_chunk(&mut logits.data, targets, vocab, grad_scale)
-    }
-
     fn cross_entropy_stats(
         &self,
         logits: &CpuBuf<T>,

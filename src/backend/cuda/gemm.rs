@@ -2,7 +2,7 @@
 //! output buffer's dtype (fp32 or bf16). The backend's row-major `C[m,n] = op(A)·op(B)` is cuBLASLt's
 //! column-major `Cᵀ[n,m] = op(B)ᵀ·op(A)ᵀ`: the operands swap and each keeps its own transpose flag.
 //! A plan (descriptors, layouts, the heuristic's algorithm) is made once per shape, transpose,
-//! output dtype and operand alignment, and cached.
+//! output dtype and operand alignment, and cached. `gemm` below is the `Backend::gemm` launcher.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
-use super::DType;
+use super::{CudaBackend, CudaBuf, DType};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
@@ -146,7 +146,7 @@ impl Lt {
     }
 
     /// `C[m,n] = op(A)·op(B) (+ C if accumulate)`; `a`, `b` bf16 device pointers, `c` of dtype
-    /// `out`. Panics with the shape on a cuBLASLt error.
+    /// `out`. A cuBLASLt error comes back with the shape.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &self,
@@ -161,7 +161,7 @@ impl Lt {
         trans_a: bool,
         trans_b: bool,
         accumulate: bool,
-    ) {
+    ) -> Result<(), String> {
         let key = Key {
             m,
             n,
@@ -171,11 +171,22 @@ impl Lt {
             out,
             align: [alignment(a), alignment(b), alignment(c)],
         };
+        let shape = || {
+            format!(
+                "C[{m}x{n}] ({out:?}) = {}[{m}x{k}] · {}[{k}x{n}] (bf16{})",
+                if trans_a { "Aᵀ" } else { "A" },
+                if trans_b { "Bᵀ" } else { "B" },
+                if accumulate { ", accumulating" } else { "" }
+            )
+        };
         let mut plans = self.plans.lock().unwrap();
-        let p = plans.entry(key).or_insert_with(|| {
-            self.plan(&key)
-                .unwrap_or_else(|e| panic!("cuBLASLt plan for {key:?}: {e:?}"))
-        });
+        let p = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                self.plan(&key)
+                    .map_err(|err| format!("cuBLASLt has no plan for {}: {err:?}", shape()))?,
+            ),
+        };
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
         // SAFETY: pointers cover the shapes (checked by the caller), plan made for them.
@@ -199,7 +210,7 @@ impl Lt {
                 stream as sys::cudaStream_t,
             )
         }
-        .unwrap_or_else(|e| panic!("cublasLtMatmul {key:?}: {e:?}"));
+        .map_err(|err| format!("cublasLtMatmul {} failed: {err:?}", shape()))
     }
 }
 
@@ -208,5 +219,57 @@ impl Drop for Lt {
         self.plans.lock().unwrap().clear();
         // SAFETY: created in `new`.
         let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
+}
+
+/// `Backend::gemm`: fp32 operands are rounded into bf16 scratch first; `k = 0` is a zero product
+/// (cuBLASLt takes no empty inner dimension).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm(
+    g: &CudaBackend,
+    c: &mut CudaBuf,
+    c_off: usize,
+    a: &CudaBuf,
+    a_off: usize,
+    b: &CudaBuf,
+    b_off: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) {
+    assert!(c_off + m * n <= c.len, "gemm: C too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            g.memset_zero(c.at(c_off), m * n * c.dtype.size());
+        }
+        return;
+    }
+    let (pa, _ta) = g.bf16_operand(a, a_off, m * k);
+    let (pb, _tb) = g.bf16_operand(b, b_off, k * n);
+    if !g.bind() {
+        return;
+    }
+    let r = g.lt.matmul(
+        g.stream.cu_stream(),
+        c.at(c_off),
+        c.dtype,
+        pa,
+        pb,
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+        accumulate,
+    );
+    match r {
+        Ok(()) => g.after_launch("cublasLtMatmul"),
+        Err(e) => g.fail(|| format!("{e} on {}", g.device_label())),
     }
 }

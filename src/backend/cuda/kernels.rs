@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
+use cudarc::driver::{CudaContext, CudaFunction};
 use cudarc::nvrtc::Ptx;
 
 /// One `cuda/<name>.cu`, compiled three ways.
@@ -67,10 +67,7 @@ pub const KERNELS: &[(&str, &[&str])] = &[
         ],
     ),
     ("embedding", &["ul_embedding_fwd", "ul_embedding_bwd"]),
-    (
-        "cross_entropy",
-        &["ul_ce_chunk", "ul_ce_stats", "ul_ce_grad"],
-    ),
+    ("cross_entropy", &["ul_ce_stats", "ul_ce_grad"]),
     (
         "adamw",
         &[
@@ -155,12 +152,12 @@ impl Kernels {
                     // Above 48 KiB of dynamic shared memory only after opting in, per function.
                     f.set_attribute(
                         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        super::flash::FLASH_MAX_SMEM as i32,
+                        super::attention_flash::FLASH_MAX_SMEM as i32,
                     )
                     .with_context(|| {
                         format!(
                             "{e}: allowing {} bytes of dynamic shared memory",
-                            super::flash::FLASH_MAX_SMEM
+                            super::attention_flash::FLASH_MAX_SMEM
                         )
                     })?;
                 }
@@ -170,58 +167,7 @@ impl Kernels {
         Ok(Kernels { funcs, image })
     }
 
-    pub fn get(&self, name: &str) -> &CudaFunction {
-        self.funcs
-            .get(name)
-            .unwrap_or_else(|| panic!("CUDA kernel {name} not loaded"))
+    pub fn get(&self, name: &str) -> Option<&CudaFunction> {
+        self.funcs.get(name)
     }
 }
-
-/// `UlAttnShape` of cuda/attention_simple.cu and cuda/attention_flash.cuh (one layout).
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct UlAttnShape {
-    pub q_len: i32,
-    pub kv_len: i32,
-    pub n_q: i32,
-    pub n_kv: i32,
-    pub d: i32,
-    pub causal: i32,
-    pub q_pos0: i64,
-    pub k_pos0: i64,
-}
-// SAFETY: plain old data with the C layout of the kernel's struct.
-unsafe impl DeviceRepr for UlAttnShape {}
-
-/// `UlAdamHp` of cuda/adamw.cu.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct UlAdamHp {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub bc1: f32,
-    pub bc2_sqrt: f32,
-}
-// SAFETY: as above.
-unsafe impl DeviceRepr for UlAdamHp {}
-
-/// `UlTensor` of cuda/adamw.cu (one row of the multi-tensor table).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct UlTensor {
-    pub param: u64,
-    pub grad: u64,
-    pub m: u64,
-    pub v: u64,
-    pub n: i64,
-    pub dt_param: i32,
-    pub dt_grad: i32,
-    pub dt_m: i32,
-    pub dt_v: i32,
-    pub weight_decay: f32,
-    pub pad: i32,
-}
-// SAFETY: as above.
-unsafe impl DeviceRepr for UlTensor {}
