@@ -233,6 +233,9 @@ impl<B: Backend> Backend for Timed<B> {
     fn name(&self) -> String {
         format!("{} (timed)", self.inner.name())
     }
+    fn check(&self) -> anyhow::Result<()> {
+        self.inner.check()
+    }
     fn annotate(&self, a: Annotation) {
         match a {
             Annotation::Pass(p) => self.state.lock().unwrap().pass = p,
@@ -472,19 +475,6 @@ impl<B: Backend> Backend for Timed<B> {
         let e = 5.0 * self.n(gate);
         self.timed(ELEM, 0.0, e, || {
             self.inner.swiglu_backward(gate, up, dout, dgate, dup)
-        })
-    }
-    fn cross_entropy_chunk(
-        &self,
-        logits: &mut B::Buf,
-        targets: &[i32],
-        vocab: usize,
-        grad_scale: f64,
-    ) -> f64 {
-        let e = 2.0 * (targets.len() * vocab) as f64;
-        self.timed("cross-entropy", 0.0, e, || {
-            self.inner
-                .cross_entropy_chunk(logits, targets, vocab, grad_scale)
         })
     }
     fn cross_entropy_stats(&self, logits: &B::Buf, targets: &[i32], vocab: usize) -> Vec<CeStats> {
