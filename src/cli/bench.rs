@@ -21,6 +21,8 @@ use crate::util::rng;
 pub enum BenchCommand {
     /// Time full training steps (forward, backward, AdamW) at one sequence length.
     Train(BenchTrainArgs),
+    /// One rank of a tp × cp layout broken down by phase, beside the rates table's prediction.
+    Phases(super::bench_phases::BenchPhasesArgs),
 }
 
 #[derive(Args, Debug)]
@@ -60,6 +62,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train(a) => bench_train(a),
+        BenchCommand::Phases(a) => super::bench_phases::bench_phases(a),
     }
 }
 

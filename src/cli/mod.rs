@@ -1,6 +1,7 @@
 //! Subcommands, one file each; `Cli` is the whole command line (DESIGN.md "The CLI").
 
 pub mod bench;
+pub mod bench_phases;
 pub mod eval;
 pub mod export;
 pub mod forward;
