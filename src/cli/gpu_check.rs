@@ -648,8 +648,10 @@ mod imp {
     /// One rank of the real 4M run on this GPU (issue 7, item 5): TP 8 × CP 16, world rank 0
     /// (TP rank 0, CP rank 0: zigzag chunks 0 and 31 of 4,194,304 tokens, 262,144 local tokens),
     /// 4 query heads and 1 KV head per rank, full recompute, bf16 storage, the flash kernels
-    /// inside the CP ring, every collective a local copy of its real size (`LoopbackComm`, still
-    /// staged through host memory as the MPI path is). One forward+backward per layer count;
+    /// inside the CP ring, every collective a device-to-device copy of its real size
+    /// (`LoopbackComm`'s buffer collectives: no host round trip). One forward+backward per layer
+    /// count, broken down by phase (`backend::timed` on CUDA events) with each phase's time
+    /// predicted from the measured kernel rates of bench/rates.toml [h200];
     /// the optimizer is left out (ZeRO-1 over DP × CP holds 1/32 of the moments per rank, a small
     /// elementwise pass). With two layer counts the step time and peak memory are extrapolated
     /// linearly to 32 layers (the layers are identical; embedding, head and loss are the
@@ -662,7 +664,10 @@ mod imp {
         let (seq, tp, cp) = (4_194_304usize, 8usize, 16usize);
         let t = seq / cp;
         let layout = Layout { tp, cp, dp: 1 };
-        let g = CudaBackend::new(0, DType::Bf16)?;
+        let raw = CudaBackend::new(0, DType::Bf16)?;
+        let clock = crate::backend::cuda::timeline::EventClock::new(&raw);
+        let g = crate::backend::timed::Timed::new(raw, Box::new(clock));
+        let rates = crate::rates::device(None, "h200")?;
         let topo = loopback_topology(layout, 0, None);
         let positions: Vec<u64> = zigzag_chunks(seq, cp, topo.cp_rank)
             .iter()
@@ -687,8 +692,8 @@ mod imp {
                     (rng::uniform(9, 1, i) * cfg.vocab_size as f64) as i32 % cfg.vocab_size as i32
                 })
                 .collect();
-            g.synchronize();
-            g.reset_peak();
+            g.inner().synchronize();
+            g.inner().reset_peak();
             let base = g.bytes_in_use();
             let params = ParamStore::init_random_shard(&g, &cfg, 1, topo.shard());
             let n_params: usize = params.bufs.iter().map(|b| g.len(b)).sum();
@@ -709,7 +714,7 @@ mod imp {
                     head,
                     Some(&mut grads),
                 );
-                g.synchronize();
+                g.inner().synchronize();
                 l
             };
             if k == 0 {
@@ -720,9 +725,32 @@ mod imp {
                     t0.elapsed().as_secs_f64()
                 );
             }
+            g.reset();
             let t0 = Instant::now();
             let loss = pass();
             let secs = t0.elapsed().as_secs_f64();
+            g.inner().check()?;
+            // The breakdown: each phase's device time beside its prediction from kernel rates
+            // (attention looked up at the ring's local length; the loopback's transfers are
+            // device copies, so "communication" is predicted at copy speed).
+            let phases = rates.compare(&g.report(), 2.0, t as f64, rates.copy_gbps);
+            let predicted: f64 = phases.iter().filter_map(|p| p.predicted_s).sum();
+            for p in &phases {
+                rep.metric_with(
+                    &format!("rank4m_phase_L{n}: {}", p.phase),
+                    p.measured_s,
+                    "s",
+                    p.predicted_s
+                        .map(|v| ("predicted from bench/rates.toml [h200]", v)),
+                    json!({"calls": p.calls, "flops": p.flops, "elems": p.elems}),
+                );
+            }
+            rep.metric(
+                &format!("rank4m_overhead_L{n}: step / sum of predicted phases"),
+                secs / predicted,
+                "ratio",
+                None,
+            );
             let peak = (g.peak_bytes() - base.min(g.peak_bytes())) as f64 / (1u64 << 30) as f64;
             let flops =
                 t as f64 * (6.0 * n_params as f64 + 6.0 * 4.0 * 128.0 * seq as f64 * n as f64);
@@ -751,17 +779,53 @@ mod imp {
             );
             points.push((n, secs, peak, n_params, flops));
         }
-        if let [(n1, t1, p1, np1, f1), (n2, t2, p2, np2, f2), ..] = points[..]
-            && n2 != n1
-        {
+        // A least-squares line through every (layers, value) point, evaluated at 32 layers; with
+        // three or more points the largest relative miss of the line says whether the step is
+        // linear in the layer count (the extrapolation's premise).
+        let ns: Vec<f64> = points.iter().map(|p| p.0 as f64).collect();
+        let distinct = ns.iter().any(|&n| n != ns[0]);
+        if points.len() >= 2 && distinct {
+            let fit = |ys: &[f64]| -> (f64, f64) {
+                let k = ns.len() as f64;
+                let (mx, my) = (ns.iter().sum::<f64>() / k, ys.iter().sum::<f64>() / k);
+                let sxy: f64 = ns.iter().zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
+                let sxx: f64 = ns.iter().map(|x| (x - mx) * (x - mx)).sum();
+                let slope = sxy / sxx;
+                (my - slope * mx, slope)
+            };
+            let at = |ys: &[f64], x: f64| {
+                let (a, b) = fit(ys);
+                a + b * x
+            };
+            let col = |f: fn(&(usize, f64, f64, usize, f64)) -> f64| -> Vec<f64> {
+                points.iter().map(f).collect()
+            };
+            let (ts, ps, fs, nps) = (
+                col(|p| p.1),
+                col(|p| p.2),
+                col(|p| p.4),
+                col(|p| p.3 as f64),
+            );
             let full = 32.0;
-            let per = |a: f64, b: f64| (b - a) / (n2 as f64 - n1 as f64);
-            let at32 = |a: f64, b: f64| a + (full - n1 as f64) * per(a, b);
-            let secs = at32(t1, t2);
-            let peak = at32(p1, p2);
-            let flops = at32(f1, f2);
-            let np = at32(np1 as f64, np2 as f64);
-            let from = format!("extrapolated from {n1} and {n2} layers");
+            let secs = at(&ts, full);
+            let peak = at(&ps, full);
+            let flops = at(&fs, full);
+            let np = at(&nps, full);
+            let counts: Vec<String> = points.iter().map(|p| p.0.to_string()).collect();
+            let from = format!("extrapolated from {} layers", counts.join(", "));
+            if points.len() >= 3 {
+                let miss = ns
+                    .iter()
+                    .zip(&ts)
+                    .map(|(&x, &y)| ((at(&ts, x) - y) / y).abs())
+                    .fold(0.0, f64::max);
+                rep.metric(
+                    "rank4m_linearity: largest relative miss of the fitted line",
+                    miss,
+                    "ratio",
+                    None,
+                );
+            }
             rep.metric(&format!("rank4m_step: 32 layers, {from}"), secs, "s", None);
             rep.metric(
                 &format!("rank4m_peak: 32 layers, {from}"),
