@@ -5,25 +5,29 @@
 //! [`NcclGroup`] is a whole communicator of the model's: host collectives (losses, flags, the
 //! bootstrap) over the group's MPI communicator, and the buffer collectives the model calls
 //! (`Comm::*_buf`: the TP pairs, the CP ring) through NCCL on the backend's stream when the
-//! buffers are the CUDA backend's — device memory never goes through the host. Issued on the
-//! compute stream, they are ordered with the kernels around them without any host
-//! synchronisation; a separate communication stream with events (overlapping the next ring step
-//! with this one's attention) is not built yet.
+//! buffers are the CUDA backend's — device memory never goes through the host. The TP pairs run
+//! on the compute stream (the next kernel needs their result); the CP ring's exchanges run on a
+//! communication stream ordered against the compute stream by events, so the next ring step's
+//! transfer overlaps this step's attention and no layer waits on the host.
 //!
 //! Status: compiled, not yet run on a GPU (needs a GPU task: the world-of-1 test of
 //! `gpu-check`). The host-staged MPI path stays the fallback: NCCL missing, ranks sharing one GPU
 //! (NCCL refuses that), or `ULTRALONG_COMM=mpi`.
 
 use std::any::Any;
+use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
+use cudarc::driver::{CudaEvent, CudaStream};
 use cudarc::nccl::{result, sys};
 
 use crate::backend::Backend;
 use crate::backend::cuda::{CudaBackend, CudaBuf, DType};
 use crate::backend::timed::Annotation;
 use crate::parallel::any::AnyComm;
-use crate::parallel::comm::{BufExchange, Comm, Elem, Exchange, ReduceOp, WaitClock};
+use crate::parallel::comm::{
+    BufExchange, Comm, Elem, Exchange, PendingDevice, ReduceOp, WaitClock,
+};
 
 /// A NCCL communicator over the ranks of one group, issuing on the backend's stream.
 pub struct NcclComm {
@@ -292,6 +296,7 @@ impl NcclComm {
         to: usize,
         recv: &mut CudaBuf,
         from: usize,
+        stream: sys::cudaStream_t,
     ) -> Result<()> {
         if n > send.len() || n > recv.len() || send.dtype() != recv.dtype() {
             bail!(
@@ -303,8 +308,8 @@ impl NcclComm {
         let ty = nccl_type(send.dtype());
         check("group start", result::group_start())?;
         // SAFETY: ranges checked above; the group is closed below whatever happens.
-        let sent = unsafe { result::send(at(send, 0), n, ty, to as i32, self.comm, self.stream) };
-        let got = unsafe { result::recv(at(recv, 0), n, ty, from as i32, self.comm, self.stream) };
+        let sent = unsafe { result::send(at(send, 0), n, ty, to as i32, self.comm, stream) };
+        let got = unsafe { result::recv(at(recv, 0), n, ty, from as i32, self.comm, stream) };
         let end = result::group_end();
         check("send", sent)?;
         check("recv", got)?;
@@ -318,16 +323,42 @@ impl NcclComm {
 pub struct NcclGroup {
     host: Box<AnyComm>,
     nccl: NcclComm,
+    /// The backend's compute stream, and the stream the ring's exchanges run on: a transfer
+    /// starts when the compute stream reaches it (an event) and the compute stream waits for
+    /// its end (another event) only where the received block is used — so the next block
+    /// travels while this one's attention runs, with no host synchronisation.
+    compute: Arc<CudaStream>,
+    ring: Arc<CudaStream>,
 }
 
 impl NcclGroup {
     /// Join NCCL over `host`'s ranks (collective over them).
     pub fn new(b: &CudaBackend, host: AnyComm) -> Result<Self> {
         let nccl = NcclComm::from_group(b, &host)?;
+        let compute = b.stream().clone();
+        let ring = compute
+            .fork()
+            .map_err(|e| anyhow!("creating the communication stream: {e:?}"))?;
         Ok(NcclGroup {
             host: Box::new(host),
             nccl,
+            compute,
+            ring,
         })
+    }
+}
+
+/// A ring transfer on the communication stream: waiting makes the compute stream wait for it.
+struct JoinCompute {
+    compute: Arc<CudaStream>,
+    done: CudaEvent,
+}
+
+impl PendingDevice for JoinCompute {
+    fn wait(self: Box<Self>) {
+        if let Err(e) = self.compute.wait(&self.done) {
+            panic!("ordering the compute stream after a ring transfer: {e:?}");
+        }
     }
 }
 
@@ -444,10 +475,23 @@ impl Comm for NcclGroup {
         };
         let r = cuda_mut::<B>(recv).expect("send and recv come from one backend");
         b.annotate(Annotation::CommBegin { elems: n });
-        must("NCCL exchange", self.nccl.exchange_at(s, n, to, r, from));
+        let started = (|| -> Result<CudaEvent> {
+            let ready = self
+                .compute
+                .record_event(None)
+                .map_err(|e| anyhow!("{e:?}"))?;
+            self.ring.wait(&ready).map_err(|e| anyhow!("{e:?}"))?;
+            let stream = self.ring.cu_stream() as sys::cudaStream_t;
+            self.nccl.exchange_at(s, n, to, r, from, stream)?;
+            self.ring.record_event(None).map_err(|e| anyhow!("{e:?}"))
+        })();
         b.annotate(Annotation::CommEnd);
-        // On the compute stream: every later kernel is ordered after the transfer.
-        BufExchange::done(recv, n)
+        let done = started.unwrap_or_else(|e| panic!("NCCL ring exchange: {e:#}"));
+        let join = JoinCompute {
+            compute: self.compute.clone(),
+            done,
+        };
+        BufExchange::device(recv, n, Box::new(join))
     }
 }
 
