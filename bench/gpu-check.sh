@@ -13,8 +13,10 @@
 #      zigzag offsets, tails, fully masked rows, deterministic backward), also under memcheck;
 #   7. flash attention TFLOP/s (causal, d 128, h4k1 and h32k8, S 8K/32K/128K) beside torch SDPA's
 #      flash and cuDNN backends (bench/gpu/attn_torch.py), rows attn_{fwd,bwd,fwd_bwd}_causal_S*_h*k*;
-#   8. one rank of the 4M run (TP 8 x CP 16, 256K local tokens, communication as local copies).
-# STEPS="attention attn-bench" (names: checks memcheck mpi bench layer attention attn-bench
+#   8. one rank of the 4M run (TP 8 x CP 16, 256K local tokens, communication as device copies),
+#      broken down by phase beside the phases' predictions from bench/rates.toml [h200];
+#   1b (after 1): NCCL with a world of one rank (every buffer collective, the ring's stream).
+# STEPS="attention attn-bench" (names: checks nccl memcheck mpi bench layer attention attn-bench
 # rank4m; default all) runs a subset; each step has its own time limit (timeout), so one slow
 # step costs its limit and the JSON is still written.
 # Everything lands in $OUT (what comes back) as gpu-check-DATE.json in the bench/results form,
@@ -109,6 +111,12 @@ if want checks 60; then
 say "1. kernel checks and training step"
 limit 240 "$BIN" gpu-check --out "$ROWS" --only checks --name checks.json --date "$DATE" --command "$CMD" 2>&1 | tee "$LOG.step" | tee -a "$LOG"
 ran_or_fail "gpu-check --only checks" checks.json
+fi
+
+if want nccl 20; then
+say "1b. NCCL with a world of one rank: every buffer collective on CUDA buffers, the ring exchange on its stream"
+limit 60 "$BIN" gpu-check --out "$ROWS" --only nccl --name nccl.json --date "$DATE" --command "$CMD" 2>&1 | tee "$LOG.step" | tee -a "$LOG"
+ran_or_fail "gpu-check --only nccl" nccl.json
 fi
 
 if want memcheck 150; then

@@ -30,7 +30,8 @@ pub struct GpuCheckArgs {
     pub out: PathBuf,
     /// What to run: all, checks (kernels + training step), bench (kernel benchmarks), layer,
     /// attention (the flash kernels against the CPU f64 reference), attn-bench (flash attention
-    /// TFLOP/s beside `--attn-peer`), rank4m (one rank of the 4M run; not part of `all`).
+    /// TFLOP/s beside `--attn-peer`), nccl (the NCCL buffer collectives with a world of one),
+    /// rank4m (one rank of the 4M run, by phase; not part of `all`).
     #[arg(long, default_value = "all")]
     pub only: String,
     /// Sequence lengths of the attention benchmark (comma-separated).
@@ -186,7 +187,7 @@ mod imp {
     use crate::util::rng;
 
     pub fn run(a: GpuCheckArgs) -> Result<()> {
-        const MODES: [&str; 7] = [
+        const MODES: [&str; 8] = [
             "all",
             "checks",
             "bench",
@@ -194,6 +195,7 @@ mod imp {
             "attention",
             "attn-bench",
             "rank4m",
+            "nccl",
         ];
         if !MODES.contains(&a.only.as_str()) {
             bail!("--only {:?}: expected one of {}", a.only, MODES.join(", "));
@@ -222,6 +224,11 @@ mod imp {
                 "out of memory at the command line",
                 cli_oom_check,
             );
+        }
+        if a.only == "all" || a.only == "nccl" {
+            group(&mut rep, &g32, "nccl world of 1", || {
+                crate::parallel::nccl::world_of_one_checks(&g32).unwrap_or_else(|e| panic!("{e:#}"))
+            });
         }
         if a.only == "all" || a.only == "bench" {
             let g16 = CudaBackend::new(0, DType::Bf16)?;

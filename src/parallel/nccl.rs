@@ -575,3 +575,61 @@ pub fn device_collectives(
         },
     ))
 }
+
+/// The NCCL path with a world of one rank (gpu-check `--only nccl`): every buffer collective of
+/// `NcclGroup` on real CUDA buffers against its definition — offsets, the residual add of the
+/// reduce-scatter, the ring exchange on the communication stream (read after `wait_buf`, through
+/// the compute stream). Rows are (name, max abs error, tolerance).
+pub fn world_of_one_checks(b: &CudaBackend) -> Result<Vec<(String, f64, f64)>> {
+    let g = NcclGroup::new(b, AnyComm::Single(Default::default()))?;
+    let mut rows = vec![];
+    let mut row = |name: &str, got: Vec<f32>, want: &[f32]| {
+        let err = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(
+                if got.len() == want.len() {
+                    0.0
+                } else {
+                    f64::INFINITY
+                },
+                f64::max,
+            );
+        rows.push((format!("nccl world 1: {name}"), err, 0.0));
+    };
+    let src = b.upload(&[9.0, 1.0, 2.0, 3.0]);
+    let mut recv = b.zeros(3);
+    g.all_gather_buf(b, &src, 1, 3, &mut recv);
+    row(
+        "all_gather at an offset",
+        b.download(&recv),
+        &[1.0, 2.0, 3.0],
+    );
+    let mut out = b.upload(&[1.0, 1.0, 1.0, 1.0]);
+    g.reduce_scatter_buf(b, &src, 4, &mut out, true);
+    row(
+        "reduce_scatter + residual",
+        b.download(&out),
+        &[10.0, 2.0, 3.0, 4.0],
+    );
+    g.reduce_scatter_buf(b, &src, 4, &mut out, false);
+    row("reduce_scatter", b.download(&out), &[9.0, 1.0, 2.0, 3.0]);
+    let mut all = b.upload(&[4.0, 5.0]);
+    g.all_reduce_buf(b, &mut all, 2);
+    row("all_reduce", b.download(&all), &[4.0, 5.0]);
+    let mut got = b.zeros(4);
+    let x = g.exchange_buf_start(b, &src, 3, 0, &mut got, 0);
+    g.wait_buf(b, x);
+    row(
+        "ring exchange to itself",
+        b.download(&got),
+        &[9.0, 1.0, 2.0, 0.0],
+    );
+    rows.push((
+        format!("nccl world 1: buffer path is nccl ({})", g.buf_path()),
+        if g.buf_path() == "nccl" { 0.0 } else { 1.0 },
+        0.0,
+    ));
+    Ok(rows)
+}
