@@ -60,7 +60,7 @@ pub trait Backend: Sync {
     /// `'static` so a communicator can recognise its backend's buffers (`parallel::nccl`).
     type Buf: Send + Sync + 'static;
     /// The element type buffers are staged through on the host for communication.
-    type Host: crate::parallel::comm::Elem;
+    type Host: crate::util::elem::Elem;
 
     /// Human-readable name, e.g. "cpu-f32".
     fn name(&self) -> String;
