@@ -112,9 +112,10 @@ impl MappedFile {
             )
         })?;
         let base = self.bytes().as_ptr() as usize;
-        Ok(st
-            .iter()
+        st.iter()
             .map(|(name, view)| {
+                // Every tensor's dtype is checked here, before any is read.
+                dtype_size(name, view.dtype(), &self.path)?;
                 let start = view.data().as_ptr() as usize - base;
                 let entry = TensorEntry {
                     dtype: view.dtype(),
@@ -122,9 +123,9 @@ impl MappedFile {
                     start,
                     end: start + view.data().len(),
                 };
-                (name.to_string(), entry)
+                Ok((name.to_string(), entry))
             })
-            .collect())
+            .collect()
     }
 
     /// Drop the pages of `range` from this process (they stay in the page cache).
