@@ -116,6 +116,7 @@ macro_rules! launch {
 }
 
 mod flash;
+mod flash_sm90;
 pub use flash::{AttnOptions, flash_supports};
 
 /// Threads per block of the elementwise kernels.
@@ -133,6 +134,8 @@ pub struct CudaBackend {
     sync_each: bool,
     device_name: String,
     attn: AttnOptions,
+    /// cuda/attention_sm90.cu's kernels, on compute capability 9.0 only.
+    sm90: Option<flash_sm90::Sm90Attn>,
 }
 
 /// Why `--backend cuda` cannot run here, or `None` if the driver, cuBLASLt and the kernels exist.
@@ -176,6 +179,7 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let k = Kernels::load(&ctx)?;
+        let sm90 = flash_sm90::Sm90Attn::load(&ctx, k.image)?;
         let pool = Arc::new(Pool::new(ctx.clone()));
         let sms = ctx
             .attribute(
@@ -205,6 +209,7 @@ impl CudaBackend {
             sync_each: std::env::var("ULTRALONG_CUDA_SYNC").is_ok_and(|v| v == "1"),
             device_name,
             attn: AttnOptions::from_env(),
+            sm90,
         })
     }
 
