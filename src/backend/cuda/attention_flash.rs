@@ -115,17 +115,20 @@ pub(super) fn forward(
             "flash attention: operand not 16-byte aligned"
         );
     }
-    let cfg = LaunchConfig {
-        grid_dim: (shape.n_q_heads as u32, shape.q_len.div_ceil(BM) as u32, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem_fwd(d),
-    };
-    let name = if d == 128 {
-        "ul_flash_fwd_d128"
-    } else {
-        "ul_flash_fwd_d64"
-    };
-    launch!(b, name, cfg; qp, kp, vp, s, scale as f32, op, lp);
+    // On Hopper, cuda/attention_sm90.cu (flash_sm90.rs) unless it declines.
+    if !b.sm90_forward(qp, kp, vp, shape, scale, op, lp) {
+        let cfg = LaunchConfig {
+            grid_dim: (shape.n_q_heads as u32, shape.q_len.div_ceil(BM) as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem_fwd(d),
+        };
+        let name = if d == 128 {
+            "ul_flash_fwd_d128"
+        } else {
+            "ul_flash_fwd_d64"
+        };
+        launch!(b, name, cfg; qp, kp, vp, s, scale as f32, op, lp);
+    }
     if let Some(t) = out_tmp {
         b.convert(t.ptr, DType::Bf16, out.ptr, out.dtype, out.len);
     }

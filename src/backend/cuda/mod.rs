@@ -39,6 +39,7 @@ mod attention_simple;
 mod cross_entropy;
 mod elementwise;
 mod embedding;
+mod flash_sm90;
 mod rmsnorm;
 mod rope;
 mod swiglu;
@@ -68,6 +69,8 @@ pub struct CudaBackend {
     device_name: String,
     ordinal: usize,
     attn: AttnOptions,
+    /// cuda/attention_sm90.cu's kernels, on compute capability 9.0 only.
+    sm90: Option<flash_sm90::Sm90Attn>,
     /// The first failure (device.rs), and whether there is one (read before every launch).
     fault: Mutex<Option<String>>,
     failed: AtomicBool,
@@ -129,6 +132,7 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let k = Kernels::load(&ctx)?;
+        let sm90 = flash_sm90::Sm90Attn::load(&ctx, k.image)?;
         let pool = Arc::new(Pool::new(pool::Driver(ctx.clone())));
         let sms = ctx
             .attribute(
@@ -159,6 +163,7 @@ impl CudaBackend {
             device_name,
             ordinal,
             attn: AttnOptions::from_env(),
+            sm90,
             fault: Mutex::new(None),
             failed: AtomicBool::new(false),
             last_launch: Mutex::new("none"),
