@@ -8,10 +8,13 @@
 //! | `gather_seq`           | all-gather rows            | reduce-scatter rows (sum) |
 //! | `reduce_scatter_seq`   | reduce-scatter rows (sum)  | all-gather rows           |
 //! | `all_reduce_grads`     | (replicated weight)        | all-reduce (sum)          |
+//! | `reduce`               | all-reduce (sum)           | identity                  |
 //!
 //! Column-parallel layers (q/k/v, gate/up) sit after `gather_seq`; row-parallel layers (o,
 //! down) and the vocab-parallel embedding produce partial sums that `reduce_scatter_seq` sums and
-//! splits back into sequence shards. The host-staged forms here work for every backend; a GPU
+//! splits back into sequence shards. Without sequence parallelism (decode's one row, held whole
+//! by every rank) the gather is the identity and the partial sums meet in `reduce` instead
+//! (Megatron's `reduce_from_tensor_model_parallel_region`; forward only here). The host-staged forms here work for every backend; a GPU
 //! backend with NCCL replaces the staging, not the pairs.
 
 use crate::backend::Backend;
@@ -103,6 +106,35 @@ fn reduce_scatter_into<B: Backend, C: Comm>(
         }
     }
     b.write_host(out, 0, &recv);
+}
+
+/// `reduce` forward: `out (+)= Σ over ranks of partial [n]`, every rank holding all `n` values
+/// (no sequence split); with `accumulate`, the residual connection is the `+`.
+pub fn reduce_forward<B: Backend, C: Comm>(
+    b: &B,
+    comm: &C,
+    partial: &B::Buf,
+    n: usize,
+    out: &mut B::Buf,
+    accumulate: bool,
+) {
+    if comm.size() == 1 {
+        if accumulate {
+            b.add_at(out, 0, partial, 0, n);
+        } else {
+            b.copy(partial, 0, out, 0, n);
+        }
+        return;
+    }
+    let mut sum = stage(b, partial, 0, n);
+    comm.all_reduce(&mut sum, ReduceOp::Sum);
+    if accumulate {
+        let cur = stage(b, out, 0, n);
+        for (r, c) in sum.iter_mut().zip(cur) {
+            *r = c.add(*r);
+        }
+    }
+    b.write_host(out, 0, &sum);
 }
 
 /// Sum a buffer over the group in place (gradients of replicated weights, partial sums).
