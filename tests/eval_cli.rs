@@ -1,7 +1,7 @@
 //! `ultralong generate` and `ultralong eval niah|ppl` end to end, against independent references:
 //! greedy tokens against the argmax of `ultralong forward`'s logits over prompt + generated tokens,
-//! perplexity buckets against `forward`'s mean loss, and every multi-rank layout (mpirun, cp and
-//! dp) against one rank.
+//! perplexity buckets against `forward`'s mean loss, and every multi-rank layout (mpirun: tp, cp
+//! and dp) against one rank.
 
 mod common;
 
@@ -322,6 +322,134 @@ fn ppl_buckets_average_to_the_forward_loss_on_any_layout() {
 }
 
 #[test]
+fn tensor_parallel_generation_and_evaluation_give_one_ranks_results() {
+    // The weights split over 2 ranks (tp 2), and over 2 × 2 (tp 2 × cp 2): the greedy tokens,
+    // the NIAH answers and the loss buckets of one rank holding the whole model.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    tiny_model(d);
+    write_prompt(d, "p.json", 21);
+    let gen_args = [
+        "generate",
+        "--model",
+        "m",
+        "--prompt-tokens",
+        "p.json",
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+        "--precision",
+        "f64",
+    ];
+    let one = tokens_of(&last_json(&ok(d, &gen_args)));
+    assert_eq!(one.len(), 8);
+    for (np, tp, cp) in [(2usize, "2", "1"), (4, "2", "2")] {
+        let mut a: Vec<&str> = gen_args.to_vec();
+        a.extend(["--tp", tp, "--cp", cp]);
+        let got = last_json(&mpirun_ok(d, np, &a));
+        assert_eq!(tokens_of(&got), one, "tp {tp} cp {cp}");
+        assert_eq!(got["tp"], 2);
+    }
+
+    std::fs::write(d.join("hay.txt"), haystack_text()).unwrap();
+    let niah = |np: usize, tp: &str, out: &str| -> Vec<Value> {
+        let a = [
+            "eval",
+            "niah",
+            "--model",
+            "m",
+            "--lengths",
+            "64,96",
+            "--depths",
+            "0,50,100",
+            "--haystack",
+            "hay.txt",
+            "--digits",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--template",
+            "plain",
+            "--needle",
+            "the fox box is {number}.",
+            "--query-format",
+            " {question} the fox box is",
+            "--tp",
+            tp,
+            "--out",
+            out,
+        ];
+        if np == 1 {
+            ok(d, &a)
+        } else {
+            mpirun_ok(d, np, &a)
+        };
+        let j: Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join(out).join("niah.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            j["layout"]["tp"].as_u64().unwrap(),
+            tp.parse::<u64>().unwrap()
+        );
+        j["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                c.as_object_mut().unwrap().remove("prefill_s");
+                c.as_object_mut().unwrap().remove("decode_s");
+                c
+            })
+            .collect()
+    };
+    let one = niah(1, "1", "niah1");
+    assert_eq!(one.len(), 6);
+    assert_eq!(niah(2, "2", "niah-tp2"), one);
+
+    let ppl = |np: usize, tp: &str, out: &str| -> Vec<Value> {
+        let a = [
+            "eval",
+            "ppl",
+            "--model",
+            "m",
+            "--text",
+            "text.txt",
+            "--seq-len",
+            "64",
+            "--sequences",
+            "2",
+            "--buckets",
+            "6",
+            "--tp",
+            tp,
+            "--out",
+            out,
+        ];
+        if np == 1 {
+            ok(d, &a)
+        } else {
+            mpirun_ok(d, np, &a)
+        };
+        let j: Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join(out).join("ppl.json")).unwrap())
+                .unwrap();
+        j["buckets"].as_array().unwrap().clone()
+    };
+    let one = ppl(1, "1", "ppl1");
+    let tp2 = ppl(2, "2", "ppl-tp2");
+    assert_eq!(one.len(), tp2.len());
+    for (a, b) in tp2.iter().zip(&one) {
+        let (x, y) = (
+            a["mean_loss"].as_f64().unwrap(),
+            b["mean_loss"].as_f64().unwrap(),
+        );
+        assert!((x - y).abs() < 1e-5 * y.abs(), "tp 2: {a} vs {b}");
+        assert_eq!(a["tokens"], b["tokens"]);
+    }
+}
+
+#[test]
 fn bad_flags_and_files_give_one_line_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
@@ -341,9 +469,9 @@ fn bad_flags_and_files_give_one_line_errors() {
             "--prompt-tokens",
             "p.json",
             "--tp",
-            "2",
+            "3",
         ],
-        &["--tp 2", "tp = 1"],
+        &["tp 3", "do not factor"],
     );
     fails_with(
         d,

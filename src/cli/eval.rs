@@ -1,7 +1,8 @@
 //! `ultralong eval niah|ppl`: needle-in-a-haystack over a grid of lengths × depths (niah.json +
 //! niah.png heatmap), and loss by position (ppl.json + ppl.png). Under `mpirun` the world is
-//! cp × dp with tp = 1: each CP group prefills one prompt (or sequence) with ring attention, the DP
-//! groups share the grid cells (or sequences), world rank 0 writes the files.
+//! tp × cp × dp: each TP × CP group holds the model in TP shards and prefills one prompt (or
+//! sequence) with ring attention, the DP groups share the grid cells (or sequences), world rank 0
+//! writes the files.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -17,7 +18,7 @@ use crate::data::loader::TOKENS_PREFIX;
 use crate::eval::niah::{CellResult, Haystack, NiahSpec, accuracy_grid, run_cells};
 use crate::eval::ppl::{bucketize, sequence_losses};
 use crate::eval::{
-    PromptFormat, all_gather_bytes, check_tp, format_count, load_tokenizer, parse_count, parse_list,
+    PromptFormat, all_gather_bytes, format_count, load_tokenizer, parse_count, parse_list,
 };
 use crate::io::write_atomic;
 use crate::model::llama::Llama;
@@ -40,11 +41,12 @@ pub enum EvalCommand {
 /// Layout and numerics of an inference run (`eval`, `generate`).
 #[derive(Args, Debug)]
 pub struct InferenceArgs {
-    /// Context-parallel ranks per prompt (world = cp × dp under mpirun): the prompt and the KV
-    /// cache are split over them.
+    /// Context-parallel ranks per prompt (world = tp × cp × dp under mpirun): the prompt and the
+    /// KV cache are split over them.
     #[arg(long, default_value_t = 1)]
     pub cp: usize,
-    /// Tensor parallelism is not supported for inference: must be 1.
+    /// Tensor-parallel ranks per copy of the model: the weights (and each cached row's heads)
+    /// are split over them, as in training.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
     /// Working precision of the CPU backend: f32 or f64.
@@ -140,7 +142,6 @@ pub fn run(c: EvalCommand) -> Result<()> {
         EvalCommand::Niah(a) => &a.m,
         EvalCommand::Ppl(a) => &a.m,
     };
-    check_tp(m.run.tp)?;
     match m.run.precision.as_str() {
         "f32" => run_world(|w| run_on(&CpuBackend::<f32>::new(), w, &c)),
         "f64" => run_world(|w| run_on(&CpuBackend::<f64>::new(), w, &c)),
@@ -156,9 +157,10 @@ fn run_on<B: Backend>(b: &B, world: &World, c: &EvalCommand) -> Result<()> {
 }
 
 fn load<B: Backend>(b: &B, world: &World, m: &ModelArgs) -> Result<(Topology, Llama<B>)> {
-    let topo = Topology::new(world.comm(), 1, m.run.cp)?;
+    let topo = Topology::new(world.comm(), m.run.tp, m.run.cp)?;
     let precision: RopePrecision = m.run.rope_precision.parse()?;
-    let model = Llama::load(b, &m.model, precision)?;
+    let model = Llama::load_shard(b, &m.model, precision, topo.shard())?;
+    topo.layout.check_model(&model.cfg)?;
     if topo.world_rank == 0 {
         std::fs::create_dir_all(&m.out)
             .with_context(|| format!("--out: cannot create {}", m.out.display()))?;
@@ -251,11 +253,14 @@ fn niah<B: Backend>(b: &B, world: &World, a: &NiahArgs) -> Result<()> {
         .skip(topo.dp_rank)
         .step_by(topo.layout.dp)
         .collect();
-    let report =
-        lead || (topo.cp_rank == 0 && std::env::var_os("ULTRALONG_NIAH_VERBOSE").is_some());
+    let report = lead
+        || (topo.cp_rank == 0
+            && topo.tp_rank == 0
+            && std::env::var_os("ULTRALONG_NIAH_VERBOSE").is_some());
     let cells = run_cells(
         b,
         &model,
+        &topo.tp,
         &topo.cp,
         &tok,
         &format,
@@ -277,7 +282,7 @@ fn niah<B: Backend>(b: &B, world: &World, a: &NiahArgs) -> Result<()> {
             }
         },
     )?;
-    // Every DP group's cells (the CP ranks of a group hold the same results).
+    // Every DP group's cells (the TP and CP ranks of a group hold the same results).
     let bytes = serde_json::to_vec(&cells)?;
     let parts = all_gather_bytes(&topo.dp, &bytes);
     if !lead {
@@ -319,7 +324,7 @@ fn niah<B: Backend>(b: &B, world: &World, a: &NiahArgs) -> Result<()> {
         "digits": a.digits,
         "max_new_tokens": a.max_new_tokens,
         "haystack": a.haystack.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "generated".into()),
-        "layout": {"cp": topo.layout.cp, "dp": topo.layout.dp},
+        "layout": {"tp": topo.layout.tp, "cp": topo.layout.cp, "dp": topo.layout.dp},
         "backend": b.name(),
         "cells": all,
         "accuracy": {"overall": overall, "by_cell": by_cell},
@@ -420,7 +425,8 @@ fn ppl<B: Backend>(b: &B, world: &World, a: &PplArgs) -> Result<()> {
     let mut sum = vec![0f64; seq_len];
     let mut count = vec![0u64; seq_len];
     for k in (topo.dp_rank..a.sequences).step_by(topo.layout.dp) {
-        let losses = sequence_losses(b, &model, &topo.cp, &tokens[k * seq_len..(k + 1) * seq_len])?;
+        let seq = &tokens[k * seq_len..(k + 1) * seq_len];
+        let losses = sequence_losses(b, &model, &topo.tp, &topo.cp, seq)?;
         for (i, l) in losses.iter().enumerate() {
             if l.is_finite() {
                 sum[i] += l;
@@ -445,7 +451,7 @@ fn ppl<B: Backend>(b: &B, world: &World, a: &PplArgs) -> Result<()> {
         "mean_loss": mean,
         "perplexity": mean.exp(),
         "window": model.cfg.max_position_embeddings,
-        "layout": {"cp": topo.layout.cp, "dp": topo.layout.dp},
+        "layout": {"tp": topo.layout.tp, "cp": topo.layout.cp, "dp": topo.layout.dp},
         "backend": b.name(),
         "buckets": buckets,
         "seconds": t_start.elapsed().as_secs_f64(),

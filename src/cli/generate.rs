@@ -1,6 +1,7 @@
 //! `ultralong generate`: continue a prompt (a text file, or a JSON array of token ids) with the
-//! model: prefill with context parallelism over `--cp` ranks (ring attention), decode with the KV
-//! cache spread over them; greedy by default, or temperature + top-p sampling with a seed. Prints
+//! model: the weights split over `--tp` ranks as in training, prefill with context parallelism
+//! over `--cp` ranks (ring attention), decode with the KV cache spread over them; greedy by
+//! default, or temperature + top-p sampling with a seed. Prints
 //! the continuation, then one JSON line with the tokens and timings (prefill and decode tokens/s).
 
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use serde_json::json;
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
 use crate::eval::generate::{Sampling, generate};
-use crate::eval::{PromptFormat, check_tp, decode, encode, load_tokenizer};
+use crate::eval::{PromptFormat, decode, encode, load_tokenizer};
 use crate::model::infer::Session;
 use crate::model::llama::Llama;
 use crate::model::rope::RopePrecision;
@@ -53,13 +54,12 @@ pub struct GenerateArgs {
     /// Do not stop at the end-of-sequence tokens (config eos_token_id, <|eot_id|>).
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Layout (`--cp`: run under `mpirun -np CP`) and numerics.
+    /// Layout (`--tp`, `--cp`: run under `mpirun -np TP·CP`) and numerics.
     #[command(flatten)]
     pub run: super::eval::InferenceArgs,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    check_tp(a.run.tp)?;
     match a.run.precision.as_str() {
         "f32" => run_world(|w| run_on(&CpuBackend::<f32>::new(), w, &a)),
         "f64" => run_world(|w| run_on(&CpuBackend::<f64>::new(), w, &a)),
@@ -68,18 +68,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 }
 
 fn run_on<B: Backend>(b: &B, world: &World, a: &GenerateArgs) -> Result<()> {
-    let topo = Topology::new(world.comm(), 1, a.run.cp)?;
+    let topo = Topology::new(world.comm(), a.run.tp, a.run.cp)?;
     if topo.layout.dp != 1 {
+        let n = a.run.tp * a.run.cp;
         bail!(
-            "generate runs one prompt: the world of {} ranks must equal --cp {} (mpirun -np {})",
+            "generate runs one prompt: the world of {} ranks must equal --tp {} × --cp {} (mpirun -np {n})",
             world.size(),
-            a.run.cp,
+            a.run.tp,
             a.run.cp
         );
     }
     let sampling = Sampling::new(a.temperature, a.top_p, a.seed)?;
     let precision: RopePrecision = a.run.rope_precision.parse()?;
-    let model = Llama::load(b, &a.model, precision)?;
+    let model = Llama::load_shard(b, &a.model, precision, topo.shard())?;
+    topo.layout.check_model(&model.cfg)?;
     let tok = if a.prompt.is_some() || a.model.join("tokenizer.json").exists() {
         Some(load_tokenizer(&a.model)?)
     } else {
@@ -132,7 +134,7 @@ fn run_on<B: Backend>(b: &B, world: &World, a: &GenerateArgs) -> Result<()> {
     } else {
         format.stop_tokens(&model.cfg)
     };
-    let mut s = Session::new(b, &model, &topo.cp);
+    let mut s = Session::new(b, &model, &topo.tp, &topo.cp);
     let g = generate(
         &mut s,
         &topo.cp,
@@ -161,6 +163,7 @@ fn run_on<B: Backend>(b: &B, world: &World, a: &GenerateArgs) -> Result<()> {
                 Sampling::Nucleus { temperature, top_p, seed } =>
                     json!({"temperature": temperature, "top_p": top_p, "seed": seed}),
             },
+            "tp": a.run.tp,
             "cp": a.run.cp,
             "kv_cache_rows_rank0": cache_rows,
             "backend": b.name(),

@@ -1,8 +1,9 @@
 //! Generation: sampling (greedy, or temperature + top-p with a seeded counter-based RNG) and the
 //! prefill + decode loop over a `model::infer::Session`, with its timings.
 //!
-//! Every CP rank runs the loop; the logits are equal on all ranks, and the token picked by CP rank
-//! 0 is broadcast anyway, so a rounding difference could never split the ranks' sequences.
+//! Every rank of the TP × CP group runs the loop; the logits are equal on all ranks (all-gathered
+//! over TP, broadcast over CP), and the token picked by CP rank 0 is broadcast over CP anyway, so a
+//! rounding difference could never split the ranks' sequences.
 
 use std::time::Instant;
 

@@ -3,10 +3,11 @@
 //! the pieces they share: the tokenizer, prompt templates (Llama-3.1 chat or plain text), lists
 //! like `1K,4K,1M`, and gathering results over ranks.
 //!
-//! Layout of an evaluation run: world = cp × dp with tp = 1 (every rank holds the whole model;
-//! generation does not use tensor parallelism). A CP group prefills one prompt with ring attention
-//! and decodes with its KV cache spread over the group; DP groups take different work items
-//! (NIAH cells, perplexity sequences), and world rank 0 writes the results.
+//! Layout of an evaluation run: world = tp × cp × dp, as in training (`parallel::topology`). A
+//! TP group holds one copy of the model in shards; a TP × CP group prefills one prompt with ring
+//! attention and decodes with its KV cache spread over the CP ranks (each TP rank caching its
+//! heads); DP groups take different work items (NIAH cells, perplexity sequences), and world
+//! rank 0 writes the results.
 
 pub mod generate;
 pub mod niah;
@@ -183,17 +184,6 @@ pub fn all_gather_bytes<C: Comm>(comm: &C, mine: &[u8]) -> Vec<Vec<u8>> {
         .zip(&lens)
         .map(|(c, &l)| c[..l as usize].to_vec())
         .collect()
-}
-
-/// The evaluation layout check: tp must be 1.
-pub fn check_tp(tp: usize) -> Result<()> {
-    if tp != 1 {
-        bail!(
-            "--tp {tp}: generation and evaluation run with tp = 1 (every rank holds the whole model; \
-             use --cp to spread a long prompt and its KV cache, and more ranks for data parallelism)"
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

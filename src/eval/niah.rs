@@ -325,11 +325,12 @@ pub fn build_prompt(
     Ok((ids, cut.ids.len(), at, number))
 }
 
-/// Evaluate the cells `mine` (indices into the grid) on this CP group, in order.
+/// Evaluate the cells `mine` (indices into the grid) on this TP × CP group, in order.
 #[allow(clippy::too_many_arguments)]
 pub fn run_cells<B: Backend, C: Comm>(
     b: &B,
     model: &Llama<B>,
+    tp: &C,
     cp: &C,
     tok: &Tokenizer,
     format: &PromptFormat,
@@ -348,7 +349,7 @@ pub fn run_cells<B: Backend, C: Comm>(
     for &i in mine {
         let (li, di, trial) = spec.cell(i);
         let (ids, haystack_tokens, needle_at, number) = build_prompt(tok, format, hay, spec, i)?;
-        let mut s = Session::new(b, model, cp);
+        let mut s = Session::new(b, model, tp, cp);
         let g = generate(
             &mut s,
             cp,

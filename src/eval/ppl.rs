@@ -6,8 +6,9 @@
 //! A sequence's row `i` predicts token `i+1` from `i+1` tokens of context: its "position" is
 //! `i+1`, in `1 .. seq_len−1`. Buckets are `[e_k, e_{k+1})` with `e_k = round(seq_len^(k/B))`
 //! (duplicates dropped), so each covers the same ratio of positions. Under CP each rank computes
-//! the losses of its zigzag rows (`Session::hidden_states` + `row_losses`: ring attention, the LM
-//! head in chunks, never `[seq_len, vocab]`), and the rows are all-gathered back in order.
+//! the losses of its zigzag rows (`Session::hidden_states` + `row_losses`: ring attention, the
+//! vocab-parallel LM head in chunks, never `[seq_len, vocab]`; under TP every rank of the group
+//! gets every row's loss), and the rows are all-gathered back in order over CP.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -19,10 +20,12 @@ use crate::model::llama::Llama;
 use crate::parallel::comm::Comm;
 
 /// Per-row losses of one sequence (`ids.len()` values; the last, with no target, NaN), on every
-/// rank of the CP group `cp`. The length must divide by `2·cp` when cp > 1 (checked by the caller).
+/// rank of the TP group `tp` and CP group `cp`. The length must divide by `2·cp·tp` when
+/// cp·tp > 1 (checked by the caller: `Layout::check_seq_len`).
 pub fn sequence_losses<B: Backend, C: Comm>(
     b: &B,
     model: &Llama<B>,
+    tp: &C,
     cp: &C,
     ids: &[u32],
 ) -> Result<Vec<f64>> {
@@ -43,7 +46,7 @@ pub fn sequence_losses<B: Backend, C: Comm>(
             targets.push(if i + 1 < len { ids[i + 1] as i32 } else { -1 });
         }
     }
-    let mut s = Session::new(b, model, cp);
+    let mut s = Session::new(b, model, tp, cp);
     let x = s.hidden_states(&local, &pos)?;
     let mine = s.row_losses(&x, &targets);
     if n_cp == 1 {

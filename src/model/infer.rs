@@ -1,46 +1,48 @@
 //! Inference: the Llama forward with a KV cache, for generation and evaluation.
 //!
-//! The same kernels as training (`Backend`: GEMM, RMSNorm, RoPE with exact YaRN cos/sin from
-//! `Rope::cos_sin`, blockwise attention with LSE, the overflow-free LSE merge) and the same weights
-//! (`ParamStore`), but a forward-only pass that keeps each layer's keys and values.
+//! The training model's own layers: `Llama::forward_only` runs the embedding, decoder layer and
+//! LM head of `model::llama` (the same kernels, weights and TP pairs) forward only, with the
+//! attention plugged in here (`KvAttention`): it appends each layer's keys and values (after RoPE)
+//! to this rank's KV cache and attends over the CP ring (prefill) or over the cache (decode).
 //!
-//! Context parallelism, as in training: a prompt of `T` tokens is padded to a multiple of `2·cp`
-//! (pad tokens go after the prompt, so under the causal mask no prompt token sees them) and cut
-//! into the zigzag chunks of `parallel::context`; each CP rank runs the layers over its chunks with
-//! ring attention (`ring_attention_forward`) and caches the keys and values of its own real (not
-//! pad) tokens. Only the rank that holds token `T−1` applies the final norm and LM head, to that
-//! one row (never `[T, vocab]`), and broadcasts the logits over CP.
+//! Layout: world = tp × cp × dp. A TP group holds one weight shard each, as in training: every
+//! TP rank of a group runs the same rows, q/k/v project to its `n_q/tp`, `n_kv/tp` heads, so its
+//! KV cache holds its heads of every cached row, and the vocab-parallel LM head's logits are
+//! all-gathered over TP (or, for losses, its per-row statistics combined).
 //!
-//! Decode: every CP rank embeds the new token and runs the per-row work of each layer (norms,
-//! projections, MLP: one row, cheap, identical on all ranks). One rank, the one with the fewest
-//! cached rows, appends the token's key and value to its cache. Each rank attends the query over
-//! its own cached rows (a partial `(out, lse)`; `lse = −∞` for an empty cache); the partials are
-//! all-gathered over CP and merged with `attention_merge` in rank order, so every rank gets the
-//! same attention output and then the same logits. Per token and layer that is O(rows held) work
-//! and one all-gather of `n_q·(head_dim + 1)` numbers.
+//! Prefill, context parallel as in training: a prompt of `T` tokens is padded to a multiple of
+//! `2·cp·tp` (`tp` when cp = 1; pad tokens go after the prompt, so under the causal mask no prompt
+//! token sees them) and cut into the zigzag chunks of `parallel::context`; each CP rank runs the
+//! layers over its chunks (rows split over TP) with ring attention and caches the keys and values
+//! of its own real (not pad) rows. Only the CP rank that holds token `T−1` applies the final norm
+//! and LM head, to that one row (never `[T, vocab]`), and broadcasts the logits over CP.
 //!
-//! KV cache memory per rank: `2 × layers × rows × n_kv_heads × head_dim` elements, in pages of
+//! Decode: every rank embeds the new token and runs the per-row work of each layer on it (one
+//! row, held whole by every TP rank: `Dims::unsplit`, the row-parallel blocks all-reduced over
+//! TP). One CP rank, the one with the fewest cached rows, appends the token's key and value.
+//! Each CP rank attends the query over its own cached rows (a partial `(out, lse)`; `lse = −∞` for
+//! an empty cache); the partials are all-gathered over CP and merged with `attention_merge` in
+//! rank order, so every rank gets the same attention output and then the same logits. Per token
+//! and layer that is O(rows held) work and one all-gather of `n_q/tp·(head_dim + 1)` numbers.
+//!
+//! KV cache memory per rank: `2 × layers × rows × n_kv/tp × head_dim` elements, in pages of
 //! `PAGE_ROWS` rows (a page is an exact-size buffer, so full pages go to the attention kernel
 //! without a copy; only the last, partly filled page is copied into a buffer of its size).
-//!
-//! Tensor parallelism is not used here (tp = 1: every CP rank holds the whole model).
 
 use anyhow::{Result, bail, ensure};
 
-use crate::backend::{AttnShape, Backend, TARGET_IGNORE};
+use crate::backend::{AttnShape, Backend};
 use crate::data::loader::zigzag_chunks;
-use crate::model::llama::Llama;
-use crate::model::params::{
-    EMBED, LayerTensor as LT, final_norm_index, layer_index, lm_head_index,
-};
+use crate::model::llama::{Attention, Dims, Llama, RingAttention};
+use crate::model::params::{LayerTensor as LT, Shard, layer_index};
 use crate::parallel::comm::Comm;
-use crate::parallel::context::{RingScratch, RingShape, ring_attention_forward};
+use crate::parallel::context::{RingScratch, RingShape};
 
 /// Rows per KV-cache page.
 pub const PAGE_ROWS: usize = 4096;
-/// Rows per MLP chunk in a long forward (bounds the `[rows, ffn]` buffers).
+/// Rows per MLP chunk in a long forward (bounds the `[rows, ffn/tp]` buffers).
 const MLP_CHUNK: usize = 2048;
-/// Rows per LM-head chunk of `row_losses` (bounds the `[rows, vocab]` logits).
+/// Rows per LM-head chunk of `row_losses` (bounds the `[rows, vocab/tp]` logits).
 const LOSS_CHUNK: usize = 256;
 
 /// The keys and values this rank holds, per layer, in pages of `PAGE_ROWS` rows (`[rows,
@@ -132,54 +134,148 @@ struct Run {
     len: usize,
 }
 
-/// Per-row buffers of one forward over `n` rows.
-struct Rows<B: Backend> {
-    n: usize,
-    xn: B::Buf,
-    rstd: B::Buf,
-    q: B::Buf,
-    k: B::Buf,
-    v: B::Buf,
-    attn: B::Buf,
-    lse: B::Buf,
-    cos: B::Buf,
-    sin: B::Buf,
+/// The attention of a forward-only pass that keeps keys and values: each layer's rows `runs` go
+/// to the cache, then the pass attends over the CP ring (its own rows) or over the cache.
+struct KvAttention<'s, B: Backend, C: Comm> {
+    cache: &'s mut KvCache<B>,
+    runs: &'s [Run],
+    over: Over<'s, B, C>,
 }
 
-/// How a forward's attention runs.
-enum Attend<'s, B: Backend> {
-    /// Over the rows of the forward itself, causally, across the CP ring (prefill; the rows are
-    /// this rank's zigzag chunks when cp > 1).
-    Ring(Option<&'s mut RingScratch<B>>),
-    /// One new row against the whole cache, merged over CP (decode).
-    Cache,
+enum Over<'s, B: Backend, C: Comm> {
+    /// Causally over the pass's rows across the CP ring (prefill, evaluation).
+    Ring(RingAttention<'s, B, C>),
+    /// One new row against every cached row of the CP group (decode).
+    Cache(&'s C),
+}
+
+impl<B: Backend, C: Comm> Attention<B> for KvAttention<'_, B, C> {
+    fn attend(
+        &mut self,
+        b: &B,
+        layer: usize,
+        s: &RingShape,
+        scale: f64,
+        q: &B::Buf,
+        k: &B::Buf,
+        v: &B::Buf,
+        out: &mut B::Buf,
+        lse: &mut B::Buf,
+    ) {
+        for &run in self.runs {
+            self.cache.write(b, layer, k, v, run);
+        }
+        match &mut self.over {
+            Over::Ring(ring) => ring.attend(b, layer, s, scale, q, k, v, out, lse),
+            Over::Cache(cp) => attend_cache(b, self.cache, *cp, layer, s, scale, q, out, lse),
+        }
+    }
+}
+
+/// Attention of one query row `q [1, n_q, d]` over every cached row of the CP group: this rank's
+/// pages merged locally, then the ranks' partial results merged in rank order; `out [1, n_q, d]`,
+/// `lse [n_q]` overwritten.
+fn attend_cache<B: Backend, C: Comm>(
+    b: &B,
+    cache: &KvCache<B>,
+    cp: &C,
+    l: usize,
+    s: &RingShape,
+    scale: f64,
+    q: &B::Buf,
+    out: &mut B::Buf,
+    lse_out: &mut B::Buf,
+) {
+    let (nq, nkv, hd) = (s.n_q, s.n_kv, s.head_dim);
+    let kvw = nkv * hd;
+    let neg_inf = vec![f64::NEG_INFINITY; nq];
+    let (mut acc, mut acc_lse) = (b.zeros(nq * hd), b.upload_f64(&neg_inf));
+    let (mut o, mut lse) = (b.zeros(nq * hd), b.zeros(nq));
+    let rows = cache.len();
+    for (pi, (kp, vp)) in cache.k[l].iter().zip(&cache.v[l]).enumerate() {
+        let page = cache.page;
+        let start = pi * page;
+        if start >= rows {
+            break;
+        }
+        let m = page.min(rows - start);
+        let shape = AttnShape {
+            q_len: 1,
+            kv_len: m,
+            n_q_heads: nq,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            q_pos0: 0,
+            k_pos0: 0,
+            causal: false,
+        };
+        if m == page {
+            b.attention_forward(q, kp, vp, &shape, scale, &mut o, &mut lse);
+        } else {
+            let (mut kc, mut vc) = (b.zeros(m * kvw), b.zeros(m * kvw));
+            b.copy(kp, 0, &mut kc, 0, m * kvw);
+            b.copy(vp, 0, &mut vc, 0, m * kvw);
+            b.attention_forward(q, &kc, &vc, &shape, scale, &mut o, &mut lse);
+        }
+        b.attention_merge(&mut acc, &mut acc_lse, &o, &lse, 0, 1, 1, nq, hd);
+    }
+    if cp.size() > 1 {
+        // [out (nq·hd), lse (nq)] of every rank, merged in rank order on every rank.
+        let w = nq * hd + nq;
+        let mut mine = b.download_f64(&acc);
+        mine.extend(b.download_f64(&acc_lse));
+        let mut all = vec![0f64; w * cp.size()];
+        cp.all_gather(&mine, &mut all);
+        acc = b.zeros(nq * hd);
+        acc_lse = b.upload_f64(&neg_inf);
+        for part in all.chunks(w) {
+            let ob = b.upload_f64(&part[..nq * hd]);
+            let lb = b.upload_f64(&part[nq * hd..]);
+            b.attention_merge(&mut acc, &mut acc_lse, &ob, &lb, 0, 1, 1, nq, hd);
+        }
+    }
+    b.copy(&acc, 0, out, 0, nq * hd);
+    b.copy(&acc_lse, 0, lse_out, 0, nq);
 }
 
 /// A model with this rank's KV cache: prefill a prompt, then decode one token at a time. Every
-/// rank of the CP group `cp` calls the same methods in the same order.
+/// rank of the TP group `tp` and the CP group `cp` calls the same methods in the same order; the
+/// model holds this rank's TP shard (`Llama::load_shard` with `tp`'s rank and size).
 pub struct Session<'a, B: Backend, C: Comm> {
     b: &'a B,
     model: &'a Llama<B>,
+    tp: &'a C,
     cp: &'a C,
     cache: KvCache<B>,
     /// Rows cached on each CP rank (known to all: the layout is deterministic).
     counts: Vec<usize>,
     next_pos: u64,
+    /// Rows per MLP chunk of a forward.
+    mlp_rows: usize,
 }
 
 impl<'a, B: Backend, C: Comm> Session<'a, B, C> {
-    pub fn new(b: &'a B, model: &'a Llama<B>, cp: &'a C) -> Self {
+    pub fn new(b: &'a B, model: &'a Llama<B>, tp: &'a C, cp: &'a C) -> Self {
         let cfg = &model.cfg;
+        let q_rows = model.params.specs[layer_index(0, LT::Q)].shape[0];
+        assert_eq!(
+            q_rows * tp.size(),
+            cfg.num_attention_heads * cfg.head_dim,
+            "the model's weights are not a shard of tp {}",
+            tp.size()
+        );
         Session {
             b,
             model,
+            tp,
             cp,
             cache: KvCache::new(
                 cfg.num_hidden_layers,
-                cfg.num_key_value_heads * cfg.head_dim,
+                cfg.num_key_value_heads / tp.size() * cfg.head_dim,
             ),
             counts: vec![0; cp.size()],
             next_pos: 0,
+            mlp_rows: MLP_CHUNK,
         }
     }
 
@@ -189,6 +285,12 @@ impl<'a, B: Backend, C: Comm> Session<'a, B, C> {
         self.cache.page = rows;
     }
 
+    /// Run the MLP `rows` rows at a time (default 2048).
+    pub fn set_mlp_rows(&mut self, rows: usize) {
+        assert!(rows > 0);
+        self.mlp_rows = rows;
+    }
+
     pub fn cache(&self) -> &KvCache<B> {
         &self.cache
     }
@@ -196,6 +298,13 @@ impl<'a, B: Backend, C: Comm> Session<'a, B, C> {
     /// Tokens seen so far (prompt and decoded): the position of the next token.
     pub fn position(&self) -> u64 {
         self.next_pos
+    }
+
+    fn shard(&self) -> Shard {
+        Shard {
+            rank: self.tp.rank(),
+            size: self.tp.size(),
+        }
     }
 
     /// Run the prompt through the model, caching its keys and values across the CP group; returns
@@ -208,14 +317,18 @@ impl<'a, B: Backend, C: Comm> Session<'a, B, C> {
         );
         ensure!(!ids.is_empty(), "prefill: the prompt is empty");
         self.check_ids(ids)?;
-        let (n_cp, r) = (self.cp.size(), self.cp.rank());
+        let (n_cp, r, n_tp) = (self.cp.size(), self.cp.rank(), self.tp.size());
         let t = ids.len();
-        let tp = t.next_multiple_of(2 * n_cp);
+        let padded = if n_cp == 1 {
+            t.next_multiple_of(n_tp)
+        } else {
+            t.next_multiple_of(2 * n_cp * n_tp)
+        };
         let layout = |q: usize| -> Vec<(usize, usize)> {
             if n_cp == 1 {
-                vec![(0, t)]
+                vec![(0, padded)]
             } else {
-                zigzag_chunks(tp, n_cp, q).to_vec()
+                zigzag_chunks(padded, n_cp, q).to_vec()
             }
         };
         let (mut local, mut positions) = (Vec::new(), Vec::new());
@@ -225,7 +338,7 @@ impl<'a, B: Backend, C: Comm> Session<'a, B, C> {
                 positions.push(i as u64);
             }
         }
-        let x = self.forward_rows(&local, &positions, Some(t as u64));
+        let (d, x) = self.forward_rows(&local, &positions, Some(t as u64));
         // Who holds token t−1, at which local row; how many real rows each rank cached.
         let mut owner = (0, 0);
         for q in 0..n_cp {
@@ -241,7 +354,7 @@ impl<'a, B: Backend, C: Comm> Session<'a, B, C> {
             self.counts[q] = real;
         }
         let mut logits = if owner.0 == r {
-            self.logits_of_row(&x, owner.1)
+            self.model.logits_of_row(self.b, self.tp, &d, &x, owner.1)
         } else {
             vec![0f32; self.model.cfg.vocab_size]
         };
@@ -258,28 +371,33 @@ impl<'a, B: Backend, C: Comm> Session<'a, B, C> {
             .min_by_key(|&q| (self.counts[q], q))
             .unwrap_or(0);
         let b = self.b;
-        let cfg = &self.model.cfg;
-        let h = cfg.hidden_size;
-        let p = &self.model.params;
-        let mut rows = Rows::new(b, self.model, &[pos]);
-        let mut x = b.zeros(h);
-        b.embedding_forward(&p.bufs[EMBED], &[id], h, &mut x);
-        let run = (owner == self.cp.rank()).then(|| Run {
-            src: 0,
-            dst: self.cache.reserve(b, &[pos]),
-            len: 1,
-        });
-        for l in 0..cfg.num_hidden_layers {
-            self.layer(l, &mut x, &mut rows, run.as_slice(), Attend::Cache);
-        }
+        let d = Dims::unsplit(&self.model.cfg, 1, self.shard());
+        let runs: Vec<Run> = if owner == self.cp.rank() {
+            vec![Run {
+                src: 0,
+                dst: self.cache.reserve(b, &[pos]),
+                len: 1,
+            }]
+        } else {
+            Vec::new()
+        };
+        let mut attn = KvAttention {
+            cache: &mut self.cache,
+            runs: &runs,
+            over: Over::Cache(self.cp),
+        };
+        let x = self
+            .model
+            .forward_only(b, self.tp, &d, &[id], &[pos], self.mlp_rows, &mut attn);
         self.counts[owner] += 1;
         self.next_pos += 1;
-        Ok(self.logits_of_row(&x, 0))
+        Ok(self.model.logits_of_row(b, self.tp, &d, &x, 0))
     }
 
-    /// The final hidden states (`[n, hidden]`, before the final norm) of this rank's rows `ids` at
-    /// `positions`, attention over the CP ring (the rows are the rank's zigzag chunks when cp > 1).
-    /// Nothing is cached. With `row_losses`, the evaluation pass of `eval ppl`.
+    /// The final hidden states (before the final norm) of this rank's rows `ids` at `positions`,
+    /// attention over the CP ring (the rows are the rank's zigzag chunks when cp > 1; their
+    /// number divides by tp): this TP rank's `[n/tp, hidden]`. Nothing is cached. With
+    /// `row_losses`, the evaluation pass of `eval ppl`.
     pub fn hidden_states(&mut self, ids: &[u32], positions: &[u64]) -> Result<B::Buf> {
         self.check_ids(ids)?;
         ensure!(
@@ -288,60 +406,21 @@ impl<'a, B: Backend, C: Comm> Session<'a, B, C> {
             ids.len(),
             positions.len()
         );
-        Ok(self.forward_rows(ids, positions, None))
+        ensure!(
+            ids.len().is_multiple_of(self.tp.size()),
+            "{} rows do not split over tp {}",
+            ids.len(),
+            self.tp.size()
+        );
+        Ok(self.forward_rows(ids, positions, None).1)
     }
 
-    /// Per-row next-token loss (nats) of hidden states `x [n, hidden]` against `targets` (negative:
-    /// not counted, NaN in the result); the LM head runs `LOSS_CHUNK` rows at a time.
+    /// Per-row next-token loss (nats) of `hidden_states` `x` against `targets`, one per row
+    /// (negative: not counted, NaN in the result); the LM head runs `LOSS_CHUNK` rows at a time.
     pub fn row_losses(&self, x: &B::Buf, targets: &[i32]) -> Vec<f64> {
-        let b = self.b;
-        let cfg = &self.model.cfg;
-        let (h, vocab, n) = (cfg.hidden_size, cfg.vocab_size, targets.len());
-        let p = &self.model.params;
-        let mut xn = b.zeros(n * h);
-        let mut rstd = b.zeros(n);
-        b.rmsnorm_forward(
-            x,
-            &p.bufs[final_norm_index(cfg)],
-            cfg.rms_norm_eps,
-            n,
-            h,
-            &mut xn,
-            &mut rstd,
-        );
-        let ch = LOSS_CHUNK.min(n.max(1));
-        let mut logits = b.zeros(ch * vocab);
-        let mut out = Vec::with_capacity(n);
-        for r0 in (0..n).step_by(ch) {
-            let rows = ch.min(n - r0);
-            b.gemm(
-                &mut logits,
-                0,
-                &xn,
-                r0 * h,
-                &p.bufs[lm_head_index(cfg)],
-                0,
-                rows,
-                vocab,
-                h,
-                false,
-                true,
-                false,
-            );
-            let mut tl: Vec<i32> = targets[r0..r0 + rows]
-                .iter()
-                .map(|&x| if x < 0 { TARGET_IGNORE } else { x })
-                .collect();
-            tl.resize(ch, TARGET_IGNORE);
-            let stats = b.cross_entropy_stats(&logits, &tl, vocab);
-            for s in &stats[..rows] {
-                out.push(match s.target {
-                    Some(z) => s.sum.ln() + s.max - z,
-                    None => f64::NAN,
-                });
-            }
-        }
-        out
+        let d = Dims::local(&self.model.cfg, targets.len(), self.shard());
+        self.model
+            .row_losses(self.b, self.tp, &d, x, targets, LOSS_CHUNK)
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
@@ -352,15 +431,17 @@ impl<'a, B: Backend, C: Comm> Session<'a, B, C> {
         Ok(())
     }
 
-    /// Embedding and every layer over `ids` at `positions` (this rank's rows); with `cache_below`,
-    /// the keys and values of rows at positions below it are appended to the cache.
-    fn forward_rows(&mut self, ids: &[u32], positions: &[u64], cache_below: Option<u64>) -> B::Buf {
+    /// The embedding and every layer over `ids` at `positions` (this rank's rows, split over TP),
+    /// attention over the CP ring; with `cache_below`, the keys and values of rows at positions
+    /// below it are appended to the cache. Returns the sizes and the hidden states.
+    fn forward_rows(
+        &mut self,
+        ids: &[u32],
+        positions: &[u64],
+        cache_below: Option<u64>,
+    ) -> (Dims, B::Buf) {
         let b = self.b;
-        let cfg = &self.model.cfg;
-        let n = ids.len();
-        let mut x = b.zeros(n * cfg.hidden_size);
-        b.embedding_forward(&self.model.params.bufs[EMBED], ids, cfg.hidden_size, &mut x);
-        let mut rows = Rows::new(b, self.model, positions);
+        let d = Dims::local(&self.model.cfg, ids.len(), self.shard());
         // Contiguous runs of cached rows (two zigzag chunks, each possibly cut by padding).
         let mut runs: Vec<Run> = Vec::new();
         if let Some(limit) = cache_below {
@@ -381,297 +462,19 @@ impl<'a, B: Backend, C: Comm> Session<'a, B, C> {
                 dst += 1;
             }
         }
-        let shape = self.ring_shape(n);
-        let mut ring = RingScratch::new(b, &shape, self.cp.size());
-        for l in 0..cfg.num_hidden_layers {
-            self.layer(l, &mut x, &mut rows, &runs, Attend::Ring(ring.as_mut()));
-        }
-        x
-    }
-
-    fn ring_shape(&self, n: usize) -> RingShape {
-        let cfg = &self.model.cfg;
-        RingShape {
-            t: n,
-            n_q: cfg.num_attention_heads,
-            n_kv: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim,
-        }
-    }
-
-    /// One decoder layer over the rows of `x` (in place: `x ← x + attn(..); x ← x + mlp(..)`).
-    fn layer(
-        &mut self,
-        l: usize,
-        x: &mut B::Buf,
-        r: &mut Rows<B>,
-        runs: &[Run],
-        attend: Attend<B>,
-    ) {
-        let b = self.b;
-        let cfg = &self.model.cfg;
-        let p = &self.model.params;
-        let w = |t: LT| &p.bufs[layer_index(l, t)];
-        let (n, h, hd) = (r.n, cfg.hidden_size, cfg.head_dim);
-        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let (qw, kvw) = (nq * hd, nkv * hd);
-        b.rmsnorm_forward(
-            x,
-            w(LT::AttnNorm),
-            cfg.rms_norm_eps,
-            n,
-            h,
-            &mut r.xn,
-            &mut r.rstd,
-        );
-        b.gemm(
-            &mut r.q,
-            0,
-            &r.xn,
-            0,
-            w(LT::Q),
-            0,
-            n,
-            qw,
-            h,
-            false,
-            true,
-            false,
-        );
-        b.gemm(
-            &mut r.k,
-            0,
-            &r.xn,
-            0,
-            w(LT::K),
-            0,
-            n,
-            kvw,
-            h,
-            false,
-            true,
-            false,
-        );
-        b.gemm(
-            &mut r.v,
-            0,
-            &r.xn,
-            0,
-            w(LT::V),
-            0,
-            n,
-            kvw,
-            h,
-            false,
-            true,
-            false,
-        );
-        b.rope_forward(&mut r.q, &r.cos, &r.sin, n, nq, hd);
-        b.rope_forward(&mut r.k, &r.cos, &r.sin, n, nkv, hd);
-        for &run in runs {
-            self.cache.write(b, l, &r.k, &r.v, run);
-        }
-        let scale = 1.0 / (hd as f64).sqrt();
-        match attend {
-            Attend::Ring(scratch) => {
-                let shape = self.ring_shape(n);
-                ring_attention_forward(
-                    b,
-                    self.cp,
-                    &shape,
-                    scale,
-                    &r.q,
-                    &r.k,
-                    &r.v,
-                    &mut r.attn,
-                    &mut r.lse,
-                    scratch,
-                );
-            }
-            Attend::Cache => self.attend_cache(l, &r.q, scale, &mut r.attn),
-        }
-        b.gemm(x, 0, &r.attn, 0, w(LT::O), 0, n, h, qw, false, true, true);
-        b.rmsnorm_forward(
-            x,
-            w(LT::MlpNorm),
-            cfg.rms_norm_eps,
-            n,
-            h,
-            &mut r.xn,
-            &mut r.rstd,
-        );
-        // MLP in row chunks: at most `MLP_CHUNK × ffn` intermediate values alive.
-        let ffn = cfg.intermediate_size;
-        let mut r0 = 0;
-        while r0 < n {
-            let m = MLP_CHUNK.min(n - r0);
-            let (mut gate, mut up, mut act) =
-                (b.zeros(m * ffn), b.zeros(m * ffn), b.zeros(m * ffn));
-            b.gemm(
-                &mut gate,
-                0,
-                &r.xn,
-                r0 * h,
-                w(LT::Gate),
-                0,
-                m,
-                ffn,
-                h,
-                false,
-                true,
-                false,
-            );
-            b.gemm(
-                &mut up,
-                0,
-                &r.xn,
-                r0 * h,
-                w(LT::Up),
-                0,
-                m,
-                ffn,
-                h,
-                false,
-                true,
-                false,
-            );
-            b.swiglu_forward(&gate, &up, &mut act);
-            b.gemm(
-                x,
-                r0 * h,
-                &act,
-                0,
-                w(LT::Down),
-                0,
-                m,
-                h,
-                ffn,
-                false,
-                true,
-                true,
-            );
-            r0 += m;
-        }
-    }
-
-    /// Attention of one query row `q [1, n_q, d]` over every cached row of the CP group: this
-    /// rank's pages merged locally, then the ranks' partial results merged in rank order.
-    fn attend_cache(&self, l: usize, q: &B::Buf, scale: f64, out: &mut B::Buf) {
-        let b = self.b;
-        let cfg = &self.model.cfg;
-        let (nq, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let kvw = nkv * hd;
-        let neg_inf = vec![f64::NEG_INFINITY; nq];
-        let (mut acc, mut acc_lse) = (b.zeros(nq * hd), b.upload_f64(&neg_inf));
-        let (mut o, mut lse) = (b.zeros(nq * hd), b.zeros(nq));
-        let rows = self.cache.len();
-        for (pi, (kp, vp)) in self.cache.k[l].iter().zip(&self.cache.v[l]).enumerate() {
-            let page = self.cache.page;
-            let start = pi * page;
-            if start >= rows {
-                break;
-            }
-            let m = page.min(rows - start);
-            let shape = AttnShape {
-                q_len: 1,
-                kv_len: m,
-                n_q_heads: nq,
-                n_kv_heads: nkv,
-                head_dim: hd,
-                q_pos0: 0,
-                k_pos0: 0,
-                causal: false,
-            };
-            if m == page {
-                b.attention_forward(q, kp, vp, &shape, scale, &mut o, &mut lse);
-            } else {
-                let (mut kc, mut vc) = (b.zeros(m * kvw), b.zeros(m * kvw));
-                b.copy(kp, 0, &mut kc, 0, m * kvw);
-                b.copy(vp, 0, &mut vc, 0, m * kvw);
-                b.attention_forward(q, &kc, &vc, &shape, scale, &mut o, &mut lse);
-            }
-            b.attention_merge(&mut acc, &mut acc_lse, &o, &lse, 0, 1, 1, nq, hd);
-        }
-        if self.cp.size() == 1 {
-            *out = acc;
-            return;
-        }
-        // [out (nq·hd), lse (nq)] of every rank, merged in rank order on every rank.
-        let w = nq * hd + nq;
-        let mut mine = b.download_f64(&acc);
-        mine.extend(b.download_f64(&acc_lse));
-        let mut all = vec![0f64; w * self.cp.size()];
-        self.cp.all_gather(&mine, &mut all);
-        let mut merged = b.zeros(nq * hd);
-        let mut merged_lse = b.upload_f64(&neg_inf);
-        for part in all.chunks(w) {
-            let ob = b.upload_f64(&part[..nq * hd]);
-            let lb = b.upload_f64(&part[nq * hd..]);
-            b.attention_merge(&mut merged, &mut merged_lse, &ob, &lb, 0, 1, 1, nq, hd);
-        }
-        *out = merged;
-    }
-
-    /// Final norm and LM head of row `row` of `x [n, hidden]`: the logits `[vocab]`.
-    fn logits_of_row(&self, x: &B::Buf, row: usize) -> Vec<f32> {
-        let b = self.b;
-        let cfg = &self.model.cfg;
-        let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
-        let p = &self.model.params;
-        let mut xr = b.zeros(h);
-        b.copy(x, row * h, &mut xr, 0, h);
-        let (mut xn, mut rstd) = (b.zeros(h), b.zeros(1));
-        b.rmsnorm_forward(
-            &xr,
-            &p.bufs[final_norm_index(cfg)],
-            cfg.rms_norm_eps,
-            1,
-            h,
-            &mut xn,
-            &mut rstd,
-        );
-        let mut logits = b.zeros(vocab);
-        b.gemm(
-            &mut logits,
-            0,
-            &xn,
-            0,
-            &p.bufs[lm_head_index(cfg)],
-            0,
-            1,
-            vocab,
-            h,
-            false,
-            true,
-            false,
-        );
-        b.download(&logits)
-    }
-}
-
-impl<B: Backend> Rows<B> {
-    fn new(b: &B, model: &Llama<B>, positions: &[u64]) -> Self {
-        let cfg = &model.cfg;
-        let n = positions.len();
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let (qw, kvw) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        let (cos, sin) = model.rope.cos_sin::<f64>(positions);
-        Rows {
-            n,
-            xn: b.zeros(n * h),
-            rstd: b.zeros(n),
-            q: b.zeros(n * qw),
-            k: b.zeros(n * kvw),
-            v: b.zeros(n * kvw),
-            attn: b.zeros(n * qw),
-            lse: b.zeros(n * cfg.num_attention_heads),
-            cos: b.upload_f64(&cos),
-            sin: b.upload_f64(&sin),
-        }
+        let mut scratch = RingScratch::new(b, &d.ring(), self.cp.size());
+        let mut attn = KvAttention {
+            cache: &mut self.cache,
+            runs: &runs,
+            over: Over::Ring(RingAttention {
+                cp: self.cp,
+                scratch: scratch.as_mut(),
+            }),
+        };
+        let x = self
+            .model
+            .forward_only(b, self.tp, &d, ids, positions, self.mlp_rows, &mut attn);
+        (d, x)
     }
 }
 
@@ -679,17 +482,25 @@ impl<B: Backend> Rows<B> {
 mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
+    use crate::eval::generate::{Sampling, generate};
     use crate::model::config::ModelConfig;
     use crate::model::llama::{Head, Workspace};
     use crate::model::params::ParamStore;
     use crate::model::rope::RopePrecision;
+    use crate::parallel::any::AnyComm;
     use crate::parallel::comm::SelfComm;
     use crate::parallel::thread::ThreadComm;
+    use crate::parallel::topology::Topology;
     use crate::util::Real;
 
     /// A tiny Llama with YaRN (attention factor ≠ 1), GQA 2 and weights large enough that
     /// attention is far from uniform.
     fn tiny<T: Real>(b: &CpuBackend<T>) -> Llama<CpuBackend<T>> {
+        tiny_shard(b, Shard::WHOLE)
+    }
+
+    /// TP rank `shard`'s part of `tiny` (the same values as the whole model's).
+    fn tiny_shard<T: Real>(b: &CpuBackend<T>, shard: Shard) -> Llama<CpuBackend<T>> {
         let cfg = ModelConfig::from_json_str(
             r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
@@ -699,7 +510,7 @@ mod tests {
             "tiny",
         )
         .unwrap();
-        let params = ParamStore::init_random(b, &cfg, 5);
+        let params = ParamStore::init_random_shard(b, &cfg, 5, shard);
         Llama::new(cfg, RopePrecision::Exact, params).unwrap()
     }
 
@@ -741,7 +552,7 @@ mod tests {
             let prompt = tokens(11, 1);
             let next = tokens(9, 2);
             let comm = SelfComm::default();
-            let mut s = Session::new(&b, &m, &comm);
+            let mut s = Session::new(&b, &m, &comm, &comm);
             s.set_page_rows(4);
             let mut seq = prompt.clone();
             let mut logits = s.prefill(&prompt).unwrap();
@@ -776,7 +587,8 @@ mod tests {
         ThreadComm::run(cp, |comm| {
             let b = CpuBackend::<f64>::new();
             let m = tiny(&b);
-            let mut s = Session::new(&b, &m, &comm);
+            let tp = AnyComm::Single(SelfComm::default());
+            let mut s = Session::new(&b, &m, &tp, &comm);
             s.set_page_rows(3);
             let mut steps = vec![s.prefill(prompt).unwrap()];
             for &t in next {
@@ -855,7 +667,8 @@ mod tests {
             let per = ThreadComm::run(cp, |comm| {
                 let b = CpuBackend::<f64>::new();
                 let m = tiny(&b);
-                crate::eval::ppl::sequence_losses(&b, &m, &comm, &ids).unwrap()
+                let tp = AnyComm::Single(SelfComm::default());
+                crate::eval::ppl::sequence_losses(&b, &m, &tp, &comm, &ids).unwrap()
             });
             for p in &per {
                 assert_eq!(p.len(), ids.len());
@@ -866,6 +679,127 @@ mod tests {
                     p.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                     per[0].iter().map(|x| x.to_bits()).collect::<Vec<_>>()
                 );
+            }
+        }
+    }
+
+    /// One greedy generation on a tp × cp world of thread ranks, each holding its TP shard of
+    /// `tiny`, with KV pages of 3 rows and the MLP in chunks of `mlp_rows`; per rank: (tp rank,
+    /// new tokens, the logits of every step, cached positions, layer-1 keys and values).
+    #[allow(clippy::type_complexity)]
+    fn run_layout(
+        tp: usize,
+        cp: usize,
+        prompt: &[u32],
+        max_new: usize,
+        mlp_rows: usize,
+    ) -> Vec<(usize, Vec<u32>, Vec<Vec<f32>>, Vec<u64>, Vec<f64>, Vec<f64>)> {
+        ThreadComm::run(tp * cp, |world| {
+            let b = CpuBackend::<f64>::new();
+            let topo = Topology::new(&world, tp, cp).unwrap();
+            let m = tiny_shard(&b, topo.shard());
+            let mut s = Session::new(&b, &m, &topo.tp, &topo.cp);
+            s.set_page_rows(3);
+            s.set_mlp_rows(mlp_rows);
+            let g = generate(
+                &mut s,
+                &topo.cp,
+                prompt,
+                max_new,
+                &Sampling::Greedy,
+                &[],
+                true,
+            )
+            .unwrap();
+            let (k, v) = s.cache().read_layer(&b, 1);
+            let pos = s.cache().positions().to_vec();
+            (topo.tp_rank, g.tokens, g.logits, pos, k, v)
+        })
+    }
+
+    #[test]
+    fn tp_and_cp_generation_equals_one_rank() {
+        // Against one rank holding the whole model (itself checked against the training forward
+        // above): every rank's tokens, the logits of every step, and each cached key/value row
+        // (this TP rank's heads of the one-rank row of its position). The MLP runs in chunks of
+        // 3 rows under TP/CP, in one piece on one rank.
+        let max_new = 7;
+        for len in [13usize, 16, 5] {
+            let prompt = tokens(len, 4);
+            let one = run_layout(1, 1, &prompt, max_new, 2048);
+            let (_, ref_tokens, ref_logits, ref_pos, ref_k, ref_v) = &one[0];
+            assert_eq!(ref_tokens.len(), max_new);
+            // Decoding feeds back all but the last token.
+            assert_eq!(ref_pos.len(), len + max_new - 1);
+            let kvw = ref_k.len() / ref_pos.len();
+            for (tp, cp) in [(2usize, 1usize), (1, 2), (2, 2), (2, 3)] {
+                let ranks = run_layout(tp, cp, &prompt, max_new, 3);
+                let w = kvw / tp;
+                let mut seen = vec![0usize; ref_pos.len()];
+                let mut worst = 0f64;
+                for (r, (tr, toks, logits, pos, k, v)) in ranks.iter().enumerate() {
+                    assert_eq!(toks, ref_tokens, "len {len} tp {tp} cp {cp} rank {r}");
+                    assert_eq!(logits.len(), ref_logits.len());
+                    for (i, (a, e)) in logits.iter().zip(ref_logits).enumerate() {
+                        assert_eq!(a.len(), e.len());
+                        let err = rel64(a, e);
+                        worst = worst.max(err);
+                        assert!(
+                            err < 1e-12,
+                            "len {len} tp {tp} cp {cp} rank {r} step {i}: {err:e}"
+                        );
+                    }
+                    assert_eq!(k.len(), pos.len() * w);
+                    for (j, &p) in pos.iter().enumerate() {
+                        if *tr == 0 {
+                            seen[p as usize] += 1;
+                        }
+                        let one_k = &ref_k[p as usize * kvw + tr * w..][..w];
+                        let one_v = &ref_v[p as usize * kvw + tr * w..][..w];
+                        let (a, av) = (&k[j * w..][..w], &v[j * w..][..w]);
+                        for (x, y) in a.iter().zip(one_k).chain(av.iter().zip(one_v)) {
+                            assert!(
+                                (x - y).abs() < 1e-12 * (1.0 + y.abs()),
+                                "len {len} tp {tp} cp {cp} rank {r} pos {p}"
+                            );
+                        }
+                    }
+                }
+                // Each position cached once per TP rank: on exactly one CP rank.
+                assert!(
+                    seen.iter().all(|&n| n == 1),
+                    "len {len} tp {tp} cp {cp}: rows held {seen:?}"
+                );
+                assert_eq!(w * tp, kvw);
+                eprintln!(
+                    "len {len} tp {tp} cp {cp}: worst relative logit error vs one rank {worst:.2e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tp_and_cp_row_losses_equal_one_rank() {
+        let ids = tokens(24, 6);
+        let run = |tp: usize, cp: usize| -> Vec<Vec<f64>> {
+            ThreadComm::run(tp * cp, |world| {
+                let b = CpuBackend::<f64>::new();
+                let topo = Topology::new(&world, tp, cp).unwrap();
+                let m = tiny_shard(&b, topo.shard());
+                crate::eval::ppl::sequence_losses(&b, &m, &topo.tp, &topo.cp, &ids).unwrap()
+            })
+        };
+        let one = run(1, 1).remove(0);
+        assert!(one[23].is_nan() && one[..23].iter().all(|x| x.is_finite()));
+        for (tp, cp) in [(2usize, 1usize), (1, 2), (2, 2), (2, 3)] {
+            for (r, got) in run(tp, cp).iter().enumerate() {
+                assert!(got[23].is_nan(), "tp {tp} cp {cp} rank {r}");
+                for (i, (a, e)) in got[..23].iter().zip(&one[..23]).enumerate() {
+                    assert!(
+                        (a - e).abs() < 1e-12 * e.abs(),
+                        "tp {tp} cp {cp} rank {r} row {i}: {a} vs {e}"
+                    );
+                }
             }
         }
     }

@@ -14,6 +14,13 @@
 //! Layer inputs are always kept (`Workspace::xs`); the rest of a layer's activations are kept
 //! for every layer, or — with full recompute — for one layer at a time, recomputed from its input
 //! during the backward pass. All buffers are allocated once, in `Workspace::new`.
+//!
+//! Inference runs the same layer, embedding and LM head forward only (`Llama::forward_only`, one
+//! layer's activations alive, the MLP in row chunks) with its attention plugged in (`Attention`):
+//! training and prefill attend over the CP ring (`RingAttention`); `model::infer` also keeps the
+//! keys and values and decodes against them. Decode's one row is not split over TP
+//! (`Dims::unsplit`): every TP rank holds it, and the row-parallel blocks all-reduce (`reduce`)
+//! instead of reduce-scattering.
 
 use crate::backend::timed::Annotation;
 use crate::backend::{Backend, NOT_IN_SHARD, TARGET_ELSEWHERE, TARGET_IGNORE};
@@ -27,7 +34,7 @@ use crate::parallel::context::{
     RingScratch, RingShape, ring_attention_backward, ring_attention_forward,
 };
 use crate::parallel::tensor::{
-    gather_seq_backward, gather_seq_forward, reduce_scatter_seq_backward,
+    gather_seq_backward, gather_seq_forward, reduce_forward, reduce_scatter_seq_backward,
     reduce_scatter_seq_forward,
 };
 use crate::parallel::topology::Topology;
@@ -37,9 +44,12 @@ use crate::parallel::topology::Topology;
 pub struct Dims {
     /// Local tokens (this CP rank's chunks; the whole sequence with cp = 1).
     pub t: usize,
-    /// Sequence-parallel rows of the residual stream on this TP rank: `t / tp`.
+    /// Rows of the residual stream on this TP rank: `t / tp` (sequence parallel), or `t`.
     pub ts: usize,
     pub tp: usize,
+    /// The residual stream's rows are split over TP (sequence parallelism: training, prefill,
+    /// evaluation); false when every TP rank holds all `t` rows (`unsplit`: decode).
+    pub sp: bool,
     pub hidden: usize,
     /// Per-TP-rank FFN width, query heads, KV heads and vocabulary rows.
     pub ffn: usize,
@@ -65,11 +75,23 @@ impl Dims {
             t.is_multiple_of(tp),
             "{t} local tokens do not split over tp {tp}"
         );
+        Self::build(cfg, t, t / tp, shard)
+    }
+
+    /// The sizes `shard` sees for `t` rows that every TP rank holds whole (no sequence split:
+    /// decode's one row).
+    pub fn unsplit(cfg: &ModelConfig, t: usize, shard: Shard) -> Self {
+        Self::build(cfg, t, t, shard)
+    }
+
+    fn build(cfg: &ModelConfig, t: usize, ts: usize, shard: Shard) -> Self {
+        let tp = shard.size;
         let vocab = cfg.vocab_size / tp;
         Dims {
             t,
-            ts: t / tp,
+            ts,
             tp,
+            sp: ts < t,
             hidden: cfg.hidden_size,
             ffn: cfg.intermediate_size / tp,
             n_q: cfg.num_attention_heads / tp,
@@ -87,7 +109,12 @@ impl Dims {
     fn kv_width(&self) -> usize {
         self.n_kv * self.head_dim
     }
-    fn ring(&self) -> RingShape {
+    /// Whether a column-parallel block gathers its input rows over TP.
+    fn gathers(&self) -> bool {
+        self.tp > 1 && self.sp
+    }
+    /// The local shapes of this pass's attention.
+    pub fn ring(&self) -> RingShape {
         RingShape {
             t: self.t,
             n_q: self.n_q,
@@ -112,15 +139,18 @@ pub struct LayerActs<B: Backend> {
     xn2: B::Buf,
     rstd2: B::Buf,
     xn2f: Option<B::Buf>,
+    /// `[mlp_rows, ffn]`: all `t` rows in training (kept for the backward pass), a chunk of
+    /// rows in a forward-only pass.
     gate: B::Buf,
     up: B::Buf,
     h: B::Buf,
+    mlp_rows: usize,
 }
 
 impl<B: Backend> LayerActs<B> {
-    fn new(b: &B, d: &Dims) -> Self {
+    fn new(b: &B, d: &Dims, mlp_rows: usize) -> Self {
         let (t, ts, h) = (d.t, d.ts, d.hidden);
-        let full = || (d.tp > 1).then(|| b.zeros(t * h));
+        let full = || d.gathers().then(|| b.zeros(t * h));
         LayerActs {
             xn1: b.zeros(ts * h),
             rstd1: b.zeros(ts),
@@ -134,9 +164,10 @@ impl<B: Backend> LayerActs<B> {
             xn2: b.zeros(ts * h),
             rstd2: b.zeros(ts),
             xn2f: full(),
-            gate: b.zeros(t * d.ffn),
-            up: b.zeros(t * d.ffn),
-            h: b.zeros(t * d.ffn),
+            gate: b.zeros(mlp_rows * d.ffn),
+            up: b.zeros(mlp_rows * d.ffn),
+            h: b.zeros(mlp_rows * d.ffn),
+            mlp_rows,
         }
     }
 }
@@ -208,7 +239,7 @@ impl<B: Backend> Workspace<B> {
             dims: d,
             recompute,
             xs: (0..=d.layers).map(|_| b.zeros(d.ts * d.hidden)).collect(),
-            acts: (0..n_sets).map(|_| LayerActs::new(b, &d)).collect(),
+            acts: (0..n_sets).map(|_| LayerActs::new(b, &d, t)).collect(),
             xf: b.zeros(d.ts * d.hidden),
             rstd_f: b.zeros(d.ts),
             xff: full(),
@@ -273,61 +304,124 @@ fn linear_backward<B: Backend>(
     b.gemm(dw, 0, dy, 0, x, 0, out, inp, rows, true, false, true);
 }
 
+/// How a layer's attention runs, given the pass's rows after RoPE: `q [t, n_q, d]`, `k`, `v
+/// [t, n_kv, d]` (this TP rank's heads) → `out [t, n_q, d]`, `lse [n_q, t]`. Training and prefill
+/// attend causally over the rows across the CP ring (`RingAttention`); inference also keeps the
+/// keys and values and decodes against them (`model::infer`).
+pub trait Attention<B: Backend> {
+    fn attend(
+        &mut self,
+        b: &B,
+        layer: usize,
+        s: &RingShape,
+        scale: f64,
+        q: &B::Buf,
+        k: &B::Buf,
+        v: &B::Buf,
+        out: &mut B::Buf,
+        lse: &mut B::Buf,
+    );
+}
+
+/// Causal attention over the pass's rows across the CP ring (`parallel::context`), forward and
+/// backward.
+pub struct RingAttention<'a, B: Backend, C: Comm> {
+    pub cp: &'a C,
+    /// The ring's buffers (none when cp = 1).
+    pub scratch: Option<&'a mut RingScratch<B>>,
+}
+
+impl<B: Backend, C: Comm> Attention<B> for RingAttention<'_, B, C> {
+    fn attend(
+        &mut self,
+        b: &B,
+        _layer: usize,
+        s: &RingShape,
+        scale: f64,
+        q: &B::Buf,
+        k: &B::Buf,
+        v: &B::Buf,
+        out: &mut B::Buf,
+        lse: &mut B::Buf,
+    ) {
+        let scratch = self.scratch.as_deref_mut();
+        ring_attention_forward(b, self.cp, s, scale, q, k, v, out, lse, scratch);
+    }
+}
+
 /// Everything a layer pass reads besides its buffers.
-struct Ctx<'a, B: Backend> {
+struct Ctx<'a, B: Backend, C: Comm> {
     b: &'a B,
     d: &'a Dims,
-    topo: &'a Topology,
+    tp: &'a C,
     cos: &'a B::Buf,
     sin: &'a B::Buf,
 }
 
-impl<B: Backend> Ctx<'_, B> {
-    /// `gather_seq` forward into `full` (tp > 1), returning the full-sequence input of a
-    /// column-parallel block.
+/// Sum the partial rows of a row-parallel block (or the vocab-parallel embedding) over TP into
+/// this rank's rows `out`: `reduce_scatter_seq` when the rows are split, else `reduce`.
+fn sum_partials<B: Backend, C: Comm>(
+    b: &B,
+    tp: &C,
+    d: &Dims,
+    partial: &B::Buf,
+    out: &mut B::Buf,
+    accumulate: bool,
+) {
+    let n = d.ts * d.hidden;
+    if d.sp {
+        reduce_scatter_seq_forward(b, tp, partial, n, out, accumulate);
+    } else {
+        reduce_forward(b, tp, partial, n, out, accumulate);
+    }
+}
+
+impl<B: Backend, C: Comm> Ctx<'_, B, C> {
+    /// `gather_seq` forward into `full` (tp > 1, rows split), returning the full-sequence input
+    /// of a column-parallel block.
     fn gathered<'x>(&self, local: &'x B::Buf, full: &'x mut Option<B::Buf>) -> &'x B::Buf {
         match full {
             Some(f) => {
-                gather_seq_forward(self.b, &self.topo.tp, local, self.d.ts * self.d.hidden, f);
+                gather_seq_forward(self.b, self.tp, local, self.d.ts * self.d.hidden, f);
                 f
             }
             None => local,
         }
     }
 
-    /// A row-parallel projection with its residual: `out = residual + reduce_scatter_seq(x·Wᵀ)`.
-    #[allow(clippy::too_many_arguments)]
+    /// A row-parallel block with its residual: `out = residual + Σ_TP (partial products)`, where
+    /// `products(y, acc)` writes (or, with `acc`, adds) the block's `[t, hidden]` products into
+    /// `y` — `out` itself when tp = 1, else the partial-sum buffer.
     fn row_parallel(
         &self,
-        x: &B::Buf,
-        w: &B::Buf,
-        inp: usize,
         residual: &B::Buf,
         out: &mut B::Buf,
         part: &mut Option<B::Buf>,
+        products: impl FnOnce(&mut B::Buf, bool),
     ) {
         let (b, d) = (self.b, self.d);
         b.copy(residual, 0, out, 0, d.ts * d.hidden);
         match part {
-            None => linear(b, out, x, w, d.t, d.hidden, inp, true),
+            None => products(out, true),
             Some(p) => {
-                linear(b, p, x, w, d.t, d.hidden, inp, false);
-                reduce_scatter_seq_forward(b, &self.topo.tp, p, d.ts * d.hidden, out, true);
+                products(p, false);
+                sum_partials(b, self.tp, d, p, out, true);
             }
         }
     }
 }
 
-/// One decoder layer forward: `x_out = layer(x_in)`, filling `a`.
-fn layer_forward<B: Backend>(
-    c: &Ctx<'_, B>,
+/// One decoder layer forward: `x_out = layer(x_in)`, filling `a`; attention by `attn`. The MLP
+/// runs `a.mlp_rows` rows at a time (all rows in training).
+fn layer_forward<B: Backend, C: Comm>(
+    c: &Ctx<'_, B, C>,
     p: &ParamStore<B>,
     l: usize,
     x_in: &B::Buf,
     a: &mut LayerActs<B>,
     x_out: &mut B::Buf,
     part: &mut Option<B::Buf>,
-    ring: Option<&mut RingScratch<B>>,
+    attn: &mut dyn Attention<B>,
 ) {
     let (b, d) = (c.b, c.d);
     let w = |t: LT| &p.bufs[layer_index(l, t)];
@@ -348,9 +442,9 @@ fn layer_forward<B: Backend>(
     b.rope_forward(&mut a.q, c.cos, c.sin, t, d.n_q, d.head_dim);
     b.rope_forward(&mut a.k, c.cos, c.sin, t, d.n_kv, d.head_dim);
     let scale = 1.0 / (d.head_dim as f64).sqrt();
-    ring_attention_forward(
+    attn.attend(
         b,
-        &c.topo.cp,
+        l,
         &d.ring(),
         scale,
         &a.q,
@@ -358,9 +452,10 @@ fn layer_forward<B: Backend>(
         &a.v,
         &mut a.attn,
         &mut a.lse,
-        ring,
     );
-    c.row_parallel(&a.attn, w(LT::O), d.q_width(), x_in, &mut a.x_mid, part);
+    c.row_parallel(x_in, &mut a.x_mid, part, |y, acc| {
+        linear(b, y, &a.attn, w(LT::O), t, h, d.q_width(), acc)
+    });
     b.rmsnorm_forward(
         &a.x_mid,
         w(LT::MlpNorm),
@@ -371,21 +466,67 @@ fn layer_forward<B: Backend>(
         &mut a.rstd2,
     );
     let xn2 = c.gathered(&a.xn2, &mut a.xn2f);
-    linear(b, &mut a.gate, xn2, w(LT::Gate), t, d.ffn, h, false);
-    linear(b, &mut a.up, xn2, w(LT::Up), t, d.ffn, h, false);
-    b.swiglu_forward(&a.gate, &a.up, &mut a.h);
-    c.row_parallel(&a.h, w(LT::Down), d.ffn, &a.x_mid, x_out, part);
+    let (gate, up, act, ch) = (&mut a.gate, &mut a.up, &mut a.h, a.mlp_rows);
+    c.row_parallel(&a.x_mid, x_out, part, |y, acc| {
+        for r0 in (0..t).step_by(ch) {
+            let m = ch.min(t - r0);
+            b.gemm(
+                gate,
+                0,
+                xn2,
+                r0 * h,
+                w(LT::Gate),
+                0,
+                m,
+                d.ffn,
+                h,
+                false,
+                true,
+                false,
+            );
+            b.gemm(
+                up,
+                0,
+                xn2,
+                r0 * h,
+                w(LT::Up),
+                0,
+                m,
+                d.ffn,
+                h,
+                false,
+                true,
+                false,
+            );
+            // A short last chunk leaves stale rows past `m`: computed, never read.
+            b.swiglu_forward(gate, up, act);
+            b.gemm(
+                y,
+                r0 * h,
+                act,
+                0,
+                w(LT::Down),
+                0,
+                m,
+                h,
+                d.ffn,
+                false,
+                true,
+                acc,
+            );
+        }
+    });
 }
 
 /// `reduce_scatter_seq` backward: the full-sequence gradient of a row-parallel block's output.
-fn gathered_grad<'x, B: Backend>(
-    c: &Ctx<'_, B>,
+fn gathered_grad<'x, B: Backend, C: Comm>(
+    c: &Ctx<'_, B, C>,
     dlocal: &'x B::Buf,
     dfull: &'x mut Option<B::Buf>,
 ) -> &'x B::Buf {
     match dfull {
         Some(f) => {
-            reduce_scatter_seq_backward(c.b, &c.topo.tp, dlocal, c.d.ts * c.d.hidden, f);
+            reduce_scatter_seq_backward(c.b, c.tp, dlocal, c.d.ts * c.d.hidden, f);
             f
         }
         None => dlocal,
@@ -394,15 +535,15 @@ fn gathered_grad<'x, B: Backend>(
 
 /// One decoder layer backward. On entry `g.dx` holds ∂L/∂x_out, on exit ∂L/∂x_in; parameter
 /// gradients are accumulated into `grads`.
-fn layer_backward<B: Backend>(
-    c: &Ctx<'_, B>,
+fn layer_backward<B: Backend, C: Comm>(
+    c: &Ctx<'_, B, C>,
     p: &ParamStore<B>,
     grads: &mut ParamStore<B>,
     l: usize,
     x_in: &B::Buf,
     a: &LayerActs<B>,
     g: &mut GradScratch<B>,
-    ring: Option<&mut RingScratch<B>>,
+    ring: &mut RingAttention<'_, B, C>,
 ) {
     let (b, d) = (c.b, c.d);
     let w = |t: LT| &p.bufs[layer_index(l, t)];
@@ -456,7 +597,7 @@ fn layer_backward<B: Backend>(
         );
     }
     if let Some(f) = &g.dxnf {
-        gather_seq_backward(b, &c.topo.tp, f, ts * h, &mut g.dxn, false);
+        gather_seq_backward(b, c.tp, f, ts * h, &mut g.dxn, false);
     }
     b.rmsnorm_backward(
         &g.dxn,
@@ -487,7 +628,7 @@ fn layer_backward<B: Backend>(
     let scale = 1.0 / (d.head_dim as f64).sqrt();
     ring_attention_backward(
         b,
-        &c.topo.cp,
+        ring.cp,
         &d.ring(),
         scale,
         &a.q,
@@ -499,7 +640,7 @@ fn layer_backward<B: Backend>(
         &mut g.dq,
         &mut g.dk,
         &mut g.dv,
-        ring,
+        ring.scratch.as_deref_mut(),
     );
     b.rope_backward(&mut g.dq, c.cos, c.sin, t, d.n_q, d.head_dim);
     b.rope_backward(&mut g.dk, c.cos, c.sin, t, d.n_kv, d.head_dim);
@@ -544,7 +685,7 @@ fn layer_backward<B: Backend>(
         );
     }
     if let Some(f) = &g.dxnf {
-        gather_seq_backward(b, &c.topo.tp, f, ts * h, &mut g.dxn, false);
+        gather_seq_backward(b, c.tp, f, ts * h, &mut g.dxn, false);
     }
     b.rmsnorm_backward(
         &g.dxn,
@@ -576,13 +717,156 @@ pub struct Llama<B: Backend> {
     pub params: ParamStore<B>,
 }
 
+/// Vocab-parallel embedding of `ids` into this rank's rows `out [ts, hidden]`: each TP rank looks
+/// up the ids of its vocabulary shard (rows of other shards are zero) and the partial rows are
+/// summed over TP. Returns the shard-local ids (for the backward pass).
+fn embed<B: Backend, C: Comm>(
+    b: &B,
+    tp: &C,
+    d: &Dims,
+    table: &B::Buf,
+    ids: &[u32],
+    part: &mut Option<B::Buf>,
+    out: &mut B::Buf,
+) -> Vec<u32> {
+    let local_ids: Vec<u32> = ids
+        .iter()
+        .map(|&i| {
+            let i = i as usize;
+            if i >= d.vocab_off && i < d.vocab_off + d.vocab {
+                (i - d.vocab_off) as u32
+            } else if d.tp == 1 {
+                i as u32 // out of range: the kernel names it
+            } else {
+                NOT_IN_SHARD
+            }
+        })
+        .collect();
+    match part {
+        None => b.embedding_forward(table, &local_ids, d.hidden, out),
+        Some(p) => {
+            b.embedding_forward(table, &local_ids, d.hidden, p);
+            sum_partials(b, tp, d, p, out, false);
+        }
+    }
+    local_ids
+}
+
+/// The final RMSNorm of this rank's rows `x [ts, hidden]` into `xf` (and its `rstd`), gathered
+/// over TP into `xff` when the rows are split: the normed hidden states of all `t` rows.
+fn final_norm<'x, B: Backend, C: Comm>(
+    b: &B,
+    tp: &C,
+    d: &Dims,
+    w: &B::Buf,
+    x: &B::Buf,
+    xf: &'x mut B::Buf,
+    rstd: &mut B::Buf,
+    xff: &'x mut Option<B::Buf>,
+) -> &'x B::Buf {
+    b.rmsnorm_forward(x, w, d.eps, d.ts, d.hidden, xf, rstd);
+    match xff {
+        Some(f) => {
+            gather_seq_forward(b, tp, xf, d.ts * d.hidden, f);
+            f
+        }
+        None => xf,
+    }
+}
+
+/// The LM head over rows `r0 .. r0+rows` of the normed hidden states `xf [t, hidden]` (all rows,
+/// on every TP rank): this rank's vocabulary shard of their logits, `logits [rows, vocab/tp]`.
+fn lm_head_shard<B: Backend>(
+    b: &B,
+    d: &Dims,
+    w: &B::Buf,
+    xf: &B::Buf,
+    r0: usize,
+    rows: usize,
+    logits: &mut B::Buf,
+) {
+    let h = d.hidden;
+    b.gemm(
+        logits,
+        0,
+        xf,
+        r0 * h,
+        w,
+        0,
+        rows,
+        d.vocab,
+        h,
+        false,
+        true,
+        false,
+    );
+}
+
+/// The full-vocabulary logits `[rows, vocab]` of a chunk from each TP rank's shard `local`
+/// (`[chunk rows, vocab/tp]`, the same length on every rank): all-gathered, shards side by side.
+fn full_vocab_logits<C: Comm>(tp: &C, d: &Dims, local: &[f32], rows: usize) -> Vec<f32> {
+    if d.tp == 1 {
+        return local[..rows * d.vocab].to_vec();
+    }
+    let mut all = vec![0f32; local.len() * d.tp];
+    tp.all_gather(local, &mut all);
+    let mut out = Vec::with_capacity(rows * d.vocab * d.tp);
+    for r in 0..rows {
+        for k in 0..d.tp {
+            out.extend_from_slice(&all[k * local.len() + r * d.vocab..][..d.vocab]);
+        }
+    }
+    out
+}
+
+/// Shard-local target codes of a chunk's rows (`TARGET_IGNORE` for a negative target,
+/// `TARGET_ELSEWHERE` for one in another rank's shard), padded with `TARGET_IGNORE` to `ch` rows.
+fn shard_targets(d: &Dims, targets: &[i32], ch: usize) -> Vec<i32> {
+    let mut tl: Vec<i32> = targets
+        .iter()
+        .map(|&x| {
+            if x < 0 {
+                TARGET_IGNORE
+            } else if (x as usize) >= d.vocab_off && (x as usize) < d.vocab_off + d.vocab {
+                (x as usize - d.vocab_off) as i32
+            } else if d.tp == 1 {
+                x // out of range: the kernel names it
+            } else {
+                TARGET_ELSEWHERE
+            }
+        })
+        .collect();
+    tl.resize(ch, TARGET_IGNORE);
+    tl
+}
+
+/// Cross-entropy of a chunk of shard logits against shard-local targets `tl`, combined over TP:
+/// per row the max, the Σexp and the loss (None without a target).
+#[allow(clippy::type_complexity)]
+fn chunk_ce<B: Backend, C: Comm>(
+    b: &B,
+    tp: &C,
+    d: &Dims,
+    logits: &B::Buf,
+    tl: &[i32],
+) -> (Vec<f64>, Vec<f64>, Vec<Option<f64>>) {
+    let stats = b.cross_entropy_stats(logits, tl, d.vocab);
+    let parts = if d.tp == 1 {
+        vec![stats]
+    } else {
+        gather_ce_stats(tp, &stats)
+    };
+    combine_ce_stats(&parts, tl.len())
+}
+
 /// Combine per-shard cross-entropy statistics `[max, sum, target]` of each row over the TP group:
-/// the global max, sum and loss.
+/// the global max, sum and loss (None where no shard holds a target).
+#[allow(clippy::type_complexity)]
 fn combine_ce_stats(
     parts: &[Vec<crate::backend::CeStats>],
     rows: usize,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let (mut mx, mut sm, mut loss) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+) -> (Vec<f64>, Vec<f64>, Vec<Option<f64>>) {
+    let (mut mx, mut sm, mut loss) = (vec![0.0; rows], vec![0.0; rows], vec![None; rows]);
     for r in 0..rows {
         let m = parts
             .iter()
@@ -592,7 +876,7 @@ fn combine_ce_stats(
         let z = parts.iter().find_map(|p| p[r].target);
         mx[r] = m;
         sm[r] = s;
-        loss[r] = z.map_or(0.0, |z| s.ln() + m - z);
+        loss[r] = z.map(|z| s.ln() + m - z);
     }
     (mx, sm, loss)
 }
@@ -651,38 +935,32 @@ impl<B: Backend> Llama<B> {
         let p = &self.params;
         self.load_rope_tables(b, ws, positions);
         let (t, ts, h) = (d.t, d.ts, d.hidden);
+        // The activation set of each layer (read before the ring scratch is borrowed).
+        let sets: Vec<usize> = (0..d.layers).map(|l| ws.act_set(l)).collect();
 
-        // Vocab-parallel embedding: rows of other shards are zero, summed by the reduce-scatter.
-        let local_ids: Vec<u32> = ids
-            .iter()
-            .map(|&i| {
-                let i = i as usize;
-                if i >= d.vocab_off && i < d.vocab_off + d.vocab {
-                    (i - d.vocab_off) as u32
-                } else if d.tp == 1 {
-                    i as u32 // out of range: the kernel names it
-                } else {
-                    NOT_IN_SHARD
-                }
-            })
-            .collect();
-        match &mut ws.part {
-            None => b.embedding_forward(&p.bufs[EMBED], &local_ids, h, &mut ws.xs[0]),
-            Some(part) => {
-                b.embedding_forward(&p.bufs[EMBED], &local_ids, h, part);
-                reduce_scatter_seq_forward(b, &topo.tp, part, ts * h, &mut ws.xs[0], false);
-            }
-        }
+        let local_ids = embed(
+            b,
+            &topo.tp,
+            &d,
+            &p.bufs[EMBED],
+            ids,
+            &mut ws.part,
+            &mut ws.xs[0],
+        );
         {
             let c = Ctx {
                 b,
                 d: &d,
-                topo,
+                tp: &topo.tp,
                 cos: &ws.cos,
                 sin: &ws.sin,
             };
+            let mut ring = RingAttention {
+                cp: &topo.cp,
+                scratch: ws.ring.as_mut(),
+            };
             for l in 0..d.layers {
-                let set = ws.act_set(l);
+                let set = sets[l];
                 let (before, after) = ws.xs.split_at_mut(l + 1);
                 layer_forward(
                     &c,
@@ -692,24 +970,21 @@ impl<B: Backend> Llama<B> {
                     &mut ws.acts[set],
                     &mut after[0],
                     &mut ws.part,
-                    ws.ring.as_mut(),
+                    &mut ring,
                 );
             }
         }
         let fnorm = final_norm_index(&self.cfg);
-        b.rmsnorm_forward(
-            &ws.xs[d.layers],
+        let xf = final_norm(
+            b,
+            &topo.tp,
+            &d,
             &p.bufs[fnorm],
-            d.eps,
-            ts,
-            h,
+            &ws.xs[d.layers],
             &mut ws.xf,
             &mut ws.rstd_f,
+            &mut ws.xff,
         );
-        if let Some(f) = &mut ws.xff {
-            gather_seq_forward(b, &topo.tp, &ws.xf, ts * h, f);
-        }
-        let xf = ws.xff.as_ref().unwrap_or(&ws.xf);
 
         // LM head + cross-entropy, `ce_chunk` tokens at a time; the chunk's logits buffer is
         // turned into its gradient in place and consumed before the next chunk. Vocab-parallel:
@@ -726,69 +1001,20 @@ impl<B: Backend> Llama<B> {
         let ch = ws.ce_chunk;
         for r0 in (0..t).step_by(ch) {
             let rows = ch.min(t - r0);
-            b.gemm(
-                &mut ws.logits,
-                0,
-                xf,
-                r0 * h,
-                &p.bufs[lm],
-                0,
-                rows,
-                d.vocab,
-                h,
-                false,
-                true,
-                false,
-            );
+            lm_head_shard(b, &d, &p.bufs[lm], xf, r0, rows, &mut ws.logits);
             match &mut head {
                 Head::Logits(out) => {
-                    let mut chunk = vec![0f32; ch * d.vocab];
                     let local = b.download(&ws.logits);
-                    chunk.copy_from_slice(&local);
-                    if d.tp == 1 {
-                        out.extend_from_slice(&chunk[..rows * d.vocab]);
-                    } else {
-                        let mut all = vec![0f32; chunk.len() * d.tp];
-                        topo.tp.all_gather(&chunk, &mut all);
-                        for r in 0..rows {
-                            for k in 0..d.tp {
-                                out.extend_from_slice(
-                                    &all[k * chunk.len() + r * d.vocab..][..d.vocab],
-                                );
-                            }
-                        }
-                    }
+                    out.extend(full_vocab_logits(&topo.tp, &d, &local, rows));
                 }
                 Head::Loss {
                     targets,
                     grad_scale,
                 } => {
-                    // Shard-local target codes; the short last chunk's tail rows are ignored.
-                    let mut tl: Vec<i32> = targets[r0..r0 + rows]
-                        .iter()
-                        .map(|&x| {
-                            if x < 0 {
-                                TARGET_IGNORE
-                            } else if (x as usize) >= d.vocab_off
-                                && (x as usize) < d.vocab_off + d.vocab
-                            {
-                                (x as usize - d.vocab_off) as i32
-                            } else if d.tp == 1 {
-                                x // out of range: the kernel names it
-                            } else {
-                                TARGET_ELSEWHERE
-                            }
-                        })
-                        .collect();
-                    tl.resize(ch, TARGET_IGNORE);
-                    let stats = b.cross_entropy_stats(&ws.logits, &tl, d.vocab);
-                    let parts = if d.tp == 1 {
-                        vec![stats]
-                    } else {
-                        gather_ce_stats(&topo.tp, &stats)
-                    };
-                    let (mx, sm, loss) = combine_ce_stats(&parts, ch);
-                    loss_sum += loss.iter().sum::<f64>();
+                    // The short last chunk's tail rows are ignored.
+                    let tl = shard_targets(&d, &targets[r0..r0 + rows], ch);
+                    let (mx, sm, loss) = chunk_ce(b, &topo.tp, &d, &ws.logits, &tl);
+                    loss_sum += loss.iter().flatten().sum::<f64>();
                     if let Some(g) = grads.as_deref_mut() {
                         b.cross_entropy_grad(&mut ws.logits, &tl, d.vocab, &mx, &sm, *grad_scale);
                         // dxf[rows] = dlogits · W_lm ; dW_lm += dlogitsᵀ · xf[rows]
@@ -847,12 +1073,16 @@ impl<B: Backend> Llama<B> {
         let c = Ctx {
             b,
             d: &d,
-            topo,
+            tp: &topo.tp,
             cos: &ws.cos,
             sin: &ws.sin,
         };
+        let mut ring = RingAttention {
+            cp: &topo.cp,
+            scratch: ws.ring.as_mut(),
+        };
         for l in (0..d.layers).rev() {
-            let set = ws.act_set(l);
+            let set = sets[l];
             if ws.recompute && l + 1 != d.layers {
                 // Full recompute: rebuild this layer's activations from its saved input.
                 let mut scratch_out = std::mem::replace(&mut ws.grads.dxn, b.zeros(0));
@@ -864,7 +1094,7 @@ impl<B: Backend> Llama<B> {
                     &mut ws.acts[set],
                     &mut scratch_out,
                     &mut ws.part,
-                    ws.ring.as_mut(),
+                    &mut ring,
                 );
                 ws.grads.dxn = scratch_out;
             }
@@ -876,7 +1106,7 @@ impl<B: Backend> Llama<B> {
                 &ws.xs[l],
                 &ws.acts[set],
                 &mut ws.grads,
-                ws.ring.as_mut(),
+                &mut ring,
             );
         }
         // Embedding backward: the gradient of the reduce-scatter is an all-gather.
@@ -889,6 +1119,105 @@ impl<B: Backend> Llama<B> {
         };
         b.embedding_backward(&mut g.bufs[EMBED], &local_ids, h, dx0);
         loss_sum
+    }
+
+    /// Forward only (inference), through the same embedding, layers and TP pairs as training:
+    /// this rank's rows `ids` at `positions` (the same on every TP rank of a group) with sizes
+    /// `d` — `Dims::local` (rows split over TP) or `Dims::unsplit` (decode) —, attention by
+    /// `attn`, one layer's activations alive at a time and the MLP `mlp_rows` rows at a time.
+    /// Returns the hidden states before the final norm: this TP rank's rows, `[d.ts, hidden]`.
+    pub fn forward_only<C: Comm>(
+        &self,
+        b: &B,
+        tp: &C,
+        d: &Dims,
+        ids: &[u32],
+        positions: &[u64],
+        mlp_rows: usize,
+        attn: &mut dyn Attention<B>,
+    ) -> B::Buf {
+        assert!(
+            ids.len() == d.t && positions.len() == d.t,
+            "forward_only: {} ids, {} positions for {} rows",
+            ids.len(),
+            positions.len(),
+            d.t
+        );
+        let p = &self.params;
+        let (cos, sin) = self.rope.cos_sin::<f64>(positions);
+        let (cos, sin) = (b.upload_f64(&cos), b.upload_f64(&sin));
+        let mut acts = LayerActs::new(b, d, mlp_rows.clamp(1, d.t.max(1)));
+        let mut part = (d.tp > 1).then(|| b.zeros(d.t * d.hidden));
+        let (mut x, mut y) = (b.zeros(d.ts * d.hidden), b.zeros(d.ts * d.hidden));
+        embed(b, tp, d, &p.bufs[EMBED], ids, &mut part, &mut x);
+        let c = Ctx {
+            b,
+            d,
+            tp,
+            cos: &cos,
+            sin: &sin,
+        };
+        for l in 0..d.layers {
+            layer_forward(&c, p, l, &x, &mut acts, &mut y, &mut part, attn);
+            std::mem::swap(&mut x, &mut y);
+        }
+        x
+    }
+
+    /// The final norm of a forward-only pass's hidden states (`x`, `d` as `forward_only`),
+    /// gathered over TP: `[t, hidden]` on every TP rank.
+    fn normed_rows<C: Comm>(&self, b: &B, tp: &C, d: &Dims, x: &B::Buf) -> B::Buf {
+        let mut xf = b.zeros(d.ts * d.hidden);
+        let mut rstd = b.zeros(d.ts);
+        let mut xff = d.gathers().then(|| b.zeros(d.t * d.hidden));
+        let w = &self.params.bufs[final_norm_index(&self.cfg)];
+        final_norm(b, tp, d, w, x, &mut xf, &mut rstd, &mut xff);
+        xff.unwrap_or(xf)
+    }
+
+    /// Final norm and LM head of local row `row` of a forward-only pass (`x`, `d` as
+    /// `forward_only`): the full-vocabulary logits `[vocab]`, on every TP rank (never `[t, vocab]`).
+    pub fn logits_of_row<C: Comm>(
+        &self,
+        b: &B,
+        tp: &C,
+        d: &Dims,
+        x: &B::Buf,
+        row: usize,
+    ) -> Vec<f32> {
+        let xf = self.normed_rows(b, tp, d, x);
+        let mut logits = b.zeros(d.vocab);
+        let w = &self.params.bufs[lm_head_index(&self.cfg)];
+        lm_head_shard(b, d, w, &xf, row, 1, &mut logits);
+        full_vocab_logits(tp, d, &b.download(&logits), 1)
+    }
+
+    /// Per-row next-token losses (nats; NaN where the target is negative) of a forward-only
+    /// pass's `t` rows against `targets`, the LM head `chunk` rows at a time (vocab-parallel: the
+    /// logits are never gathered); equal on every TP rank.
+    pub fn row_losses<C: Comm>(
+        &self,
+        b: &B,
+        tp: &C,
+        d: &Dims,
+        x: &B::Buf,
+        targets: &[i32],
+        chunk: usize,
+    ) -> Vec<f64> {
+        assert_eq!(targets.len(), d.t, "row_losses: one target per row");
+        let xf = self.normed_rows(b, tp, d, x);
+        let w = &self.params.bufs[lm_head_index(&self.cfg)];
+        let ch = chunk.clamp(1, d.t.max(1));
+        let mut logits = b.zeros(ch * d.vocab);
+        let mut out = Vec::with_capacity(d.t);
+        for r0 in (0..d.t).step_by(ch) {
+            let rows = ch.min(d.t - r0);
+            lm_head_shard(b, d, w, &xf, r0, rows, &mut logits);
+            let tl = shard_targets(d, &targets[r0..r0 + rows], ch);
+            let (_, _, loss) = chunk_ce(b, tp, d, &logits, &tl);
+            out.extend(loss[..rows].iter().map(|l| l.unwrap_or(f64::NAN)));
+        }
+        out
     }
 }
 

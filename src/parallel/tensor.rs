@@ -8,11 +8,15 @@
 //! | `gather_seq`           | all-gather rows            | reduce-scatter rows (sum) |
 //! | `reduce_scatter_seq`   | reduce-scatter rows (sum)  | all-gather rows           |
 //! | `all_reduce_grads`     | (replicated weight)        | all-reduce (sum)          |
+//! | `reduce`               | all-reduce (sum)           | identity                  |
 //!
 //! Column-parallel layers (q/k/v, gate/up) sit after `gather_seq`; row-parallel layers (o,
 //! down) and the vocab-parallel embedding produce partial sums that `reduce_scatter_seq` sums and
-//! splits back into sequence shards. The pairs call the communicator's buffer collectives
-//! (`Comm::*_buf`): host-staged MPI on the CPU, NCCL or the host-staged fallback on GPUs.
+//! splits back into sequence shards. Without sequence parallelism (decode's one row, held whole
+//! by every rank) the gather is the identity and the partial sums meet in `reduce` instead
+//! (Megatron's `reduce_from_tensor_model_parallel_region`; forward only here). The pairs call the
+//! communicator's buffer collectives (`Comm::*_buf`): host-staged MPI on the CPU, NCCL or the
+//! host-staged fallback on GPUs.
 
 use crate::backend::Backend;
 use crate::parallel::comm::Comm;
@@ -85,6 +89,35 @@ fn reduce_scatter_into<B: Backend, C: Comm>(
         return;
     }
     comm.reduce_scatter_buf(b, full, n, out, accumulate);
+}
+
+/// `reduce` forward: `out (+)= Σ over ranks of partial [n]`, every rank holding all `n` values
+/// (no sequence split); with `accumulate`, the residual connection is the `+`.
+pub fn reduce_forward<B: Backend, C: Comm>(
+    b: &B,
+    comm: &C,
+    partial: &B::Buf,
+    n: usize,
+    out: &mut B::Buf,
+    accumulate: bool,
+) {
+    if comm.size() == 1 {
+        if accumulate {
+            b.add_at(out, 0, partial, 0, n);
+        } else {
+            b.copy(partial, 0, out, 0, n);
+        }
+        return;
+    }
+    if accumulate {
+        let mut sum = b.zeros(n);
+        b.copy(partial, 0, &mut sum, 0, n);
+        comm.all_reduce_buf(b, &mut sum, n);
+        b.add_at(out, 0, &sum, 0, n);
+    } else {
+        b.copy(partial, 0, out, 0, n);
+        comm.all_reduce_buf(b, out, n);
+    }
 }
 
 /// Sum a buffer over the group in place (gradients of replicated weights, partial sums).
