@@ -218,3 +218,49 @@ fn smoke_gpu_layouts_and_comparison_run_on_the_cpu() {
         "{out}"
     );
 }
+
+#[test]
+fn cuda_libraries_are_linked_under_the_names_cudarc_opens() {
+    // cudarc 0.19 (cuda-12090) tries libcublasLt.so / .so.12 and libnccl.so, never .so.13 / .so.2.
+    let sys = std::process::Command::new("sh")
+        .args(["-c", "ldconfig -p 2>/dev/null"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    if sys.contains("libnccl.so ") || sys.contains("libcublasLt.so ") {
+        eprintln!("skipped: this machine has the unversioned CUDA library names already");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = tmp.path().join("cuda/lib64");
+    std::fs::create_dir_all(&lib).unwrap();
+    for f in ["libcublasLt.so.13", "libnccl.so.2"] {
+        std::fs::write(lib.join(f), "").unwrap();
+    }
+    let job = tmp.path().join("job");
+    let script = format!(
+        "source slurm/common.sh; UL_JOB_DIR={job}; LD_LIBRARY_PATH={lib}; ul_cuda_libs; echo \"LD=$LD_LIBRARY_PATH\"",
+        job = job.display(),
+        lib = lib.display()
+    );
+    let o = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .current_dir(repo())
+        .env("ULTRALONG_SITE", "none")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{out}");
+    for (name, target) in [
+        ("libcublasLt.so", "libcublasLt.so.13"),
+        ("libnccl.so", "libnccl.so.2"),
+    ] {
+        let link = std::fs::read_link(job.join("lib").join(name))
+            .unwrap_or_else(|e| panic!("{name} not linked: {e}\n{out}"));
+        assert_eq!(link, lib.join(target), "{out}");
+    }
+    assert!(
+        out.contains(&format!("LD={}/lib:{}", job.display(), lib.display())),
+        "{out}"
+    );
+}
