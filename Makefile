@@ -1,6 +1,7 @@
 # ultralong: the two set-up commands (README.md). Both install what is missing, then build.
 #   make demo   the recipe at toy scale on the CPU (scripts/demo.sh)
 #   make test   formatting, clippy with warnings denied, every test
+#   make build  the release binary only (what a cluster's login node needs: no Slurm, no munge)
 
 CARGO ?= cargo
 BIN := target/release/ultralong
@@ -12,13 +13,14 @@ CUDA_VENV := .venv-cuda
 export NVCC ?= $(or $(shell command -v nvcc 2>/dev/null),$(CURDIR)/$(CUDA_VENV)/nvcc)
 export ULTRALONG_REQUIRE_NVCC := 1
 
-.PHONY: demo test deps build bench-cpu clean-demo
+.PHONY: demo test deps build-deps test-deps build bench-cpu clean-demo
 
-deps:
+# build-deps: what `cargo build --release` needs (Rust, OpenMPI + libclang, nvcc): all a login node
+# needs. test-deps: that, plus rustfmt, clippy, cargo-nextest, and Slurm + munge for tests/slurm.rs.
+deps: test-deps
+
+build-deps:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found; install Rust with rustup (https://rustup.rs)"; exit 1; }
-	@rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt
-	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy
-	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
 	@# MPI (the default `mpi` feature): OpenMPI's mpicc/mpirun, libclang for mpi-sys's bindgen.
 	@command -v mpicc >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
@@ -33,6 +35,11 @@ deps:
 	  python3 -m venv $(CUDA_VENV) && $(CUDA_VENV)/bin/pip install -q "cuda-toolkit[nvcc,nvvm,crt,cudart,cccl]==13.0.2" && \
 	  real=$$(ls $(CURDIR)/$(CUDA_VENV)/lib/python3*/site-packages/nvidia/cu13/bin/nvcc | head -1) && \
 	  printf '#!/bin/sh\nexec "%s" "$$@"\n' "$$real" > $(CUDA_VENV)/nvcc && chmod +x $(CUDA_VENV)/nvcc; }
+
+test-deps: build-deps
+	@rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt
+	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy
+	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
 	@# Slurm + munge for tests/slurm.rs (a private one-node cluster: scripts/slurm-cluster.sh).
 	@# slurmctld lives in /usr/sbin, often not on a user's PATH.
 	@{ command -v sbatch >/dev/null && { command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ]; }; } || { \
@@ -44,13 +51,13 @@ deps:
 	  $$SUDO apt-get update && $$SUDO apt-get install -y slurm-wlm munge; \
 	}
 
-build: deps
+build: build-deps
 	$(CARGO) build --release
 
 demo: build
 	bash scripts/demo.sh
 
-test: deps
+test: test-deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) nextest run --no-fail-fast

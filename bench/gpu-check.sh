@@ -69,6 +69,8 @@ fi
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export OMPI_MCA_hwloc_base_binding_policy=none OMPI_MCA_btl_vader_single_copy_mechanism=none
 export OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,vader OMPI_MCA_mca_base_component_show_load_errors=0
+# Step 3 runs 2 ranks on the one GPU: allowed only when asked for (src/parallel/local_rank.rs).
+export ULTRALONG_SHARE_GPU=1
 if ldd "$BIN" | grep -q 'not found'; then
   ldd "$BIN" | tee -a "$LOG"
   echo "the binary's libraries are missing (above)" | tee -a "$LOG"

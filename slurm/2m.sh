@@ -10,7 +10,8 @@
 #
 #   bash slurm/2m.sh [--set key=value]...   submits itself (mkdir runs/slurm; sbatch)
 #   sbatch slurm/2m.sh [--set key=value]... from the repository (runs/slurm must exist)
-# Preemption: 10 minutes before the time limit Slurm sends USR1 to this shell (--signal below), the
+# Preemption: 20 minutes before the time limit (one step and a checkpoint write: REPRODUCE.md §4)
+# Slurm sends USR1 to this shell (--signal below), the
 # binary checkpoints and exits 75, the job requeues itself and resumes (the stable run directory).
 # Outputs: runs/ultralong-2m/run (checkpoints, metrics.jsonl, final/ = the exported model).
 #SBATCH --job-name=ultralong-2m
@@ -19,8 +20,8 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=12
 #SBATCH --exclusive
-#SBATCH --time=04:00:00
-#SBATCH --signal=B:USR1@600
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@1200
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=runs/slurm/%x-%j.out
@@ -35,7 +36,7 @@ done
 # shellcheck source=slurm/common.sh
 source "$UL_D/common.sh" || { echo "error: slurm/common.sh not found: set ULTRALONG_ROOT" >&2; exit 1; }
 config=${ULTRALONG_CONFIG:-configs/ultralong-2m.toml}
-ul_need_config "$config"
+ul_need_inputs "$config" "$@"
 ul_submit_or_continue "$0" "$@"
 
 ul_stage ultralong-2m "$config" "${ULTRALONG_TP:-8}" "${ULTRALONG_CP:-16}" "$@"

@@ -7,7 +7,7 @@
 #   - the launcher: `srun --mpi=pmix` (default) or `mpirun` (ULTRALONG_LAUNCHER=mpirun), or a
 #     local `mpirun -np N` when not inside a Slurm job (slurm/debug.sh run with bash);
 #   - the NCCL/UCX environment of multi-node GPU runs (placeholders: fill in for your fabric);
-#   - preemption: the batch shell traps USR1 (sent by `#SBATCH --signal=B:USR1@600` ten minutes
+#   - preemption: the batch shell traps USR1 (sent by `#SBATCH --signal=B:USR1@LEAD` LEAD seconds
 #     before the time limit, or by `scancel --signal=USR1 --batch`) and TERM, forwards USR1 to
 #     the running step; `ultralong train` then finishes its step, writes a checkpoint and exits
 #     75, and the shell requeues the job (`scontrol requeue`), which restarts it with `--resume`.
@@ -26,6 +26,11 @@
 #   ULTRALONG_NO_REQUEUE=1  on exit 75 do not requeue (exit 75: e.g. to resubmit by hand)
 #   ULTRALONG_SBATCH_ARGS   sbatch options when a script submits itself (`bash slurm/1m.sh`)
 #   ULTRALONG_TP, _CP       the layout of the CPT/SFT/NIAH scripts (defaults: the paper's)
+#   ULTRALONG_SITE          a file of site settings sourced first (default: slurm/site.sh when it
+#                           exists; slurm/site.example.sh shows what goes there: account, partition,
+#                           --time, `module load` lines, the fabric's NCCL/UCX variables, runs/);
+#                           ULTRALONG_SITE=none reads none
+#   ULTRALONG_SKIP_INPUT_CHECK=1  submit without checking the model and dataset (ul_need_inputs)
 #
 # Per job: $ULTRALONG_RUNS/$SLURM_JOB_NAME/$SLURM_JOB_ID/ (UL_JOB_DIR) gets job.log (one line per
 # start of the job: restarts, nodes, layout, binary, git revision) and a link to the Slurm output.
@@ -34,6 +39,18 @@
 # Where things are.
 
 UL_SLURM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# Site settings first, so that they can set any ULTRALONG_* below (and load modules) on the login
+# node and in the job alike.
+UL_SITE=${ULTRALONG_SITE:-$UL_SLURM_DIR/site.sh}
+if [ "$UL_SITE" = none ]; then
+  : # ULTRALONG_SITE=none: no site settings (the tests, scripts/gen-doc-tables.sh)
+elif [ -f "$UL_SITE" ]; then
+  # shellcheck source=/dev/null
+  source "$UL_SITE" || { echo "error: $UL_SITE failed" >&2; exit 1; }
+elif [ -n "${ULTRALONG_SITE:-}" ]; then
+  echo "error: ULTRALONG_SITE=$ULTRALONG_SITE: no such file" >&2
+  exit 1
+fi
 UL_ROOT=${ULTRALONG_ROOT:-$(cd "$UL_SLURM_DIR/.." && pwd)}
 UL_BIN=${ULTRALONG_BIN:-$UL_ROOT/target/release/ultralong}
 UL_RUNS=${ULTRALONG_RUNS:-$UL_ROOT/runs}
@@ -77,7 +94,10 @@ ul_begin() {
 # ---------------------------------------------------------------------------------------------
 # The launcher: UL_LAUNCH, an array to put before the binary and its arguments.
 
+# ul_set_launcher [N]: the launcher for the whole allocation, or for N tasks of it (slurm/smoke-gpu.sh
+# runs several layouts, and a 1-rank reference, inside one allocation).
 ul_set_launcher() {
+  local n=${1:-}
   local kind=${ULTRALONG_LAUNCHER:-}
   local extra=()
   # shellcheck disable=SC2206 # word splitting of the user's extra arguments is intended
@@ -91,17 +111,22 @@ ul_set_launcher() {
       # --kill-on-bad-exit: a rank that dies ends the step (the binary's MPI_Abort does too).
       # No --ntasks: the step takes the allocation (nodes × ntasks-per-node).
       UL_LAUNCH=(srun --mpi=pmix --kill-on-bad-exit=1 "${extra[@]}")
+      if [ -n "$n" ]; then
+        # N tasks packed on as few nodes as hold them (ntasks-per-node of the job, default 8).
+        local per=${SLURM_NTASKS_PER_NODE:-8}
+        UL_LAUNCH+=(--ntasks="$n" --nodes=$(((n + per - 1) / per)))
+      fi
       ;;
     mpirun)
       # Inside an allocation OpenMPI reads the nodes and slots from Slurm (and starts its daemons
       # with srun); -x passes the NCCL/UCX/CUDA settings to remote ranks.
       local v pass=()
-      for v in $(compgen -e | grep -E '^(NCCL|UCX|CUDA|RAYON|ULTRALONG)_' || true); do pass+=(-x "$v"); done
-      UL_LAUNCH=(mpirun -np "${SLURM_NTASKS:-${ULTRALONG_NP:-4}}" --bind-to none "${pass[@]}" "${extra[@]}")
+      for v in $(compgen -e | grep -E '^(NCCL|UCX|CUDA|RAYON|ULTRALONG)_|^LD_LIBRARY_PATH$' || true); do pass+=(-x "$v"); done
+      UL_LAUNCH=(mpirun -np "${n:-${SLURM_NTASKS:-${ULTRALONG_NP:-4}}}" --bind-to none "${pass[@]}" "${extra[@]}")
       ;;
     local)
       # No Slurm: this machine only, as many ranks as asked, whatever its cores.
-      UL_LAUNCH=(mpirun -np "${ULTRALONG_NP:-4}" --oversubscribe --bind-to none "${extra[@]}")
+      UL_LAUNCH=(mpirun -np "${n:-${ULTRALONG_NP:-4}}" --oversubscribe --bind-to none "${extra[@]}")
       ;;
     *) ul_die "ULTRALONG_LAUNCHER=$kind: expected srun or mpirun" ;;
   esac
@@ -252,6 +277,93 @@ ul_need_config() {
   (cd "$UL_ROOT" && [ -f "$1" ]) || ul_die "run config $1 not found (paths are relative to $UL_ROOT)"
 }
 
+# ul_config_value CONFIG SECTION KEY: the string value of KEY in [SECTION] of a run config (TOML
+# as the shipped configs write it: `key = "value"  # comment`), or nothing. An argument
+# `--set SECTION.KEY=VALUE` among the rest wins, as it does for `ultralong train`.
+ul_config_value() {
+  local config=$1 section=$2 key=$3
+  shift 3
+  local a v=
+  for a in "$@"; do
+    case $a in "$section.$key="*) v=${a#*=} ;; esac
+  done
+  if [ -z "$v" ]; then
+    v=$(awk -v sec="[$section]" -v key="$key" '
+      /^[ \t]*\[/ { cur = $1; next }
+      cur == sec && $1 == key && $2 == "=" { sub(/^[^=]*=[ \t]*/, ""); sub(/[ \t]*#.*$/, ""); print; exit }' "$UL_ROOT/$config" 2>/dev/null)
+  fi
+  v=${v#\"}
+  v=${v%\"}
+  echo "$v"
+}
+
+# ul_need_inputs CONFIG [TRAIN ARGS...]: fail before submitting (and before waiting for nodes)
+# unless the run config, its model directory (config.json, *.safetensors, tokenizer.json) and its
+# prepared dataset (tokens.bin/.idx of `ultralong prepare`) exist; paths relative to the
+# repository. ULTRALONG_SKIP_INPUT_CHECK=1 skips the model and dataset (e.g. when the login node
+# does not mount the file system the jobs read).
+ul_need_inputs() {
+  local config=$1
+  shift
+  ul_need_config "$config"
+  [ -n "${ULTRALONG_SKIP_INPUT_CHECK:-}" ] && return 0
+  local model data p
+  model=$(ul_config_value "$config" model path "$@")
+  data=$(ul_config_value "$config" data dataset "$@")
+  p=$model
+  case $p in /*) ;; *) p=$UL_ROOT/$p ;; esac
+  [ -n "$model" ] || ul_die "$config: no model.path"
+  [ -f "$p/config.json" ] && [ -f "$p/tokenizer.json" ] && compgen -G "$p/*.safetensors" >/dev/null ||
+    ul_die "model.path of $config: $p is not a Hugging Face model directory (config.json, *.safetensors, tokenizer.json): download the weights (REPRODUCE.md §2) or finish the stage that exports it; ULTRALONG_SKIP_INPUT_CHECK=1 skips this check"
+  if [ -n "$data" ]; then
+    p=$data
+    case $p in /*) ;; *) p=$UL_ROOT/$p ;; esac
+    [ -f "$p/tokens.idx" ] && [ -f "$p/tokens.bin" ] ||
+      ul_die "data.dataset of $config: $p has no tokens.bin/tokens.idx: prepare it first (REPRODUCE.md §2, slurm/prepare.sh); ULTRALONG_SKIP_INPUT_CHECK=1 skips this check"
+  fi
+}
+
+# ul_cuda_libs: cudarc 0.19 (built for CUDA 12.9) opens libcublasLt and libnccl by the names
+# libX.so, libX.so.12, .so.11, .so.10, .so.9, .so.1, never CUDA 13's libcublasLt.so.13 nor NCCL's
+# libnccl.so.2, and the runtime packages install only those versioned names (the unversioned link
+# comes with the -dev packages). When the unversioned name is missing from the library path, link
+# the versioned file under it in $UL_JOB_DIR/lib (on the shared file system, so every node sees
+# it) and put that directory first on LD_LIBRARY_PATH (srun passes the environment on; the mpirun
+# launcher passes LD_LIBRARY_PATH with -x).
+ul_cuda_libs() {
+  local dir=${UL_JOB_DIR:-$UL_RUNS}/lib name pat f d
+  local search=()
+  IFS=: read -r -a search <<<"${LD_LIBRARY_PATH:-}"
+  search+=("${CUDA_HOME:-/usr/local/cuda}/lib64" /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib
+    /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib)
+  for pat in "libcublasLt.so:libcublasLt.so.13 libcublasLt.so.12" "libnccl.so:libnccl.so.2"; do
+    name=${pat%%:*}
+    f=
+    for d in "${search[@]}"; do
+      [ -n "$d" ] && [ -e "$d/$name" ] && { f=found; break; }
+    done
+    [ -n "$f" ] && continue
+    ldconfig -p 2>/dev/null | grep -q " $name " && continue
+    for n in ${pat#*:}; do
+      for d in "${search[@]}"; do
+        [ -n "$d" ] && [ -e "$d/$n" ] && { f=$d/$n; break 2; }
+      done
+      f=$(ldconfig -p 2>/dev/null | awk -v n="$n" '$1 == n { print $NF; exit }')
+      [ -n "$f" ] && break
+    done
+    if [ -z "$f" ]; then
+      ul_log "warning: neither $name nor ${pat#*:} found (LD_LIBRARY_PATH, CUDA_HOME, ldconfig): load the CUDA/NCCL modules (slurm/site.sh)"
+      continue
+    fi
+    mkdir -p "$dir"
+    ln -sfn "$f" "$dir/$name"
+    ul_log "cudarc opens $name: linked to $f in $dir"
+  done
+  if [ -d "$dir" ]; then
+    case ":${LD_LIBRARY_PATH:-}:" in *":$dir:"*) ;; *) export LD_LIBRARY_PATH=$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} ;; esac
+  fi
+}
+
 # ul_submit_or_continue SCRIPT ARGS...: outside Slurm, submit SCRIPT with sbatch (creating the
 # directory of its #SBATCH --output first) and exit; inside a job, return.
 ul_submit_or_continue() {
@@ -283,6 +395,10 @@ ul_stage() {
   shift 4
   ul_begin "$name"
   ul_layout "$tp" "$cp"
+  if [ "$(ul_config_value "$config" train backend "$@")" = cuda ]; then
+    ul_cuda_libs
+    ul_set_launcher # again: mpirun's -x list now includes LD_LIBRARY_PATH
+  fi
   ul_train "$config" --tp "$tp" --cp "$cp" "$@"
   ul_export
   ul_log "$name: done"

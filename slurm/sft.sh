@@ -10,15 +10,15 @@
 # must divide the global batch. TP and CP: ULTRALONG_TP / ULTRALONG_CP; the rest: slurm/common.sh.
 #
 #   ULTRALONG_MODEL=4m bash slurm/sft.sh [--set key=value]...   submits itself
-# Preemption and requeue as the CPT scripts (slurm/1m.sh).
+# Preemption and requeue as the CPT scripts (slurm/1m.sh), USR1 5 minutes before the limit.
 #SBATCH --job-name=ultralong-sft
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=12
 #SBATCH --exclusive
-#SBATCH --time=04:00:00
-#SBATCH --signal=B:USR1@600
+#SBATCH --time=06:00:00
+#SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=runs/slurm/%x-%j.out
@@ -35,7 +35,11 @@ source "$UL_D/common.sh" || { echo "error: slurm/common.sh not found: set ULTRAL
 M=${ULTRALONG_MODEL:-1m}
 case $M in 1m | 2m | 4m) ;; *) ul_die "ULTRALONG_MODEL=$M: expected 1m, 2m or 4m" ;; esac
 config=${ULTRALONG_CONFIG:-configs/sft-$M.toml}
-ul_need_config "$config"
+# runs/ moved (ULTRALONG_RUNS, e.g. to a shared file system): the stage-1 model is there too.
+if [ -n "${ULTRALONG_RUNS:-}" ]; then
+  set -- --set "model.path=\"$UL_RUNS/ultralong-$M/run/final\"" "$@"
+fi
+ul_need_inputs "$config" "$@"
 ul_submit_or_continue "$0" "$@"
 
 export ULTRALONG_RUN_DIR=${ULTRALONG_RUN_DIR:-$UL_RUNS/ultralong-sft-$M/run}

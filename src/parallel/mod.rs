@@ -1,11 +1,13 @@
 //! Parallelism over ranks: the world split into DP × CP × TP groups (`topology`), how ranks talk
 //! (`comm` trait; `mpi`, `thread`, and the world of one in `comm::SelfComm`, all behind `any`),
 //! tensor + sequence parallelism as conjugate pairs (`tensor`), the context-parallel zigzag ring
-//! attention (`context`), and the ZeRO-1 sharded optimizer over DP × CP (`zero`).
+//! attention (`context`), the ZeRO-1 sharded optimizer over DP × CP (`zero`), and which GPU a rank
+//! drives (`local_rank`).
 
 pub mod any;
 pub mod comm;
 pub mod context;
+pub mod local_rank;
 pub mod loopback;
 #[cfg(feature = "mpi")]
 pub mod mpi;

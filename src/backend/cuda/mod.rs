@@ -170,26 +170,15 @@ impl CudaBackend {
         })
     }
 
-    /// The backend for this process under mpirun/srun: GPU `local_rank % device_count` (ranks of
-    /// a node spread over its GPUs; several ranks share one when there are fewer GPUs), fp32
-    /// storage. The local rank comes from OpenMPI, Slurm or MPICH's environment, else 0.
+    /// The backend for this process under mpirun/srun: one GPU per rank of the node, fp32
+    /// storage (which GPU, and the error when a node has too few: `parallel::local_rank`).
     pub fn for_local_rank() -> Result<Self> {
         if let Some(why) = unavailable_reason() {
             bail!(why);
         }
-        let local: usize = [
-            "OMPI_COMM_WORLD_LOCAL_RANK",
-            "SLURM_LOCALID",
-            "MPI_LOCALRANKID",
-        ]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.parse().ok())
-        .unwrap_or(0);
         let count = CudaContext::device_count().context("counting CUDA devices")?;
-        if count < 1 {
-            bail!("--backend cuda: the driver reports no CUDA device");
-        }
-        Self::new(local % count as usize, DType::F32)
+        let device = crate::parallel::local_rank::device_for_this_rank(count.max(0) as usize)?;
+        Self::new(device, DType::F32)
     }
 
     pub fn device_name(&self) -> &str {
