@@ -12,12 +12,11 @@
 //! backend's buffer list it predicts what `ultralong bench train` measures (tests/plan_cli.rs
 //! checks it against measured peaks; the workspace part is checked byte for byte).
 //!
-//! **FLOPs.** DESIGN.md's causal accounting: per token `6·N + 6·q·S·L` with `N` the parameters
-//! that take part in matrix products (all but the input embedding, the LM head included), `q` =
-//! query heads × head_dim, `S` the sequence length, `L` layers. This is the *model* FLOP count
-//! that MFU is defined on; full recompute makes the hardware run the forward of layers
-//! `0..L-1` a second time (`+ (L−1)·(2·P_layer + 2·q·S)` per token, about 4/3 ×), which the
-//! stated MFU does not count (hardware FLOP utilisation = MFU × hardware / model FLOPs).
+//! **FLOPs.** `crate::flops`: DESIGN.md's causal model count (`6·N + 6·q·S·L` per token), which
+//! the stated MFU is defined on; full recompute makes the hardware run the forward of layers
+//! `0..L-1` a second time (about 4/3 ×), which the stated MFU does not count (hardware FLOP
+//! utilisation = MFU × hardware / model FLOPs). The CP ring's attention time uses the
+//! attention-kernel count (backward 2.5× forward).
 //!
 //! **Time.** Compute at the stated MFU of the dense bf16 peak, plus the communication that this
 //! implementation does not overlap: the TP collectives (`parallel::tensor`, blocking), the part
@@ -25,9 +24,10 @@
 //! reduce-scatter / all-gather after the backward, and Adam itself (HBM-bound). Each transfer
 //! costs `α + bytes / bandwidth` (α-β model; [`Hardware`] names the assumed bandwidths).
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+use crate::flops;
 use crate::model::config::ModelConfig;
 use crate::model::params::{Shard, param_specs};
 use crate::parallel::topology::Layout;
@@ -928,69 +928,29 @@ pub struct Hardware {
 }
 
 impl Hardware {
+    /// `--gpu`: `h100-80g` or `h200-141g` (name and peak from [`flops::PEAKS`]).
     pub fn parse(s: &str) -> Result<Hardware> {
         let mib = 1u64 << 20;
-        let base = Hardware {
-            name: "",
-            mem_bytes: 0,
-            peak_flops: 989e12,
-            hbm_bw: 0.0,
+        let (mem_bytes, hbm_bw) = match s {
+            "h100-80g" => (81_559 * mib, 3.35e12),
+            "h200-141g" => (143_771 * mib, 4.8e12),
+            _ => bail!("--gpu {s:?}: expected h100-80g or h200-141g"),
+        };
+        let peak = flops::peak_by_key(s)
+            .with_context(|| format!("--gpu {s:?}: no peak in flops::PEAKS"))?;
+        Ok(Hardware {
+            name: peak.name,
+            mem_bytes,
+            peak_flops: peak.bf16_dense,
+            hbm_bw,
             nvlink_bw: 450e9,
             ib_bw: 50e9,
             gpus_per_node: 8,
             alpha_nvlink: 10e-6,
             alpha_ib: 20e-6,
             reserve: 3 << 30,
-        };
-        Ok(match s {
-            "h100-80g" => Hardware {
-                name: "H100 SXM 80GB",
-                mem_bytes: 81_559 * mib,
-                hbm_bw: 3.35e12,
-                ..base
-            },
-            "h200-141g" => Hardware {
-                name: "H200 SXM 141GB",
-                mem_bytes: 143_771 * mib,
-                hbm_bw: 4.8e12,
-                ..base
-            },
-            _ => bail!("--gpu {s:?}: expected h100-80g or h200-141g"),
         })
     }
-}
-
-/// Parameters that take part in matrix products: all but the input embedding (a lookup), the
-/// LM head included (when tied, the embedding matrix is the LM head).
-pub fn matmul_params(cfg: &ModelConfig) -> u64 {
-    let embed = if cfg.tie_word_embeddings {
-        0
-    } else {
-        (cfg.vocab_size * cfg.hidden_size) as u64
-    };
-    cfg.n_params() as u64 - embed
-}
-
-/// Parameters of one decoder layer.
-pub fn layer_params(cfg: &ModelConfig) -> u64 {
-    let h = cfg.hidden_size;
-    let q = cfg.num_attention_heads * cfg.head_dim;
-    let kv = cfg.num_key_value_heads * cfg.head_dim;
-    (2 * h * q + 2 * h * kv + 3 * h * cfg.intermediate_size + 2 * h) as u64
-}
-
-/// Model FLOPs per token (DESIGN.md): `6·N + 6·q·S·L`, causal.
-pub fn flops_per_token(cfg: &ModelConfig, seq: usize) -> f64 {
-    let q = (cfg.num_attention_heads * cfg.head_dim) as f64;
-    6.0 * matmul_params(cfg) as f64 + 6.0 * q * seq as f64 * cfg.num_hidden_layers as f64
-}
-
-/// What full recompute adds per token: the forward of layers `0..L-1` again (the last layer's
-/// activations are still live when its backward starts; the LM head is not recomputed).
-pub fn recompute_flops_per_token(cfg: &ModelConfig, seq: usize) -> f64 {
-    let q = (cfg.num_attention_heads * cfg.head_dim) as f64;
-    let l = cfg.num_hidden_layers.saturating_sub(1) as f64;
-    l * (2.0 * layer_params(cfg) as f64 + 2.0 * q * seq as f64)
 }
 
 /// The run as the config gives it.
@@ -1066,9 +1026,9 @@ pub fn step_time(
     let s = run.seq_len;
     let rate = hw.peak_flops * mfu;
     let tokens = run.tokens_per_step();
-    let model_flops = tokens * flops_per_token(cfg, s);
+    let model_flops = tokens * flops::model_flops_per_token(cfg, s);
     let hw_extra = if run.recompute {
-        tokens * recompute_flops_per_token(cfg, s)
+        tokens * flops::recompute_flops_per_token(cfg, s)
     } else {
         0.0
     };
@@ -1102,10 +1062,12 @@ pub fn step_time(
         } else {
             (hw.ib_bw, hw.alpha_ib, "ib")
         };
-        let c = (t / 2) as f64;
-        let fwd_flops = 8.0 * c * c * nq as f64 * hd as f64;
-        let fwd_compute = fwd_flops / rate;
-        let bwd_compute = 2.0 * fwd_compute;
+        // Each ring step but the first computes the rank's two query chunks against one K/V
+        // block of two chunks, half of whose pairs the zigzag makes visible: the attention
+        // kernel's causal count at t × t. The kernel's backward recomputes P (2.5× forward).
+        let kernel = flops::attention_kernel_flops(t, t, nq, hd, true);
+        let fwd_compute = kernel.forward / rate;
+        let bwd_compute = kernel.backward / rate;
         let kv_bytes = (2 * t * kvw) as f64 * dt.act as f64;
         let dkv_bytes = (2 * t * kvw) as f64 * dt.ring_acc as f64;
         let fwd_comm = alpha + kv_bytes / bw;
@@ -1446,40 +1408,6 @@ mod tests {
             "/configs/llama-3.1-8b-instruct.json"
         );
         ModelConfig::from_file(std::path::Path::new(p)).unwrap()
-    }
-
-    #[test]
-    fn flops_per_token_match_the_paper() {
-        let cfg = llama_8b();
-        let n = matmul_params(&cfg);
-        // Llama-3.1-8B: 8,030,261,248 parameters, 525,336,576 of them in the input embedding.
-        assert_eq!(cfg.n_params(), 8_030_261_248);
-        assert_eq!(n, 8_030_261_248 - 525_336_576);
-        assert!((n as f64 / 7.5e9 - 1.0).abs() < 0.01, "N = {n}");
-        for (s, paper) in [(1 << 20, 8.70e11), (1 << 21, 1.69e12), (1 << 22, 3.34e12)] {
-            let f = flops_per_token(&cfg, s);
-            let err = (f / paper - 1.0).abs();
-            eprintln!(
-                "S = {s}: {f:.4e} FLOP/token (paper {paper:.2e}, {:.2}%)",
-                err * 100.0
-            );
-            assert!(err < 0.02, "S = {s}: {f:e} vs paper {paper:e}");
-        }
-        // PAPER.md: one billion tokens at 4M ≈ 3.3e21 FLOP, ~2,350 H100-hours at 40% MFU.
-        let total = 1e9 * flops_per_token(&cfg, 1 << 22);
-        let hours = total / (989e12 * 0.4) / 3600.0;
-        assert!((total / 3.3e21 - 1.0).abs() < 0.02, "{total:e}");
-        assert!((hours / 2350.0 - 1.0).abs() < 0.02, "{hours}");
-    }
-
-    #[test]
-    fn recompute_adds_about_a_third() {
-        let cfg = llama_8b();
-        for s in [8192, 1 << 20, 1 << 22] {
-            let r = recompute_flops_per_token(&cfg, s) / flops_per_token(&cfg, s);
-            // (L-1)/L of one forward (a third of fwd+bwd), less the LM head's share.
-            assert!(r > 0.30 && r < 1.0 / 3.0, "S = {s}: {r}");
-        }
     }
 
     #[test]

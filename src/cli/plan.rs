@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
+use crate::flops;
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::parallel::topology::Layout;
 use crate::plan::{
@@ -193,7 +194,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             "mfu": a.mfu,
             "model": {
                 "n_params": cfg.n_params(),
-                "matmul_params": plan::matmul_params(&cfg),
+                "matmul_params": flops::matmul_params(&cfg),
                 "layers": cfg.num_hidden_layers,
                 "hidden": cfg.hidden_size,
                 "heads": cfg.num_attention_heads,
@@ -205,8 +206,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
             },
             "run": run,
             "flops_per_token": {
-                "model": plan::flops_per_token(&cfg, run.seq_len),
-                "recompute_extra": if run.recompute { plan::recompute_flops_per_token(&cfg, run.seq_len) } else { 0.0 },
+                "model": flops::model_flops_per_token(&cfg, run.seq_len),
+                "recompute_extra": if run.recompute { flops::recompute_flops_per_token(&cfg, run.seq_len) } else { 0.0 },
             },
             "layouts": layouts,
             "chosen": {
@@ -239,7 +240,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         "model     {} — {:.3e} parameters ({:.3e} in matrix products), {} layers, hidden {}, {} heads / {} KV, ffn {}, vocab {}; rope {}",
         cfg_path.display(),
         cfg.n_params() as f64,
-        plan::matmul_params(&cfg) as f64,
+        flops::matmul_params(&cfg) as f64,
         cfg.num_hidden_layers,
         cfg.hidden_size,
         cfg.num_attention_heads,
@@ -265,9 +266,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
         hw.peak_flops / 1e12,
         a.mfu
     );
-    let fpt = plan::flops_per_token(&cfg, run.seq_len);
+    let fpt = flops::model_flops_per_token(&cfg, run.seq_len);
     let extra = if run.recompute {
-        plan::recompute_flops_per_token(&cfg, run.seq_len)
+        flops::recompute_flops_per_token(&cfg, run.seq_len)
     } else {
         0.0
     };

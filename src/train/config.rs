@@ -202,7 +202,7 @@ fn yes() -> bool {
 }
 
 fn default_peak_tflops() -> f64 {
-    989.0
+    crate::flops::H100_SXM_BF16_DENSE / 1e12
 }
 
 fn one() -> usize {

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamW, Backend};
 use crate::data::loader::Loader;
+use crate::flops;
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::llama::{Head, Llama, Workspace};
 use crate::model::params::ParamStore;
@@ -40,22 +41,13 @@ pub struct StepMetrics {
     pub tokens: u64,
     pub tokens_per_s: f64,
     pub step_ms: f64,
-    /// Model TFLOP/s per rank by DESIGN.md's causal count (6·N + 6·heads·head_dim·S·layers per
-    /// token; recompute not counted).
+    /// Model TFLOP/s per rank by DESIGN.md's causal count (`flops::model_flops_per_token`;
+    /// recompute not counted).
     pub tflops_per_rank: f64,
     /// `tflops_per_rank / log.peak_tflops`.
     pub mfu: f64,
     /// Peak bytes of this rank's backend buffers so far (rank 0).
     pub peak_mem_bytes: usize,
-}
-
-/// Training FLOPs per token of `cfg` at sequence length `seq`, causal (DESIGN.md).
-pub fn flops_per_token(cfg: &ModelConfig, seq: usize) -> f64 {
-    6.0 * cfg.n_params() as f64
-        + 6.0
-            * (cfg.num_attention_heads * cfg.head_dim) as f64
-            * seq as f64
-            * cfg.num_hidden_layers as f64
 }
 
 /// What a finished run reports.
@@ -590,7 +582,8 @@ pub fn train_on<B: Backend>(
         st.tokens_seen += per_step * seq as u64;
 
         let dt = t0.elapsed().as_secs_f64();
-        let tflops_per_rank = flops_per_token(&model.cfg, seq) * (per_step as usize * seq) as f64
+        let tflops_per_rank = flops::model_flops_per_token(&model.cfg, seq)
+            * (per_step as usize * seq) as f64
             / dt
             / layout.world() as f64
             / 1e12;
@@ -740,27 +733,6 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
         assert!((global_grad_norm(&b, &g) - 5.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn flops_per_token_match_the_papers_costs() {
-        // Llama-3.1-8B: PAPER.md gives 8.70e11, 1.69e12, 3.34e12 FLOP per token at 1M, 2M, 4M
-        // (its N ~ 7.5e9 leaves out the embedding lookup; ours counts every parameter: +0.4%).
-        let cfg = crate::model::config::ModelConfig::from_json_str(
-            r#"{"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
-                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                "rope_theta": 500000.0, "max_position_embeddings": 131072}"#,
-            "llama-3.1-8b",
-        )
-        .unwrap();
-        for (s, paper) in [
-            (1usize << 20, 8.70e11),
-            (1 << 21, 1.69e12),
-            (1 << 22, 3.34e12),
-        ] {
-            let f = flops_per_token(&cfg, s);
-            assert!((f / paper - 1.0).abs() < 0.01, "S {s}: {f:e} vs {paper:e}");
-        }
     }
 
     #[test]
