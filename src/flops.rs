@@ -137,7 +137,7 @@ impl AttnFlops {
 
 /// Attention-kernel FLOPs (FlashAttention's benchmark convention, see the module comment):
 /// `q_len` queries against `kv_len` keys, `q_heads` query heads of `head_dim`; `causal` halves
-/// the forward (the visible fraction of a square causal block).
+/// the forward (a square causal block's visible fraction, as bench/gpu/attn_torch.py counts it).
 pub fn attention_kernel_flops(
     q_len: usize,
     kv_len: usize,
@@ -145,8 +145,15 @@ pub fn attention_kernel_flops(
     head_dim: usize,
     causal: bool,
 ) -> AttnFlops {
-    let full = 4.0 * q_len as f64 * kv_len as f64 * head_dim as f64 * q_heads as f64;
-    let forward = if causal { full / 2.0 } else { full };
+    let pairs = q_len as f64 * kv_len as f64;
+    attention_kernel_flops_of_pairs(if causal { pairs / 2.0 } else { pairs }, q_heads, head_dim)
+}
+
+/// The same convention for a counted number of visible (query, key) pairs: `4·d` per pair and
+/// query head forward (Q·Kᵀ and P·V), backward 2.5× (`backend::timed` counts pairs exactly for
+/// a shape's causal offsets).
+pub fn attention_kernel_flops_of_pairs(pairs: f64, q_heads: usize, head_dim: usize) -> AttnFlops {
+    let forward = 4.0 * pairs * (head_dim * q_heads) as f64;
     AttnFlops {
         forward,
         backward: 2.5 * forward,
