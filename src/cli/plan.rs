@@ -15,7 +15,6 @@ use crate::plan::{
     self, Candidate, GIB, Hardware, Memory, Place, Prefer, RunShape, Search, StepTime, Target,
 };
 use crate::train::config::RunConfig;
-use crate::train::trainer::apply_rope_override;
 
 #[derive(Args, Debug)]
 pub struct PlanArgs {
@@ -80,7 +79,7 @@ fn model_config(a: &PlanArgs, run: &RunConfig) -> Result<(ModelConfig, PathBuf)>
     };
     let mut cfg = ModelConfig::from_file(&path)?;
     if let Some(o) = &run.model.rope_scaling {
-        cfg = apply_rope_override(&cfg, o)?;
+        cfg = cfg.with_rope_override(o, &a.config.display().to_string())?;
     }
     Ok((cfg, path))
 }
