@@ -8,6 +8,7 @@ pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod flops;
 pub mod io;
 pub mod model;
 pub mod parallel;

@@ -229,6 +229,18 @@ fn plan_finds_the_papers_layouts_on_80gb_h100s() {
         // GPU-hours per 1B tokens: at least what the FLOPs need at the stated MFU (PAPER.md: 4M
         // ~2,350 H100-hours at 40%), and not much more (exposed communication is small).
         let flops = v["flops_per_token"]["model"].as_f64().unwrap();
+        // DESIGN.md's count by hand: 6·N + 6·(32·128)·S·32 with N = 32 layers × 218,103,808
+        // matmul weights + the 525,336,576 of the LM head = 7,504,658,432.
+        let s = v["run"]["seq_len"].as_f64().unwrap();
+        assert_eq!(
+            flops,
+            6.0 * 7_504_658_432.0 + 6.0 * 4096.0 * s * 32.0,
+            "{name}"
+        );
+        // The ring's attention: the kernel's backward is 2.5× its forward (P recomputed).
+        let ratio =
+            ring["bwd_compute_s"].as_f64().unwrap() / ring["fwd_compute_s"].as_f64().unwrap();
+        assert!((ratio - 2.5).abs() < 1e-12, "{name}: {ratio}");
         let ideal = 1e9 * flops / (989e12 * 0.4) / 3600.0;
         assert!(
             hours >= ideal && hours < 1.1 * ideal,

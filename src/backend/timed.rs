@@ -137,8 +137,8 @@ pub fn attention_flops(s: &AttnShape, backward: bool) -> f64 {
     } else {
         (s.q_len * s.kv_len) as f64
     };
-    let fwd = 4.0 * pairs * (s.head_dim * s.n_q_heads) as f64;
-    if backward { 2.5 * fwd } else { fwd }
+    let f = crate::flops::attention_kernel_flops_of_pairs(pairs, s.n_q_heads, s.head_dim);
+    if backward { f.backward } else { f.forward }
 }
 
 impl<B: Backend> Timed<B> {

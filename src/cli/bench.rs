@@ -1,6 +1,7 @@
 //! `ultralong bench train`: training-step speed and memory of the CPU backend on a model config,
-//! with a coarse profile (forward, backward, optimizer, attention alone). The PyTorch peer runs
-//! beside it from `bench/run_cpu_bench.sh`; results are recorded in bench/results/.
+//! with a coarse profile (forward, backward, optimizer, attention alone) and the FLOP rates
+//! (`crate::flops`: the model count, and the attention kernels' benchmark count). The PyTorch
+//! peer runs beside it from `bench/run_cpu_bench.sh`; results are recorded in bench/results/.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,6 +11,7 @@ use clap::{Args, Subcommand};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamW, AttnShape, Backend};
+use crate::flops;
 use crate::model::config::ModelConfig;
 use crate::model::llama::{Head, Llama, Workspace};
 use crate::model::params::ParamStore;
@@ -160,6 +162,10 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let opt = median(opt_ms);
     let (attn_f, attn_b) = (median(af), median(ab));
     let layers = cfg.num_hidden_layers as f64;
+    // Model FLOP/s by DESIGN.md's count (what `train` reports as TFLOP/s, recompute not counted)
+    // and the attention kernels' by the benchmark convention (backward 2.5× forward).
+    let model_flops = flops::model_flops_per_token(&cfg, t) * t as f64;
+    let attn = flops::attention_kernel_flops(t, t, shape.n_q_heads, shape.head_dim, true);
     println!(
         "{}",
         serde_json::json!({
@@ -180,6 +186,11 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
                 "optimizer": opt,
                 "attention_forward_all_layers": attn_f * layers,
                 "attention_backward_all_layers": attn_b * layers,
+            },
+            "gflops_per_s": {
+                "model": model_flops / step / 1e6,
+                "attention_forward": attn.forward / attn_f / 1e6,
+                "attention_backward": attn.backward / attn_b / 1e6,
             }
         })
     );

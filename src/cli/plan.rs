@@ -8,13 +8,13 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
+use crate::flops;
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::parallel::topology::Layout;
 use crate::plan::{
     self, Candidate, GIB, Hardware, Memory, Place, Prefer, RunShape, Search, StepTime, Target,
 };
 use crate::train::config::RunConfig;
-use crate::train::trainer::apply_rope_override;
 
 #[derive(Args, Debug)]
 pub struct PlanArgs {
@@ -79,7 +79,7 @@ fn model_config(a: &PlanArgs, run: &RunConfig) -> Result<(ModelConfig, PathBuf)>
     };
     let mut cfg = ModelConfig::from_file(&path)?;
     if let Some(o) = &run.model.rope_scaling {
-        cfg = apply_rope_override(&cfg, o)?;
+        cfg = cfg.with_rope_override(o, &a.config.display().to_string())?;
     }
     Ok((cfg, path))
 }
@@ -193,7 +193,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             "mfu": a.mfu,
             "model": {
                 "n_params": cfg.n_params(),
-                "matmul_params": plan::matmul_params(&cfg),
+                "matmul_params": flops::matmul_params(&cfg),
                 "layers": cfg.num_hidden_layers,
                 "hidden": cfg.hidden_size,
                 "heads": cfg.num_attention_heads,
@@ -205,8 +205,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
             },
             "run": run,
             "flops_per_token": {
-                "model": plan::flops_per_token(&cfg, run.seq_len),
-                "recompute_extra": if run.recompute { plan::recompute_flops_per_token(&cfg, run.seq_len) } else { 0.0 },
+                "model": flops::model_flops_per_token(&cfg, run.seq_len),
+                "recompute_extra": if run.recompute { flops::recompute_flops_per_token(&cfg, run.seq_len) } else { 0.0 },
             },
             "layouts": layouts,
             "chosen": {
@@ -239,7 +239,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         "model     {} — {:.3e} parameters ({:.3e} in matrix products), {} layers, hidden {}, {} heads / {} KV, ffn {}, vocab {}; rope {}",
         cfg_path.display(),
         cfg.n_params() as f64,
-        plan::matmul_params(&cfg) as f64,
+        flops::matmul_params(&cfg) as f64,
         cfg.num_hidden_layers,
         cfg.hidden_size,
         cfg.num_attention_heads,
@@ -265,9 +265,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
         hw.peak_flops / 1e12,
         a.mfu
     );
-    let fpt = plan::flops_per_token(&cfg, run.seq_len);
+    let fpt = flops::model_flops_per_token(&cfg, run.seq_len);
     let extra = if run.recompute {
-        plan::recompute_flops_per_token(&cfg, run.seq_len)
+        flops::recompute_flops_per_token(&cfg, run.seq_len)
     } else {
         0.0
     };

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 /// How RoPE frequencies are scaled; one variant per HF `rope_type` we support.
@@ -342,6 +343,70 @@ impl ModelConfig {
     }
 }
 
+/// A new RoPE scaling for a run, e.g. YaRN for the one-step context extension (PAPER.md): a run
+/// config's `[model.rope_scaling]`, HF's key names. Built by the same code as a config.json's
+/// rope object ([`ModelConfig::with_rope_override`]).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeOverride {
+    /// "yarn", "linear", "llama3", "default", or "ntk" (NTK-aware: default RoPE with
+    /// `rope_theta · factor^(d/(d−2))`).
+    pub rope_type: String,
+    pub factor: Option<f64>,
+    pub original_max_position_embeddings: Option<f64>,
+    pub beta_fast: Option<f64>,
+    pub beta_slow: Option<f64>,
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+    pub attention_factor: Option<f64>,
+    pub truncate: Option<bool>,
+    pub low_freq_factor: Option<f64>,
+    pub high_freq_factor: Option<f64>,
+    /// The new context window (HF `max_position_embeddings`).
+    pub max_position_embeddings: usize,
+}
+
+/// Where an override's keys live in a run config (error messages name them so).
+const OVERRIDE_KEY: &str = "model.rope_scaling";
+
+impl ModelConfig {
+    /// This config with a run's RoPE override applied (the one-step context extension), built
+    /// and checked by the same code as a config.json's rope object; errors name `source` (the run
+    /// config) and `model.rope_scaling.KEY`. Besides the HF rope types, `"ntk"` is NTK-aware
+    /// scaling (bloc97, 2023; the YaRN paper §3.1): plain RoPE with `rope_theta · factor^(d/(d−2))`,
+    /// d = head_dim — an ablation baseline, written to config.json as the default rope type with
+    /// the new `rope_theta`.
+    pub fn with_rope_override(&self, o: &RopeOverride, source: &str) -> Result<ModelConfig> {
+        if o.rope_type == "ntk" {
+            let factor = o.factor.with_context(|| {
+                format!("{source}: `{OVERRIDE_KEY}.factor` is required for rope_type \"ntk\"")
+            })?;
+            ensure!(
+                factor >= 1.0 && factor.is_finite(),
+                "{source}: `{OVERRIDE_KEY}.factor` = {factor}: NTK-aware scaling needs a finite \
+                 factor >= 1"
+            );
+            let d = self.head_dim as f64;
+            let mut out = self.with_rope_scaling(RopeScaling::Default, o.max_position_embeddings);
+            out.rope_theta = self.rope_theta * factor.powf(d / (d - 2.0));
+            return Ok(out);
+        }
+        if !["default", "linear", "llama3", "yarn"].contains(&o.rope_type.as_str()) {
+            bail!(
+                "{source}: `{OVERRIDE_KEY}.rope_type` = {:?}: expected one of \
+                 {SUPPORTED_ROPE_TYPES}, ntk",
+                o.rope_type
+            );
+        }
+        let Value::Object(obj) = serde_json::to_value(o)? else {
+            unreachable!("a struct serialises to an object")
+        };
+        let keys = Keys::new(&obj, OVERRIDE_KEY, source);
+        let (scaling, _) = parse_rope_object(&keys, o.max_position_embeddings, None, None)?;
+        Ok(self.with_rope_scaling(scaling, o.max_position_embeddings))
+    }
+}
+
 /// Reads the rope scaling and rope_theta from either form. When a config carries both forms they
 /// must agree: transformers 4.x and 5.x would each read `rope_scaling` there, but a disagreement
 /// means one of them was edited by hand, and a silently wrong RoPE ruins a long-context run.
@@ -360,7 +425,12 @@ fn parse_rope(
             None => {}
             Some(Value::Object(m)) => {
                 let keys = Keys::new(m, name, source);
-                let parsed = parse_rope_object(&keys, max_position_embeddings, top_original)?;
+                let parsed = parse_rope_object(
+                    &keys,
+                    max_position_embeddings,
+                    top_original,
+                    Some(max_position_embeddings as f64),
+                )?;
                 forms.push((name, parsed));
             }
             Some(v) => bail!(
@@ -402,11 +472,18 @@ fn parse_rope(
     Ok((scaling.map_or(RopeScaling::Default, |(_, s)| s), rope_theta))
 }
 
-/// One `rope_scaling` / `rope_parameters` object: the scaling and its own `rope_theta`, if any.
+/// The one builder of a [`RopeScaling`], from a `rope_scaling` / `rope_parameters` object of a
+/// config.json or a run config's `[model.rope_scaling]` ([`ModelConfig::with_rope_override`]):
+/// the scaling and the object's own `rope_theta`, if any. Checks the keys each type needs, that
+/// they are finite and positive, and llama3's `high_freq_factor > low_freq_factor`.
+/// `fallback_original` is YaRN's original context when the object names none: HF's rule (the
+/// config's `max_position_embeddings`) for a config.json, none for an override, whose
+/// `max_position_embeddings` is the new window.
 fn parse_rope_object(
     keys: &Keys,
     max_position_embeddings: usize,
     top_original: Option<f64>,
+    fallback_original: Option<f64>,
 ) -> Result<(RopeScaling, Option<f64>)> {
     let (name, source) = (keys.prefix, keys.source);
     let theta = keys.number("rope_theta")?;
@@ -480,10 +557,16 @@ fn parse_rope_object(
                     ),
                 },
             };
+            let original_max_position_embeddings =
+                known_original.or(fallback_original).ok_or_else(|| {
+                    anyhow!(
+                        "{source}: missing required key `{name}.original_max_position_embeddings` \
+                         for rope_type \"yarn\" (`max_position_embeddings` is the new window)"
+                    )
+                })?;
             RopeScaling::Yarn {
                 factor,
-                original_max_position_embeddings: known_original
-                    .unwrap_or(max_position_embeddings as f64),
+                original_max_position_embeddings,
                 beta_fast: keys
                     .positive("beta_fast")?
                     .unwrap_or(DEFAULT_YARN_BETA_FAST),
@@ -1114,5 +1197,162 @@ mod tests {
         assert!(
             format!("{:#}", ModelConfig::from_file(&missing).unwrap_err()).contains("nope.json")
         );
+    }
+
+    fn override_of(toml_text: &str) -> RopeOverride {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn ntk_aware_override_scales_theta_by_the_formula() {
+        let cfg = ModelConfig::from_file(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/configs/demo/model.json"
+        )))
+        .unwrap();
+        let o = override_of("rope_type = \"ntk\"\nfactor = 32.0\nmax_position_embeddings = 4096");
+        let n = cfg.with_rope_override(&o, "run.toml").unwrap();
+        // head_dim 32: 10000 · 32^(32/30)
+        let want = 10000.0 * 32f64.powf(32.0 / 30.0);
+        assert!(
+            (n.rope_theta - want).abs() < 1e-9 * want,
+            "{} vs {want}",
+            n.rope_theta
+        );
+        assert_eq!(n.rope_scaling, RopeScaling::Default);
+        assert_eq!(n.max_position_embeddings, 4096);
+        assert_eq!(n.to_hf_json()["rope_theta"], json!(n.rope_theta));
+        let bad = override_of("rope_type = \"ntk\"\nmax_position_embeddings = 4096");
+        let e = cfg
+            .with_rope_override(&bad, "run.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.rope_scaling.factor"), "{e}");
+    }
+
+    #[test]
+    fn the_papers_yarn_override_builds_what_its_keys_say() {
+        let cfg = ModelConfig::from_json_str(LLAMA31_8B_INSTRUCT, "config.json").unwrap();
+        // configs/ultralong-1m.toml's [model.rope_scaling].
+        let o = override_of(
+            "rope_type = \"yarn\"\nfactor = 128.0\noriginal_max_position_embeddings = 8192\n\
+             beta_fast = 4.0\nbeta_slow = 1.0\nmax_position_embeddings = 1048576",
+        );
+        let n = cfg.with_rope_override(&o, "run.toml").unwrap();
+        assert_eq!(n.max_position_embeddings, 1_048_576);
+        assert_eq!(n.rope_theta, 500000.0);
+        assert_eq!(
+            n.rope_scaling,
+            RopeScaling::Yarn {
+                factor: 128.0,
+                original_max_position_embeddings: 8192.0,
+                beta_fast: 4.0,
+                beta_slow: 1.0,
+                mscale: None,
+                mscale_all_dim: None,
+                attention_factor: None,
+                truncate: true,
+            }
+        );
+    }
+
+    /// The override is checked as a config.json's rope object is: the trainer's own builder took
+    /// these (a llama3 blend dividing by high − low ≤ 0, negative or zero factors and betas).
+    #[test]
+    fn an_override_is_rejected_where_a_config_json_is() {
+        let cfg = ModelConfig::from_json_str(LLAMA31_8B_INSTRUCT, "config.json").unwrap();
+        let llama3 = "rope_type = \"llama3\"\nfactor = 8.0\noriginal_max_position_embeddings = 8192\n\
+                      max_position_embeddings = 131072\n";
+        let yarn = "rope_type = \"yarn\"\noriginal_max_position_embeddings = 8192\n\
+                    max_position_embeddings = 1048576\n";
+        for (body, wrong) in [
+            (
+                format!("{llama3}low_freq_factor = 4.0\nhigh_freq_factor = 1.0"),
+                "high_freq_factor` (1) must be greater than",
+            ),
+            (
+                format!("{llama3}low_freq_factor = 2.0\nhigh_freq_factor = 2.0"),
+                "high_freq_factor` (2) must be greater than",
+            ),
+            (
+                format!("{llama3}high_freq_factor = 4.0"),
+                "missing required key `{}.low_freq_factor`",
+            ),
+            (
+                format!("{yarn}factor = -8.0"),
+                "factor` must be a finite number > 0, got -8",
+            ),
+            (
+                format!("{yarn}factor = 8.0\nbeta_fast = 0.0"),
+                "beta_fast` must be a finite number > 0, got 0",
+            ),
+            (
+                format!("{yarn}factor = 8.0\nattention_factor = -1.0"),
+                "attention_factor` must be a finite number > 0, got -1",
+            ),
+            (
+                "rope_type = \"linear\"\nfactor = 0.0\nmax_position_embeddings = 4096".into(),
+                "factor` must be a finite number > 0, got 0",
+            ),
+        ] {
+            let o = override_of(&body);
+            let e = format!("{:#}", cfg.with_rope_override(&o, "run.toml").unwrap_err());
+            let want = wrong.replace("{}", "model.rope_scaling");
+            assert!(e.starts_with("run.toml: "), "{e}");
+            assert!(
+                e.contains(&want) && e.contains("`model.rope_scaling."),
+                "{body}: {e}"
+            );
+            // The same keys in a config.json's rope_scaling.
+            let mut obj = serde_json::to_value(&o).unwrap();
+            obj.as_object_mut()
+                .unwrap()
+                .remove("max_position_embeddings");
+            let text = with_rope("rope_scaling", &obj.to_string(), true);
+            let e = err_of(&text, "config.json");
+            let want = wrong.replace("{}", "rope_scaling");
+            assert!(e.contains(&want), "{body}: {e}");
+        }
+        let e = format!(
+            "{:#}",
+            cfg.with_rope_override(
+                &override_of(
+                    "rope_type = \"dynamic\"\nfactor = 2.0\nmax_position_embeddings = 4096"
+                ),
+                "run.toml"
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains("\"dynamic\"") && e.contains("ntk"), "{e}");
+    }
+
+    /// A config.json's YaRN object without the original context takes HF's rule (the config's
+    /// max_position_embeddings); an override's max_position_embeddings is the new window, so it
+    /// must name the original.
+    #[test]
+    fn a_yarn_override_names_its_original_context() {
+        let cfg = ModelConfig::from_json_str(LLAMA31_8B_INSTRUCT, "config.json").unwrap();
+        let o =
+            override_of("rope_type = \"yarn\"\nfactor = 8.0\nmax_position_embeddings = 1048576");
+        let e = format!("{:#}", cfg.with_rope_override(&o, "run.toml").unwrap_err());
+        assert!(
+            e.contains(
+                "missing required key `model.rope_scaling.original_max_position_embeddings`"
+            ),
+            "{e}"
+        );
+        let text = with_rope(
+            "rope_scaling",
+            r#"{"rope_type": "yarn", "factor": 8.0}"#,
+            true,
+        );
+        let c = ModelConfig::from_json_str(&text, "config.json").unwrap();
+        match c.rope_scaling {
+            RopeScaling::Yarn {
+                original_max_position_embeddings,
+                ..
+            } => assert_eq!(original_max_position_embeddings, 131072.0),
+            ref other => panic!("{other:?}"),
+        }
     }
 }

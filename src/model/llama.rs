@@ -148,25 +148,32 @@ pub struct LayerActs<B: Backend> {
 }
 
 impl<B: Backend> LayerActs<B> {
-    fn new(b: &B, d: &Dims, mlp_rows: usize) -> Self {
-        let (t, ts, h) = (d.t, d.ts, d.hidden);
-        let full = || d.gathers().then(|| b.zeros(t * h));
+    /// One layer's activations from the workspace table; the MLP buffers hold `mlp_rows` rows
+    /// (all `t` in training, as the table says; a chunk in a forward-only pass).
+    fn new(b: &B, table: &WorkspaceTable, d: &Dims, mlp_rows: usize) -> Self {
+        let mlp = |name| {
+            if mlp_rows == d.t {
+                table.alloc(b, name)
+            } else {
+                b.zeros(mlp_rows * d.ffn)
+            }
+        };
         LayerActs {
-            xn1: b.zeros(ts * h),
-            rstd1: b.zeros(ts),
-            xn1f: full(),
-            q: b.zeros(t * d.q_width()),
-            k: b.zeros(t * d.kv_width()),
-            v: b.zeros(t * d.kv_width()),
-            attn: b.zeros(t * d.q_width()),
-            lse: b.zeros(d.n_q * t),
-            x_mid: b.zeros(ts * h),
-            xn2: b.zeros(ts * h),
-            rstd2: b.zeros(ts),
-            xn2f: full(),
-            gate: b.zeros(mlp_rows * d.ffn),
-            up: b.zeros(mlp_rows * d.ffn),
-            h: b.zeros(mlp_rows * d.ffn),
+            xn1: table.alloc(b, "xn1"),
+            rstd1: table.alloc(b, "rstd1"),
+            xn1f: table.alloc_opt(b, "xn1f"),
+            q: table.alloc(b, "q"),
+            k: table.alloc(b, "k"),
+            v: table.alloc(b, "v"),
+            attn: table.alloc(b, "attn"),
+            lse: table.alloc(b, "lse"),
+            x_mid: table.alloc(b, "x_mid"),
+            xn2: table.alloc(b, "xn2"),
+            rstd2: table.alloc(b, "rstd2"),
+            xn2f: table.alloc_opt(b, "xn2f"),
+            gate: mlp("gate"),
+            up: mlp("up"),
+            h: mlp("h"),
             mlp_rows,
         }
     }
@@ -191,7 +198,215 @@ struct GradScratch<B: Backend> {
     dh: B::Buf,
 }
 
-/// All activation memory of one pass over `t` local tokens, allocated once per run.
+/// The element class of a workspace buffer; the memory model (`plan`) gives each its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elem {
+    /// Activations and their gradients.
+    Act,
+    /// Per-row statistics: RMSNorm `rstd`, attention LSE.
+    Stat,
+    Logits,
+    /// cos/sin tables.
+    Rope,
+}
+
+/// How many copies of a buffer a rank holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Copies {
+    Once,
+    /// One per layer input and one for the final norm's: `L + 1`.
+    LayerInputs,
+    /// One activation set per layer, or one reused by every layer under full recompute.
+    ActSets,
+}
+
+impl Copies {
+    pub fn count(self, layers: usize, recompute: bool) -> usize {
+        match self {
+            Copies::Once => 1,
+            Copies::LayerInputs => layers + 1,
+            Copies::ActSets if recompute => 1,
+            Copies::ActSets => layers,
+        }
+    }
+}
+
+/// One row of the workspace's buffer table: `names.len()` buffers of one shape and class, each
+/// held `copies` times.
+#[derive(Clone, Debug)]
+pub struct WorkspaceBuffer {
+    pub group: &'static str,
+    /// The buffers' names as `Workspace` allocates them.
+    pub names: &'static [&'static str],
+    /// What the memory model prints for the row.
+    pub label: &'static str,
+    pub copies: Copies,
+    /// Symbolic and numeric shape of one buffer (its elements are the product).
+    pub dims: Vec<(&'static str, usize)>,
+    pub elem: Elem,
+}
+
+impl WorkspaceBuffer {
+    pub fn elems(&self) -> usize {
+        self.dims.iter().map(|&(_, n)| n).product()
+    }
+}
+
+/// Tokens per LM-head / cross-entropy chunk for `t` local tokens.
+fn ce_rows(ce_chunk: usize, t: usize) -> usize {
+    ce_chunk.clamp(1, t.max(1))
+}
+
+/// The buffers of `Workspace::for_rank` for the sizes `d` (the CP ring's scratch aside:
+/// `parallel::context::RingScratch`), in the order `plan` prints them. The one table that both
+/// the allocation and the memory model (`plan::memory`) read, as llm.c's
+/// `fill_in_activation_sizes` feeds its allocation and its accounting. TP-only rows (the
+/// gathered `[t, hidden]` forms) are absent when tp = 1.
+pub fn workspace_buffers(d: &Dims, ce_chunk: usize) -> Vec<WorkspaceBuffer> {
+    let (t, ts, h) = (d.t, d.ts, d.hidden);
+    // The gathered copies exist where the residual stream is split over TP (sequence
+    // parallelism); a forward-only pass over rows every rank holds whole has none.
+    let (qw, kvw, ffn, tp) = (d.q_width(), d.kv_width(), d.ffn, d.gathers());
+    let row = |group, names, label, copies, dims: &[(&'static str, usize)], elem| WorkspaceBuffer {
+        group,
+        names,
+        label,
+        copies,
+        dims: dims.to_vec(),
+        elem,
+    };
+    let (la, ws, gs) = ("layer activations", "workspace", "gradient scratch");
+    let (once, sets) = (Copies::Once, Copies::ActSets);
+    let tsh = [("ts", ts), ("hidden", h)];
+    let th = [("t", t), ("hidden", h)];
+    let tq = [("t", t), ("heads/tp·d", qw)];
+    let tkv = [("t", t), ("kv/tp·d", kvw)];
+    let tf = [("t", t), ("ffn/tp", ffn)];
+    let mut v = vec![
+        row(
+            "layer inputs",
+            &["xs"],
+            "xs: layer inputs + final-norm input",
+            Copies::LayerInputs,
+            &tsh,
+            Elem::Act,
+        ),
+        row(
+            la,
+            &["xn1", "x_mid", "xn2"],
+            "xn1, x_mid, xn2",
+            sets,
+            &tsh,
+            Elem::Act,
+        ),
+        row(
+            la,
+            &["rstd1", "rstd2"],
+            "rstd1, rstd2",
+            sets,
+            &[("ts", ts)],
+            Elem::Stat,
+        ),
+    ];
+    if tp {
+        let label = "xn1f, xn2f (gathered over TP)";
+        v.push(row(la, &["xn1f", "xn2f"], label, sets, &th, Elem::Act));
+    }
+    v.extend([
+        row(la, &["q", "attn"], "q, attn", sets, &tq, Elem::Act),
+        row(la, &["k", "v"], "k, v", sets, &tkv, Elem::Act),
+        row(
+            la,
+            &["lse"],
+            "lse",
+            sets,
+            &[("heads/tp", d.n_q), ("t", t)],
+            Elem::Stat,
+        ),
+        row(
+            la,
+            &["gate", "up", "h"],
+            "gate, up, h",
+            sets,
+            &tf,
+            Elem::Act,
+        ),
+        row(ws, &["xf"], "xf (final norm)", once, &tsh, Elem::Act),
+        row(ws, &["rstd_f"], "rstd_f", once, &[("ts", ts)], Elem::Stat),
+    ]);
+    if tp {
+        let label = "xff, part (gathered / partial sums)";
+        v.push(row(ws, &["xff", "part"], label, once, &th, Elem::Act));
+    }
+    let ce = [("ce_chunk", ce_rows(ce_chunk, t)), ("vocab/tp", d.vocab)];
+    v.extend([
+        row(
+            ws,
+            &["logits"],
+            "logits (one CE chunk)",
+            once,
+            &ce,
+            Elem::Logits,
+        ),
+        row(
+            ws,
+            &["cos", "sin"],
+            "cos, sin",
+            once,
+            &[("t", t), ("d/2", d.head_dim / 2)],
+            Elem::Rope,
+        ),
+        row(gs, &["dx", "dxn"], "dx, dxn", once, &tsh, Elem::Act),
+    ]);
+    if tp {
+        v.push(row(
+            gs,
+            &["dfull", "dxnf"],
+            "dfull, dxnf",
+            once,
+            &th,
+            Elem::Act,
+        ));
+    }
+    v.extend([
+        row(gs, &["dq", "dattn"], "dq, dattn", once, &tq, Elem::Act),
+        row(gs, &["dk", "dv"], "dk, dv", once, &tkv, Elem::Act),
+        row(
+            gs,
+            &["dgate", "dup", "dh"],
+            "dgate, dup, dh",
+            once,
+            &tf,
+            Elem::Act,
+        ),
+    ]);
+    v
+}
+
+/// [`workspace_buffers`] for allocation: a buffer by name.
+struct WorkspaceTable(Vec<WorkspaceBuffer>);
+
+impl WorkspaceTable {
+    fn row(&self, name: &str) -> Option<&WorkspaceBuffer> {
+        self.0.iter().find(|r| r.names.contains(&name))
+    }
+
+    fn alloc<B: Backend>(&self, b: &B, name: &str) -> B::Buf {
+        let r = self.row(name);
+        b.zeros(
+            r.unwrap_or_else(|| panic!("workspace buffer {name} is not in workspace_buffers"))
+                .elems(),
+        )
+    }
+
+    /// A buffer that exists only for some layouts (tp > 1).
+    fn alloc_opt<B: Backend>(&self, b: &B, name: &str) -> Option<B::Buf> {
+        self.row(name).map(|r| b.zeros(r.elems()))
+    }
+}
+
+/// All activation memory of one pass over `t` local tokens, allocated once per run from
+/// [`workspace_buffers`].
 pub struct Workspace<B: Backend> {
     pub dims: Dims,
     pub recompute: bool,
@@ -232,36 +447,41 @@ impl<B: Backend> Workspace<B> {
         ce_chunk: usize,
     ) -> Self {
         let d = Dims::local(cfg, t, topo.shard());
-        let n_sets = if recompute { 1 } else { d.layers };
-        let ce_chunk = ce_chunk.clamp(1, t.max(1));
-        let full = || (d.tp > 1).then(|| b.zeros(t * d.hidden));
+        let table = WorkspaceTable(workspace_buffers(&d, ce_chunk));
+        let z = |name| table.alloc(b, name);
+        let opt = |name| table.alloc_opt(b, name);
+        let n_sets = Copies::ActSets.count(d.layers, recompute);
         Workspace {
             dims: d,
             recompute,
-            xs: (0..=d.layers).map(|_| b.zeros(d.ts * d.hidden)).collect(),
-            acts: (0..n_sets).map(|_| LayerActs::new(b, &d, t)).collect(),
-            xf: b.zeros(d.ts * d.hidden),
-            rstd_f: b.zeros(d.ts),
-            xff: full(),
-            part: full(),
-            logits: b.zeros(ce_chunk * d.vocab),
-            ce_chunk,
-            cos: b.zeros(t * d.head_dim / 2),
-            sin: b.zeros(t * d.head_dim / 2),
+            xs: (0..Copies::LayerInputs.count(d.layers, recompute))
+                .map(|_| z("xs"))
+                .collect(),
+            acts: (0..n_sets)
+                .map(|_| LayerActs::new(b, &table, &d, t))
+                .collect(),
+            xf: z("xf"),
+            rstd_f: z("rstd_f"),
+            xff: opt("xff"),
+            part: opt("part"),
+            logits: z("logits"),
+            ce_chunk: ce_rows(ce_chunk, t),
+            cos: z("cos"),
+            sin: z("sin"),
             rope_positions: Vec::new(),
             ring: RingScratch::new(b, &d.ring(), topo.layout.cp),
             grads: GradScratch {
-                dx: b.zeros(d.ts * d.hidden),
-                dxn: b.zeros(d.ts * d.hidden),
-                dfull: full(),
-                dxnf: full(),
-                dq: b.zeros(t * d.q_width()),
-                dk: b.zeros(t * d.kv_width()),
-                dv: b.zeros(t * d.kv_width()),
-                dattn: b.zeros(t * d.q_width()),
-                dgate: b.zeros(t * d.ffn),
-                dup: b.zeros(t * d.ffn),
-                dh: b.zeros(t * d.ffn),
+                dx: z("dx"),
+                dxn: z("dxn"),
+                dfull: opt("dfull"),
+                dxnf: opt("dxnf"),
+                dq: z("dq"),
+                dk: z("dk"),
+                dv: z("dv"),
+                dattn: z("dattn"),
+                dgate: z("dgate"),
+                dup: z("dup"),
+                dh: z("dh"),
             },
         }
     }
@@ -1146,7 +1366,8 @@ impl<B: Backend> Llama<B> {
         let p = &self.params;
         let (cos, sin) = self.rope.cos_sin::<f64>(positions);
         let (cos, sin) = (b.upload_f64(&cos), b.upload_f64(&sin));
-        let mut acts = LayerActs::new(b, d, mlp_rows.clamp(1, d.t.max(1)));
+        let table = WorkspaceTable(workspace_buffers(d, 1));
+        let mut acts = LayerActs::new(b, &table, d, mlp_rows.clamp(1, d.t.max(1)));
         let mut part = (d.tp > 1).then(|| b.zeros(d.t * d.hidden));
         let (mut x, mut y) = (b.zeros(d.ts * d.hidden), b.zeros(d.ts * d.hidden));
         embed(b, tp, d, &p.bufs[EMBED], ids, &mut part, &mut x);

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+/// `[model.rope_scaling]`: built with the model config's own rope builder.
+pub use crate::model::config::RopeOverride;
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
@@ -50,27 +53,6 @@ pub struct ModelSection {
     pub rope_precision: String,
     /// Replace the model's RoPE scaling before training: the context-extension step.
     pub rope_scaling: Option<RopeOverride>,
-}
-
-/// A new RoPE scaling, e.g. YaRN for the one-step context extension (PAPER.md).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RopeOverride {
-    /// "yarn", "linear", "llama3", "default", or "ntk" (NTK-aware: default RoPE with
-    /// `rope_theta · factor^(d/(d−2))`).
-    pub rope_type: String,
-    pub factor: Option<f64>,
-    pub original_max_position_embeddings: Option<f64>,
-    pub beta_fast: Option<f64>,
-    pub beta_slow: Option<f64>,
-    pub mscale: Option<f64>,
-    pub mscale_all_dim: Option<f64>,
-    pub attention_factor: Option<f64>,
-    pub truncate: Option<bool>,
-    pub low_freq_factor: Option<f64>,
-    pub high_freq_factor: Option<f64>,
-    /// The new context window (HF `max_position_embeddings`).
-    pub max_position_embeddings: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -202,7 +184,7 @@ fn yes() -> bool {
 }
 
 fn default_peak_tflops() -> f64 {
-    989.0
+    crate::flops::H100_SXM_BF16_DENSE / 1e12
 }
 
 fn one() -> usize {

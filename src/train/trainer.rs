@@ -18,7 +18,8 @@ use sha2::{Digest, Sha256};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamW, Backend};
 use crate::data::loader::Loader;
-use crate::model::config::{ModelConfig, RopeScaling};
+use crate::flops;
+use crate::model::config::ModelConfig;
 use crate::model::llama::{Head, Llama, Workspace};
 use crate::model::params::ParamStore;
 use crate::model::rope::RopePrecision;
@@ -26,7 +27,7 @@ use crate::parallel::comm::{Comm, ReduceOp};
 use crate::parallel::topology::Topology;
 use crate::parallel::zero::ShardedAdamW;
 use crate::train::checkpoint::{self, TrainState};
-use crate::train::config::{RopeOverride, RunConfig};
+use crate::train::config::RunConfig;
 use crate::train::data::{TokenStream, load_token_file, tokenize_text_file};
 use crate::train::schedule::learning_rate;
 
@@ -40,22 +41,13 @@ pub struct StepMetrics {
     pub tokens: u64,
     pub tokens_per_s: f64,
     pub step_ms: f64,
-    /// Model TFLOP/s per rank by DESIGN.md's causal count (6·N + 6·heads·head_dim·S·layers per
-    /// token; recompute not counted).
+    /// Model TFLOP/s per rank by DESIGN.md's causal count (`flops::model_flops_per_token`;
+    /// recompute not counted).
     pub tflops_per_rank: f64,
     /// `tflops_per_rank / log.peak_tflops`.
     pub mfu: f64,
     /// Peak bytes of this rank's backend buffers so far (rank 0).
     pub peak_mem_bytes: usize,
-}
-
-/// Training FLOPs per token of `cfg` at sequence length `seq`, causal (DESIGN.md).
-pub fn flops_per_token(cfg: &ModelConfig, seq: usize) -> f64 {
-    6.0 * cfg.n_params() as f64
-        + 6.0
-            * (cfg.num_attention_heads * cfg.head_dim) as f64
-            * seq as f64
-            * cfg.num_hidden_layers as f64
 }
 
 /// What a finished run reports.
@@ -87,69 +79,6 @@ fn stop_requested() -> &'static std::sync::Arc<std::sync::atomic::AtomicBool> {
             }
         }
         f
-    })
-}
-
-/// Build the RoPE scaling a config section asks for, checking the keys each type needs.
-/// `cfg` with the run's RoPE override applied (the one-step context extension). Besides the HF
-/// rope types, `"ntk"` is NTK-aware scaling (bloc97, 2023; the YaRN paper §3.1): plain RoPE with
-/// `rope_theta · factor^(d/(d−2))`, d = head_dim — an ablation baseline, written to config.json as
-/// the default rope type with the new `rope_theta`.
-pub fn apply_rope_override(cfg: &ModelConfig, o: &RopeOverride) -> Result<ModelConfig> {
-    if o.rope_type == "ntk" {
-        let factor = o
-            .factor
-            .context("model.rope_scaling.factor is required for rope_type \"ntk\"")?;
-        if factor < 1.0 {
-            bail!("model.rope_scaling.factor = {factor}: NTK-aware scaling needs a factor >= 1");
-        }
-        let d = cfg.head_dim as f64;
-        let mut out = cfg.with_rope_scaling(RopeScaling::Default, o.max_position_embeddings);
-        out.rope_theta = cfg.rope_theta * factor.powf(d / (d - 2.0));
-        return Ok(out);
-    }
-    Ok(cfg.with_rope_scaling(rope_from_override(o)?, o.max_position_embeddings))
-}
-
-pub fn rope_from_override(o: &RopeOverride) -> Result<RopeScaling> {
-    let need = |v: Option<f64>, key: &str| {
-        v.with_context(|| {
-            format!(
-                "model.rope_scaling.{key} is required for rope_type {:?}",
-                o.rope_type
-            )
-        })
-    };
-    Ok(match o.rope_type.as_str() {
-        "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear {
-            factor: need(o.factor, "factor")?,
-        },
-        "llama3" => RopeScaling::Llama3 {
-            factor: need(o.factor, "factor")?,
-            low_freq_factor: need(o.low_freq_factor, "low_freq_factor")?,
-            high_freq_factor: need(o.high_freq_factor, "high_freq_factor")?,
-            original_max_position_embeddings: need(
-                o.original_max_position_embeddings,
-                "original_max_position_embeddings",
-            )?,
-        },
-        "yarn" => RopeScaling::Yarn {
-            factor: need(o.factor, "factor")?,
-            original_max_position_embeddings: need(
-                o.original_max_position_embeddings,
-                "original_max_position_embeddings",
-            )?,
-            beta_fast: o.beta_fast.unwrap_or(32.0),
-            beta_slow: o.beta_slow.unwrap_or(1.0),
-            mscale: o.mscale,
-            mscale_all_dim: o.mscale_all_dim,
-            attention_factor: o.attention_factor,
-            truncate: o.truncate.unwrap_or(true),
-        },
-        other => bail!(
-            "model.rope_scaling.rope_type = {other:?}: expected \"default\", \"linear\", \"llama3\", \"yarn\" or \"ntk\""
-        ),
     })
 }
 
@@ -437,7 +366,7 @@ pub fn train_on<B: Backend>(
             }
             let mut model = Llama::load_shard(b, &cfg.model.path, precision, shard)?;
             if let Some(o) = &cfg.model.rope_scaling {
-                let mcfg: ModelConfig = apply_rope_override(&model.cfg, o)?;
+                let mcfg: ModelConfig = model.cfg.with_rope_override(o, "the run config")?;
                 model = Llama::new(mcfg, precision, model.params)?;
             }
             let opt = ShardedAdamW::new(b, topo, &model.params);
@@ -590,7 +519,8 @@ pub fn train_on<B: Backend>(
         st.tokens_seen += per_step * seq as u64;
 
         let dt = t0.elapsed().as_secs_f64();
-        let tflops_per_rank = flops_per_token(&model.cfg, seq) * (per_step as usize * seq) as f64
+        let tflops_per_rank = flops::model_flops_per_token(&model.cfg, seq)
+            * (per_step as usize * seq) as f64
             / dt
             / layout.world() as f64
             / 1e12;
@@ -685,32 +615,6 @@ mod tests {
     use crate::backend::cpu::CpuBackend;
 
     #[test]
-    fn ntk_aware_override_scales_theta_by_the_formula() {
-        let cfg = ModelConfig::from_file(std::path::Path::new("configs/demo/model.json")).unwrap();
-        let o: RopeOverride =
-            toml::from_str("rope_type = \"ntk\"\nfactor = 32.0\nmax_position_embeddings = 4096")
-                .unwrap();
-        let n = apply_rope_override(&cfg, &o).unwrap();
-        // head_dim 32: 10000 · 32^(32/30)
-        let want = 10000.0 * 32f64.powf(32.0 / 30.0);
-        assert!(
-            (n.rope_theta - want).abs() < 1e-9 * want,
-            "{} vs {want}",
-            n.rope_theta
-        );
-        assert_eq!(n.rope_scaling, RopeScaling::Default);
-        assert_eq!(n.max_position_embeddings, 4096);
-        assert_eq!(
-            n.to_hf_json()["rope_theta"],
-            serde_json::json!(n.rope_theta)
-        );
-        let bad: RopeOverride =
-            toml::from_str("rope_type = \"ntk\"\nmax_position_embeddings = 4096").unwrap();
-        let e = apply_rope_override(&cfg, &bad).unwrap_err().to_string();
-        assert!(e.contains("factor"), "{e}");
-    }
-
-    #[test]
     fn clipping_follows_torch_clip_grad_norm() {
         assert_eq!(clip_factor(0.5, 1.0), 1.0);
         assert_eq!(clip_factor(5.0, 0.0), 1.0, "0 disables clipping");
@@ -740,27 +644,6 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
         assert!((global_grad_norm(&b, &g) - 5.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn flops_per_token_match_the_papers_costs() {
-        // Llama-3.1-8B: PAPER.md gives 8.70e11, 1.69e12, 3.34e12 FLOP per token at 1M, 2M, 4M
-        // (its N ~ 7.5e9 leaves out the embedding lookup; ours counts every parameter: +0.4%).
-        let cfg = crate::model::config::ModelConfig::from_json_str(
-            r#"{"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
-                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                "rope_theta": 500000.0, "max_position_embeddings": 131072}"#,
-            "llama-3.1-8b",
-        )
-        .unwrap();
-        for (s, paper) in [
-            (1usize << 20, 8.70e11),
-            (1 << 21, 1.69e12),
-            (1 << 22, 3.34e12),
-        ] {
-            let f = flops_per_token(&cfg, s);
-            assert!((f / paper - 1.0).abs() < 0.01, "S {s}: {f:e} vs {paper:e}");
-        }
     }
 
     #[test]
