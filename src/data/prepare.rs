@@ -1,5 +1,5 @@
 //! `prepare cpt`: the paper's stage-1 data. Documents from JSON Lines (plain, .gz, .zst) or Parquet are
-//! tokenized in parallel batches, resampled per domain by length (PAPER.md, after Fu et al. 2024:
+//! tokenized in parallel batches, resampled per domain by length (RECIPE.md §2, after Fu et al. 2024:
 //! short documents down-sampled, long ones up-sampled, domain shares kept), joined with a single
 //! separator token (`<s>`) between documents, packed into sequences of exactly `seq_len` tokens
 //! (documents cross sequence boundaries; no cross-document mask) and written as a Megatron indexed
@@ -47,7 +47,8 @@ pub struct Resampling {
 
 impl Default for Resampling {
     fn default() -> Self {
-        // PAPER.md gives the thresholds (4K, 8K) but not the ratios: these are our choice.
+        // The paper gives the thresholds (4K, 8K) but not the ratios (docs/RECIPE.md §2): these
+        // are our choice.
         Resampling {
             short: 4096,
             long: 8192,

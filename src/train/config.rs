@@ -52,7 +52,7 @@ pub struct ModelSection {
     pub rope_scaling: Option<RopeOverride>,
 }
 
-/// A new RoPE scaling, e.g. YaRN for the one-step context extension (PAPER.md).
+/// A new RoPE scaling, e.g. YaRN for the one-step context extension (docs/RECIPE.md §3).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RopeOverride {
@@ -136,7 +136,8 @@ pub struct OptimSection {
 
 impl Default for OptimSection {
     fn default() -> Self {
-        // Our defaults; the paper gives only LR 3e-5 for CPT (PAPER.md), the rest is our choice.
+        // Our defaults; the paper gives only LR 3e-5 for CPT (docs/RECIPE.md §2), the rest is our
+        // choice (§8).
         OptimSection {
             lr: 3e-5,
             schedule: "constant".into(),
@@ -178,7 +179,7 @@ pub struct LogSection {
     /// Hide the progress bar (it is hidden anyway when stderr is not a terminal).
     #[serde(default)]
     pub quiet: bool,
-    /// Peak dense TFLOP/s of one device, for MFU (default: H100 SXM bf16, 989; DESIGN.md).
+    /// Peak dense TFLOP/s of one device, for MFU (default: H100 SXM bf16, 989; RECIPE.md §7).
     #[serde(default = "default_peak_tflops")]
     pub peak_tflops: f64,
     /// Write `loss.png` and `throughput.png` into the run directory at the end of the run
