@@ -200,3 +200,11 @@ fn corrupted_checkpoint_is_skipped_with_its_name() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("truncated"), "{err}");
 }
+
+#[test]
+fn top_level_help_names_both_backends() {
+    let o = run(std::path::Path::new("."), &["--help"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("CPU reference") && out.contains("CUDA"), "{out}");
+}
