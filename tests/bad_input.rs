@@ -146,6 +146,42 @@ fn malformed_configs_are_named() {
     );
 }
 
+/// A typo'd key is one line naming where it came from: the file and its line, or the `--set`.
+#[test]
+fn config_errors_are_one_line_and_name_their_source() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    std::fs::write(
+        p.join("r.toml"),
+        run_config(1, "o").replace("seq_len", "seqlen"),
+    )
+    .unwrap();
+    let line = 1 + run_config(1, "o")
+        .lines()
+        .position(|l| l.starts_with("seq_len"))
+        .unwrap();
+    let o = run(p, &["train", "--config", "r.toml"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains(&format!("r.toml line {line}")) && err.contains("`seqlen`"),
+        "{err}"
+    );
+    std::fs::write(p.join("r.toml"), run_config(1, "o")).unwrap();
+    let o = run(
+        p,
+        &["train", "--config", "r.toml", "--set", "train.seqlen=4096"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.starts_with("error: --set train.seqlen=4096: ") && !err.contains("r.toml"),
+        "{err}"
+    );
+    assert!(!p.join("o").exists(), "nothing is created for a bad config");
+}
+
 #[test]
 fn bad_tokens_are_named() {
     let d = tempfile::tempdir().unwrap();
@@ -206,5 +242,8 @@ fn top_level_help_names_both_backends() {
     let o = run(std::path::Path::new("."), &["--help"]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}");
-    assert!(out.contains("CPU reference") && out.contains("CUDA"), "{out}");
+    assert!(
+        out.contains("CPU reference") && out.contains("CUDA"),
+        "{out}"
+    );
 }

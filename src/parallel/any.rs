@@ -346,14 +346,26 @@ pub fn abort_world(code: i32) -> ! {
 /// Print a fatal error as one line: `error: {e:#}` when single; in a multi-rank world
 /// `error: [rank R] {e:#}`, then abort the job if MPI is running (does not return then).
 pub fn report_error(e: &anyhow::Error) {
+    let e = one_line(e);
     if world_size() > 1 {
-        eprintln!("error: [rank {}] {e:#}", world_rank());
+        eprintln!("error: [rank {}] {e}", world_rank());
         if mpi_active() {
             abort_world(1);
         }
     } else {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {e}");
     }
+}
+
+/// The whole context chain of `e` on one line: a library's multi-line message (toml's, serde's)
+/// joined with spaces, so that every failure is the one `error:` line the README promises.
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Make a panic on any thread of a multi-rank MPI world end the job: print

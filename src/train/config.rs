@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -224,24 +224,27 @@ fn default_rope_precision() -> String {
 
 impl RunConfig {
     /// Read `path`, apply `key=value` overrides (dotted keys, TOML values; a bare word is a
-    /// string), then validate.
+    /// string), then validate. An error is one line and names its source: the file (with the line
+    /// where toml knows it) or the `--set` that brought the bad key or value.
+    ///
+    /// Relative paths in the config are taken as given (relative to the working directory), the
+    /// convention of the shipped configs and Makefile.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read run config {}", path.display()))?;
-        let mut doc: toml::Table =
-            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+        let file: toml::Table = toml::from_str(&text).map_err(|e| {
+            anyhow!(
+                "{}{}: invalid TOML: {}",
+                path.display(),
+                at_line(&text, &e),
+                e.message().trim().replace('\n', " ")
+            )
+        })?;
+        let mut doc = file.clone();
         for ov in overrides {
             apply_override(&mut doc, ov).with_context(|| format!("--set {ov}"))?;
         }
-        let cfg: RunConfig = toml::Value::Table(doc)
-            .try_into()
-            .with_context(|| format!("{}: invalid run config", path.display()))?;
-        // Relative paths are relative to the config file's directory... unless they exist from
-        // the current directory; we take them as given (relative to the working directory), the
-        // convention of the shipped configs and Makefile.
-        cfg.validate()
-            .with_context(|| format!("{}: invalid run config", path.display()))?;
-        Ok(cfg)
+        check(&doc).map_err(|e| blame(path, &text, file, overrides, e))
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -314,6 +317,83 @@ impl RunConfig {
     }
 }
 
+/// Why a run-config document is not a valid `RunConfig`: `text` is the one-line error (toml's key
+/// path, e.g. "in `train`", kept), `message` toml's message alone, to find its line in the file.
+#[derive(PartialEq)]
+struct Invalid {
+    text: String,
+    message: String,
+}
+
+/// Deserialize and validate `doc`.
+fn check(doc: &toml::Table) -> Result<RunConfig, Invalid> {
+    let cfg: RunConfig =
+        toml::Value::Table(doc.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                // Display is "MESSAGE\nin `KEYS`\n": one line, the key path first.
+                let message = e.message().trim().replace('\n', " ");
+                let keys = e.to_string();
+                let keys = keys
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("in `")?.strip_suffix('`'))
+                    .next_back();
+                let text = match keys {
+                    Some(k) => format!("in `{k}`: {message}"),
+                    None => message.clone(),
+                };
+                Invalid { text, message }
+            })?;
+    cfg.validate().map_err(|e| Invalid {
+        text: format!("{e:#}"),
+        message: String::new(),
+    })?;
+    Ok(cfg)
+}
+
+/// The error `err` of the config file `path` (text `text`, parsed `file`) with `overrides` applied,
+/// blamed on its source: the first `--set` after which it appears, else the file, at its line when
+/// toml can say.
+fn blame(
+    path: &Path,
+    text: &str,
+    file: toml::Table,
+    overrides: &[String],
+    err: Invalid,
+) -> anyhow::Error {
+    if !overrides.is_empty() && check(&file).err().as_ref() != Some(&err) {
+        let mut doc = file;
+        for ov in overrides {
+            if apply_override(&mut doc, ov).is_err() {
+                break;
+            }
+            if check(&doc).err().as_ref() == Some(&err) {
+                return anyhow!("--set {ov}: {}", err.text);
+            }
+        }
+    }
+    let line = match toml::from_str::<RunConfig>(text) {
+        Err(e)
+            if !err.message.is_empty() && e.message().trim().replace('\n', " ") == err.message =>
+        {
+            at_line(text, &e)
+        }
+        _ => String::new(),
+    };
+    anyhow!("{}{line}: invalid run config: {}", path.display(), err.text)
+}
+
+/// " line N" of the start of a toml error in `text`, or "" when toml gives no place.
+fn at_line(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(s) => format!(
+            " line {}",
+            text[..s.start.min(text.len())].matches('\n').count() + 1
+        ),
+        None => String::new(),
+    }
+}
+
 fn apply_override(doc: &mut toml::Table, ov: &str) -> Result<()> {
     let (key, value) = ov.split_once('=').context("expected key=value")?;
     let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
@@ -378,6 +458,45 @@ out_dir = "o"
             load(&format!("{BASE}\nbogus_key = 1\n"), &[]).unwrap_err()
         );
         assert!(e.contains("bogus_key") && e.contains("run.toml"), "{e}");
+    }
+
+    #[test]
+    fn errors_are_one_line_and_name_their_source() {
+        // A typo in the file: the file and the line (`seqlen` is on line 8 of the text).
+        let e = format!(
+            "{:#}",
+            load(&BASE.replace("seq_len", "seqlen"), &[]).unwrap_err()
+        );
+        assert!(
+            e.contains("run.toml line 8") && e.contains("unknown field `seqlen`"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "one line: {e}");
+        // The same typo from --set: the --set, not the file.
+        let e = format!("{:#}", load(BASE, &["train.seqlen=4096"]).unwrap_err());
+        assert!(
+            e.starts_with("--set train.seqlen=4096: ") && e.contains("`seqlen`"),
+            "{e}"
+        );
+        assert!(!e.contains("run.toml") && !e.contains('\n'), "{e}");
+        // A bad value among several --set: the one that brought it.
+        let e = format!(
+            "{:#}",
+            load(
+                BASE,
+                &["train.steps=9", "optim.schedule=zigzag", "optim.lr=1"]
+            )
+            .unwrap_err()
+        );
+        assert!(e.starts_with("--set optim.schedule=zigzag: "), "{e}");
+        // A file error that a --set does not touch stays the file's.
+        let text = BASE.replace("[train]", "[optim]\nschedule=\"zigzag\"\n[train]");
+        let e = format!("{:#}", load(&text, &["train.steps=9"]).unwrap_err());
+        assert!(e.contains("run.toml") && !e.contains("--set"), "{e}");
+        // Invalid TOML: file, line, one line.
+        let e = format!("{:#}", load("[model\npath = 1\n", &[]).unwrap_err());
+        assert!(e.contains("run.toml line 1: invalid TOML"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
     }
 
     #[test]
