@@ -140,6 +140,7 @@ pub fn run(c: EvalCommand) -> Result<()> {
         EvalCommand::Niah(a) => &a.m,
         EvalCommand::Ppl(a) => &a.m,
     };
+    crate::model::hf::require_model_dir(&m.model, "--model")?;
     check_tp(m.run.tp)?;
     match m.run.precision.as_str() {
         "f32" => run_world(|w| run_on(&CpuBackend::<f32>::new(), w, &c)),

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::parallel::topology::Layout;
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
@@ -299,6 +301,26 @@ impl RunConfig {
         }
         if self.checkpoint.keep == 0 {
             bail!("checkpoint.keep must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The run's sequences split over `layout`: `train.seq_len` into 2·cp·tp zigzag pieces, the
+    /// global batch (`micro_batch × grad_accum`) over dp.
+    pub fn check_layout(&self, layout: &Layout) -> Result<()> {
+        layout
+            .check_seq_len(self.train.seq_len)
+            .context("train.seq_len and the layout (parallel.tp/cp, --tp/--cp)")?;
+        let per_step = self.sequences_per_step();
+        if !per_step.is_multiple_of(layout.dp) {
+            bail!(
+                "the global batch of {per_step} sequences (train.micro_batch × train.grad_accum) \
+                 does not divide over dp {} ({} ranks / (tp {} × cp {}))",
+                layout.dp,
+                layout.world(),
+                layout.tp,
+                layout.cp
+            );
         }
         Ok(())
     }
