@@ -473,6 +473,7 @@ fn ppl<B: Backend>(b: &B, world: &World, a: &PplArgs) -> Result<()> {
             y_label: "mean next-token loss (nats)",
             series: &[plot::Series { name, points }],
             log_x: true,
+            log_y: false,
         },
     )?;
     println!(
