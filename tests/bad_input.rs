@@ -268,6 +268,10 @@ fn config_errors_are_one_line_and_name_their_source() {
         err.starts_with("error: --set train.seqlen=4096: ") && !err.contains("r.toml"),
         "{err}"
     );
+    // A flag that is an override names itself.
+    let o = run(p, &["train", "--config", "r.toml", "--backend", "tpu"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.starts_with("error: --backend tpu: "), "{err}");
     assert!(!p.join("o").exists(), "nothing is created for a bad config");
 }
 

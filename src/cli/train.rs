@@ -40,11 +40,20 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let mut set = a.set.clone();
-    set.extend(a.tp.map(|v| format!("parallel.tp={v}")));
-    set.extend(a.cp.map(|v| format!("parallel.cp={v}")));
-    set.extend(a.backend.as_ref().map(|v| format!("train.backend={v}")));
-    let cfg = RunConfig::load(&a.config, &set)?;
+    // Each override with the flag the user typed, for errors.
+    let mut set: Vec<(String, String)> = a
+        .set
+        .iter()
+        .map(|s| (format!("--set {s}"), s.clone()))
+        .collect();
+    set.extend(a.tp.map(|v| (format!("--tp {v}"), format!("parallel.tp={v}"))));
+    set.extend(a.cp.map(|v| (format!("--cp {v}"), format!("parallel.cp={v}"))));
+    set.extend(
+        a.backend
+            .as_ref()
+            .map(|v| (format!("--backend {v}"), format!("train.backend={v}"))),
+    );
+    let cfg = RunConfig::load_from(&a.config, &set)?;
     check_before_world(&cfg, a.resume)?;
     run_world(|world| run_ranks(world, &a, &cfg))
 }

@@ -232,6 +232,16 @@ impl RunConfig {
     /// Relative paths in the config are taken as given (relative to the working directory), the
     /// convention of the shipped configs and Makefile.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let labelled: Vec<(String, String)> = overrides
+            .iter()
+            .map(|o| (format!("--set {o}"), o.clone()))
+            .collect();
+        Self::load_from(path, &labelled)
+    }
+
+    /// `load` with each override as (what the user typed, `key=value`), e.g. (`--tp 2`,
+    /// `parallel.tp=2`): an error names the flag the user gave.
+    pub fn load_from(path: &Path, overrides: &[(String, String)]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read run config {}", path.display()))?;
         let file: toml::Table = toml::from_str(&text).map_err(|e| {
@@ -243,8 +253,8 @@ impl RunConfig {
             )
         })?;
         let mut doc = file.clone();
-        for ov in overrides {
-            apply_override(&mut doc, ov).with_context(|| format!("--set {ov}"))?;
+        for (from, ov) in overrides {
+            apply_override(&mut doc, ov).with_context(|| from.clone())?;
         }
         check(&doc).map_err(|e| blame(path, &text, file, overrides, e))
     }
@@ -374,23 +384,23 @@ fn check(doc: &toml::Table) -> Result<RunConfig, Invalid> {
 }
 
 /// The error `err` of the config file `path` (text `text`, parsed `file`) with `overrides` applied,
-/// blamed on its source: the first `--set` after which it appears, else the file, at its line when
+/// blamed on its source: the first override after which it appears, else the file, at its line when
 /// toml can say.
 fn blame(
     path: &Path,
     text: &str,
     file: toml::Table,
-    overrides: &[String],
+    overrides: &[(String, String)],
     err: Invalid,
 ) -> anyhow::Error {
     if !overrides.is_empty() && check(&file).err().as_ref() != Some(&err) {
         let mut doc = file;
-        for ov in overrides {
+        for (from, ov) in overrides {
             if apply_override(&mut doc, ov).is_err() {
                 break;
             }
             if check(&doc).err().as_ref() == Some(&err) {
-                return anyhow!("--set {ov}: {}", err.text);
+                return anyhow!("{from}: {}", err.text);
             }
         }
     }
