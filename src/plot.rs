@@ -203,7 +203,13 @@ pub fn line_chart(path: &Path, chart: &LineChart) -> Result<()> {
                         .background_style(WHITE.mix(0.85))
                         .border_style(BLACK)
                         .label_font(("sans-serif", 16))
-                        .position(SeriesLabelPosition::UpperRight)
+                        // Log-y curves (losses by position) fall from the upper left and
+                        // leave the lower left empty; other charts keep the upper right.
+                        .position(if chart.log_y {
+                            SeriesLabelPosition::LowerLeft
+                        } else {
+                            SeriesLabelPosition::UpperRight
+                        })
                         .draw()
                         .map_err(draw_err(path))?;
                 }

@@ -224,8 +224,8 @@ pub fn run(a: ReportArgs) -> Result<()> {
         let per_cell = match trials {
             Some(t) => format!(
                 "{t} trials per cell (length × depth), each with its own number, so one cell's \
-                 accuracy moves in steps of {:.0}% and each length below pools {} trials",
-                100.0 / t as f64,
+                 accuracy moves in steps of {}% and each length below pools {} trials",
+                crate::plot::tick_label(100.0 / t as f64),
                 t as usize * grids[0].depths.len()
             ),
             None => "the trials per cell differ between models (niah.json `trials`)".into(),
