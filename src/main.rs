@@ -13,7 +13,20 @@ fn main() -> ExitCode {
     // Under a multi-rank MPI world a panic on one rank aborts the job (`error: [rank R] ...`)
     // instead of leaving the other ranks blocked in a collective; single runs keep Rust's hook.
     ultralong::parallel::any::install_panic_hook();
-    let cli = ultralong::cli::Cli::parse();
+    let cli = match ultralong::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Under mpirun every rank parses the same command line: rank 0 alone prints the usage
+            // error (or the help).
+            if ultralong::parallel::any::follower_before_world().is_some() {
+                if !e.use_stderr() {
+                    return ExitCode::SUCCESS;
+                }
+                ultralong::parallel::any::wait_for_rank_zero();
+            }
+            e.exit()
+        }
+    };
     match ultralong::cli::run(cli) {
         Ok(()) => {
             ExitCode::from(ultralong::cli::EXIT_CODE.load(std::sync::atomic::Ordering::Relaxed))

@@ -34,6 +34,9 @@ pub struct LineChart<'a> {
     pub series: &'a [Series],
     /// Logarithmic x axis (e.g. token position).
     pub log_x: bool,
+    /// Logarithmic y axis (e.g. losses from a few nats down to hundredths); points with y <= 0
+    /// are skipped.
+    pub log_y: bool,
 }
 
 /// A heatmap: `values[row][col]` in `[min, max]`, rows drawn bottom to top in the order given
@@ -50,7 +53,7 @@ pub struct Heatmap<'a> {
     pub max: f64,
     /// First row at the top (as the paper's NIAH plots: depth 0% at the top).
     pub rows_top_down: bool,
-    /// Print each cell's value (as a percentage of `max`) inside it.
+    /// Print each cell's value inside it, in the colour bar's units.
     pub annotate: bool,
 }
 
@@ -110,11 +113,31 @@ fn padded(lo: f64, hi: f64) -> (f64, f64) {
     (lo - d, hi + d)
 }
 
+/// An axis label as people write numbers: "10", "4096", "0.05", "1.5" (not "10.0", "0.050").
+pub fn tick_label(v: f64) -> String {
+    if !v.is_finite() {
+        return String::new();
+    }
+    if v == 0.0 {
+        return "0".into();
+    }
+    // Three significant digits, trailing zeros dropped.
+    let decimals = (2 - v.abs().log10().floor() as i64).clamp(0, 12) as usize;
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
 /// Writes `chart` to `path` (PNG). Non-finite points are skipped; a chart without any finite
 /// point is an error naming the file.
 pub fn line_chart(path: &Path, chart: &LineChart) -> Result<()> {
     register_font();
-    let finite = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite() && (!chart.log_x || x > 0.0);
+    let finite = |&(x, y): &(f64, f64)| {
+        x.is_finite() && y.is_finite() && (!chart.log_x || x > 0.0) && (!chart.log_y || y > 0.0)
+    };
     let pts: Vec<(f64, f64)> = chart
         .series
         .iter()
@@ -133,7 +156,12 @@ pub fn line_chart(path: &Path, chart: &LineChart) -> Result<()> {
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
             (a.min(p.1), b.max(p.1))
         });
-    let (y0, y1) = padded(y0, y1);
+    let (y0, y1) = if chart.log_y {
+        // A fifth of a decade of room each side (padded() could go below zero).
+        (y0 / 1.6, (y1 * 1.6).max(y0 * 1.0001))
+    } else {
+        padded(y0, y1)
+    };
     let tmp = tmp_path(path);
     {
         let root = BitMapBackend::new(&tmp, (W, H)).into_drawing_area();
@@ -151,6 +179,8 @@ pub fn line_chart(path: &Path, chart: &LineChart) -> Result<()> {
                 ctx.configure_mesh()
                     .x_desc(chart.x_label)
                     .y_desc(chart.y_label)
+                    .x_label_formatter(&|v: &f64| tick_label(*v))
+                    .y_label_formatter(&|v: &f64| tick_label(*v))
                     .label_style(("sans-serif", 16))
                     .axis_desc_style(("sans-serif", 18))
                     .light_line_style(RGBColor(235, 235, 235))
@@ -173,23 +203,41 @@ pub fn line_chart(path: &Path, chart: &LineChart) -> Result<()> {
                         .background_style(WHITE.mix(0.85))
                         .border_style(BLACK)
                         .label_font(("sans-serif", 16))
-                        .position(SeriesLabelPosition::UpperRight)
+                        // Log-y curves (losses by position) fall from the upper left and
+                        // leave the lower left empty; other charts keep the upper right.
+                        .position(if chart.log_y {
+                            SeriesLabelPosition::LowerLeft
+                        } else {
+                            SeriesLabelPosition::UpperRight
+                        })
                         .draw()
                         .map_err(draw_err(path))?;
                 }
             }};
         }
-        if chart.log_x {
-            let ctx = builder
-                .build_cartesian_2d((x0..x1.max(x0 * 1.0001)).log_scale(), y0..y1)
-                .map_err(draw_err(path))?;
-            body!(ctx);
-        } else {
-            let (x0, x1) = if x1 > x0 { (x0, x1) } else { padded(x0, x1) };
-            let ctx = builder
-                .build_cartesian_2d(x0..x1, y0..y1)
-                .map_err(draw_err(path))?;
-            body!(ctx);
+        let lin_x = if x1 > x0 { (x0, x1) } else { padded(x0, x1) };
+        let log_x = (x0..x1.max(x0 * 1.0001)).log_scale();
+        match (chart.log_x, chart.log_y) {
+            (true, true) => body!(
+                builder
+                    .build_cartesian_2d(log_x, (y0..y1).log_scale())
+                    .map_err(draw_err(path))?
+            ),
+            (true, false) => body!(
+                builder
+                    .build_cartesian_2d(log_x, y0..y1)
+                    .map_err(draw_err(path))?
+            ),
+            (false, true) => body!(
+                builder
+                    .build_cartesian_2d(lin_x.0..lin_x.1, (y0..y1).log_scale())
+                    .map_err(draw_err(path))?
+            ),
+            (false, false) => body!(
+                builder
+                    .build_cartesian_2d(lin_x.0..lin_x.1, y0..y1)
+                    .map_err(draw_err(path))?
+            ),
         }
         root.present().map_err(draw_err(path))?;
     }
@@ -306,7 +354,8 @@ pub fn heatmap(path: &Path, map: &Heatmap) -> Result<()> {
                 )))
                 .map_err(draw_err(path))?;
                 if map.annotate && v.is_finite() {
-                    let text = format!("{:.0}", 100.0 * (v - map.min) / span);
+                    // The value itself, as the colour bar labels it.
+                    let text = tick_label(v);
                     ctx.draw_series(std::iter::once(Text::new(
                         text,
                         (x + 0.5, y + 0.5),
@@ -333,6 +382,7 @@ pub fn heatmap(path: &Path, map: &Heatmap) -> Result<()> {
         cb.configure_mesh()
             .disable_mesh()
             .disable_x_axis()
+            .y_label_formatter(&|v: &f64| tick_label(*v))
             .label_style(("sans-serif", 14))
             .y_labels(6)
             .draw()
@@ -389,6 +439,7 @@ mod tests {
             y_label: "loss",
             series: &s,
             log_x: false,
+            log_y: false,
         };
         line_chart(&p, &c).unwrap();
         assert_eq!(png_size(&p), (W, H));
@@ -406,7 +457,25 @@ mod tests {
         .unwrap();
         assert_ne!(std::fs::read(&p).unwrap(), std::fs::read(&q).unwrap());
         let log = d.path().join("log.png");
-        line_chart(&log, &LineChart { log_x: true, ..c }).unwrap();
+        line_chart(
+            &log,
+            &LineChart {
+                log_x: true,
+                ..c.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(png_size(&log), (W, H));
+        // Log-log (the loss points of 0.4 and 0.03 and the positive ones only).
+        line_chart(
+            &log,
+            &LineChart {
+                log_x: true,
+                log_y: true,
+                ..c
+            },
+        )
+        .unwrap();
         assert_eq!(png_size(&log), (W, H));
     }
 
@@ -426,6 +495,7 @@ mod tests {
                 y_label: "y",
                 series: &s,
                 log_x: false,
+                log_y: false,
             },
         )
         .unwrap_err();
@@ -462,6 +532,19 @@ mod tests {
         let e = heatmap(&p, &Heatmap { values: &bad, ..m }).unwrap_err();
         assert!(e.to_string().contains("3 rows × 3 columns"), "{e}");
         assert_eq!(score_colour(0.0), RGBColor(215, 48, 39));
+        // Cells and colour bar share units: a 0.5 cell is labelled 0.5, not "50".
+        for (v, s) in [
+            (0.5, "0.5"),
+            (0.0, "0"),
+            (1.0, "1"),
+            (0.125, "0.125"),
+            (10.0, "10"),
+            (1000.0, "1000"),
+            (0.05, "0.05"),
+            (1.23456, "1.23"),
+        ] {
+            assert_eq!(tick_label(v), s, "{v}");
+        }
         assert_eq!(score_colour(1.0), RGBColor(26, 150, 65));
     }
 }

@@ -208,6 +208,11 @@ fn backend_cuda_without_a_driver_fails_clearly() {
             err.contains("no CUDA driver found (libcuda.so"),
             "{args:?}: unclear message: {err}"
         );
+        // gpu-check has no --backend option: the message must not suggest one.
+        assert!(
+            args[0] != "gpu-check" || !err.contains("--backend"),
+            "{args:?}: {err}"
+        );
     }
 }
 

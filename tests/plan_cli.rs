@@ -86,7 +86,7 @@ fn every_config_parses_and_carries_the_papers_values() {
         }
     );
 
-    // CPT: PAPER.md §1 Stage 1 and YaRN.
+    // CPT: RECIPE.md §1 Stage 1 and YaRN.
     for (name, seq, factor) in [
         ("1m", 1 << 20, 128.0),
         ("2m", 1 << 21, 256.0),
@@ -127,7 +127,7 @@ fn every_config_parses_and_carries_the_papers_values() {
     assert_eq!(c4.parallel.cp, 16);
     assert_eq!(load("configs/ultralong-1m.toml").parallel.cp, 4);
 
-    // SFT: PAPER.md §1 Stage 2.
+    // SFT: RECIPE.md §1 Stage 2.
     for (name, steps) in [("1m", 480), ("2m", 140), ("4m", 150)] {
         let c = load(&format!("configs/sft-{name}.toml"));
         assert_eq!(c.train.steps, steps);
@@ -164,7 +164,7 @@ fn every_config_parses_and_carries_the_papers_values() {
             let needs_comment = !["path", "dataset", "out_dir", "micro_batch"].contains(&key);
             if needs_comment {
                 assert!(
-                    line.contains("PAPER.md") || line.contains("our choice") || line.contains('#'),
+                    line.contains("RECIPE.md") || line.contains("our choice") || line.contains('#'),
                     "{f}: `{line}` has no source comment"
                 );
             }
@@ -181,7 +181,7 @@ fn every_config_parses_and_carries_the_papers_values() {
                 assert!(line.contains("our choice"), "{f}: `{line}`");
             }
             if ["lr", "seq_len", "factor", "beta_fast", "beta_slow", "tp"].contains(&key) {
-                assert!(line.contains("PAPER.md"), "{f}: `{line}`");
+                assert!(line.contains("RECIPE.md"), "{f}: `{line}`");
             }
         }
     }
@@ -226,7 +226,7 @@ fn plan_finds_the_papers_layouts_on_80gb_h100s() {
         assert_eq!((tp, c, d), (8, cp, dp), "{name}: {}", v["chosen"]["reason"]);
         assert!(peak < 79.6, "{name}: {peak} GiB");
         assert!(ring["hides"].as_bool().unwrap(), "{name}: the ring hides");
-        // GPU-hours per 1B tokens: at least what the FLOPs need at the stated MFU (PAPER.md: 4M
+        // GPU-hours per 1B tokens: at least what the FLOPs need at the stated MFU (RECIPE.md: 4M
         // ~2,350 H100-hours at 40%), and not much more (exposed communication is small).
         let flops = v["flops_per_token"]["model"].as_f64().unwrap();
         // DESIGN.md's count by hand: 6·N + 6·(32·128)·S·32 with N = 32 layers × 218,103,808

@@ -174,13 +174,83 @@ fn bad_lines_are_named_or_counted_and_leave_nothing() {
             .to_string_lossy()
             .contains(".tmp-"))
     );
-    let out = ok(p, &[&base[..], &["--skip-invalid"]].concat());
+    let o = run(p, &[&base[..], &["--skip-invalid"]].concat());
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    // The printed summary says what was skipped, not only report.json.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("skipped 4 input lines")
+            && err.contains("1 malformed JSON")
+            && err.contains("1 empty documents"),
+        "{err}"
+    );
     let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(r["invalid"]["malformed_json"], 1);
     assert_eq!(r["invalid"]["missing_text"], 1);
     assert_eq!(r["invalid"]["invalid_utf8"], 1);
     assert_eq!(r["invalid"]["empty_document"], 1);
     assert_eq!(r["documents_in"], 50);
+}
+
+/// A budget above the corpus repeats documents: the summary warns for each bucket it repeats,
+/// and a budget the corpus covers gives no warning.
+#[test]
+fn a_budget_above_the_corpus_warns_per_bucket() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    tiny_model(p);
+    write_corpus(&p.join("c.jsonl"), 300);
+    let prep = |tokens: &str, out: &str| {
+        let o = run(
+            p,
+            &[
+                "prepare",
+                "cpt",
+                "--input",
+                "c.jsonl",
+                "--tokenizer",
+                "m",
+                "--seq-len",
+                "64",
+                "--tokens",
+                tokens,
+                "--out",
+                out,
+                "--short",
+                "40",
+                "--long",
+                "100",
+            ],
+        );
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        let r: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+        (r, err)
+    };
+    let (r, err) = prep("1000000", "big");
+    let tokens_in = r["tokens_in"].as_u64().unwrap();
+    assert!(
+        tokens_in < 1_000_000 / 4,
+        "the corpus must be well below the budget"
+    );
+    // Each bucket's rate is far above 1 and above its weight (0.5, 1, 2): a warning for each.
+    for b in ["short", "mid", "long"] {
+        let st = &r["buckets"]["default"][b];
+        let rate = st["tokens_out"].as_f64().unwrap() / st["tokens_in"].as_f64().unwrap();
+        assert!(rate > 2.0, "{b}: rate {rate}");
+        assert!(
+            err.lines().any(|l| l.starts_with("warning:")
+                && l.contains(&format!("{b} documents"))
+                && l.contains(&format!("{rate:.2}x"))),
+            "{b}: {err}"
+        );
+    }
+    assert_eq!(r["warnings"].as_array().unwrap().len(), 3);
+    let (r, err) = prep(&(tokens_in / 2).to_string(), "small");
+    assert!(!err.contains("warning"), "{err}");
+    assert!(r["warnings"].as_array().unwrap().is_empty());
 }
 
 #[test]

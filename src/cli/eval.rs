@@ -142,6 +142,7 @@ pub fn run(c: EvalCommand) -> Result<()> {
         EvalCommand::Niah(a) => &a.m,
         EvalCommand::Ppl(a) => &a.m,
     };
+    crate::model::hf::require_model_dir(&m.model, "--model")?;
     match m.run.precision.as_str() {
         "f32" => run_world(|w| run_on(&CpuBackend::<f32>::new(), w, &c)),
         "f64" => run_world(|w| run_on(&CpuBackend::<f64>::new(), w, &c)),
@@ -478,6 +479,7 @@ fn ppl<B: Backend>(b: &B, world: &World, a: &PplArgs) -> Result<()> {
             y_label: "mean next-token loss (nats)",
             series: &[plot::Series { name, points }],
             log_x: true,
+            log_y: false,
         },
     )?;
     println!(

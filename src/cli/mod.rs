@@ -27,7 +27,8 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "ultralong",
     version,
-    about = "UltraLong: Llama-3.1 context extension to 1M-4M tokens with YaRN (CPU reference backend)"
+    about = "UltraLong: Llama-3.1 context extension to 1M-4M tokens with YaRN; a CPU reference \
+             backend and a CUDA one, over MPI (tensor, context and data parallel)"
 )]
 pub struct Cli {
     #[command(subcommand)]

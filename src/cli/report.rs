@@ -1,6 +1,7 @@
 //! `ultralong report`: one Markdown page comparing models from their `eval niah` and `eval ppl`
-//! outputs — NIAH accuracy by context length (and overall), loss by position bucket, the heatmaps,
-//! and one chart with every model's loss-by-position curve. `make demo` writes its report with it;
+//! outputs — what the numbers mean, NIAH accuracy by context length (and overall), exact and by
+//! digits, a heatmap of each per depth × length under the report's model names, loss by position
+//! bucket, and one chart (log-log) with every model's loss-by-position curve. `make demo` writes its report with it;
 //! it equally compares a user's checkpoints (before/after an extension, ablations).
 //!
 //! ```text
@@ -17,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::Value;
 
-use crate::plot::{LineChart, Series, line_chart};
+use crate::plot::{Heatmap, LineChart, Series, heatmap, line_chart};
 
 #[derive(Args, Debug)]
 pub struct ReportArgs {
@@ -53,25 +54,6 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))
 }
 
-/// A path to `target` as seen from the directory of `from` (for Markdown image links), falling
-/// back to the path itself when they share no prefix.
-fn relative_to(target: &Path, from_dir: &Path) -> String {
-    let t: Vec<_> = target.components().collect();
-    let f: Vec<_> = from_dir.components().collect();
-    let common = t.iter().zip(&f).take_while(|(a, b)| a == b).count();
-    if common == 0 && (target.is_absolute() != from_dir.is_absolute()) {
-        return target.display().to_string();
-    }
-    let mut p = PathBuf::new();
-    for _ in common..f.len() {
-        p.push("..");
-    }
-    for c in &t[common..] {
-        p.push(c);
-    }
-    p.display().to_string()
-}
-
 /// Accuracy by length: (length → (correct, total)) from niah.json's `cells`.
 fn niah_by_length(v: &Value, src: &Path) -> Result<BTreeMap<u64, (u64, u64)>> {
     let cells = v["cells"]
@@ -104,6 +86,79 @@ fn niah_digits_by_length(v: &Value) -> Option<BTreeMap<u64, (f64, u64)>> {
     Some(m)
 }
 
+/// One model's NIAH grids from niah.json's cells: lengths, depths, and per `[depth][length]` the
+/// share of trials answered exactly and the mean share of digits in place (NaN: no such cell, or
+/// no `digits_correct` in an older niah.json).
+struct NiahGrid {
+    lengths: Vec<u64>,
+    depths: Vec<f64>,
+    exact: Vec<Vec<f64>>,
+    digits: Vec<Vec<f64>>,
+    /// Trials per (length, depth) cell, when every cell has the same number.
+    trials: Option<u64>,
+}
+
+fn niah_grid(v: &Value) -> NiahGrid {
+    let cells = v["cells"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let mut lengths: Vec<u64> = cells.iter().filter_map(|c| c["length"].as_u64()).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    let mut depths: Vec<f64> = cells.iter().filter_map(|c| c["depth"].as_f64()).collect();
+    depths.sort_by(f64::total_cmp);
+    depths.dedup();
+    let (nd, nl) = (depths.len(), lengths.len());
+    let mut sum = vec![vec![(0.0, 0.0, 0u64); nl]; nd];
+    for c in cells {
+        let (Some(l), Some(d)) = (c["length"].as_u64(), c["depth"].as_f64()) else {
+            continue;
+        };
+        let (Ok(li), Some(di)) = (
+            lengths.binary_search(&l),
+            depths.iter().position(|&x| x == d),
+        ) else {
+            continue;
+        };
+        let e = &mut sum[di][li];
+        e.0 += c["correct"].as_bool().unwrap_or(false) as u64 as f64;
+        e.1 += c["digits_correct"].as_f64().unwrap_or(f64::NAN);
+        e.2 += 1;
+    }
+    let mean = |f: fn(&(f64, f64, u64)) -> f64| -> Vec<Vec<f64>> {
+        sum.iter()
+            .map(|r| {
+                r.iter()
+                    .map(|e| if e.2 > 0 { f(e) / e.2 as f64 } else { f64::NAN })
+                    .collect()
+            })
+            .collect()
+    };
+    let counts: Vec<u64> = sum.iter().flatten().map(|e| e.2).collect();
+    let trials = counts
+        .first()
+        .copied()
+        .filter(|&n| n > 0 && counts.iter().all(|&c| c == n));
+    NiahGrid {
+        exact: mean(|e| e.0),
+        digits: mean(|e| e.1),
+        lengths,
+        depths,
+        trials,
+    }
+}
+
+/// A model name as a file name (letters, digits, `.`, `-`, `_`).
+fn file_stem(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// One model's loss by position: name, mean loss, (start, end, mean loss) per bucket.
 type PplRow = (String, f64, Vec<(u64, u64, f64)>);
 
@@ -127,6 +182,8 @@ pub fn run(a: ReportArgs) -> Result<()> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("--out: cannot create {}", out_dir.display()))?;
     let mut md = String::new();
     writeln!(md, "# {}\n", a.title)?;
     if let Some(p) = &a.preamble {
@@ -153,6 +210,36 @@ pub fn run(a: ReportArgs) -> Result<()> {
         }
         lengths.sort_unstable();
         writeln!(md, "## Needle in a haystack: accuracy by context length\n")?;
+        let grids: Vec<NiahGrid> = rows
+            .iter()
+            .map(|(_, dir, _, _)| read_json(&dir.join("niah.json")).map(|v| niah_grid(&v)))
+            .collect::<Result<_>>()?;
+        let first = read_json(&rows[0].1.join("niah.json"))?;
+        let digits = first["digits"]
+            .as_u64()
+            .map_or("all".into(), |d| d.to_string());
+        let trials = grids[0]
+            .trials
+            .filter(|t| grids.iter().all(|g| g.trials == Some(*t)));
+        let per_cell = match trials {
+            Some(t) => format!(
+                "{t} trials per cell (length × depth), each with its own number, so one cell's \
+                 accuracy moves in steps of {}% and each length below pools {} trials",
+                crate::plot::tick_label(100.0 / t as f64),
+                t as usize * grids[0].depths.len()
+            ),
+            None => "the trials per cell differ between models (niah.json `trials`)".into(),
+        };
+        writeln!(
+            md,
+            "What is shown: a needle sentence holding a random {digits}-digit number is placed at a \
+             depth of the haystack, and the model, asked for it, answers greedily; {per_cell}. \
+             **Exact match** counts an answer that has all {digits} digits in order; **digits in \
+             place** gives partial credit, the share of the number's digits the answer has at \
+             their place (it separates models that all miss exact match). What is not shown: \
+             retrieval of anything but this one needle format, and answers that are right but \
+             phrased otherwise.\n"
+        )?;
         write!(md, "| model | overall |")?;
         for l in &lengths {
             write!(md, " {} |", count_label(*l))?;
@@ -176,11 +263,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
         }
         writeln!(md)?;
         if rows.iter().all(|r| r.3.is_some()) {
-            writeln!(
-                md,
-                "Partial credit, the same cells: the share of the number's digits the answer has \
-                 in place (mean over cells; exact match above needs all of them).\n"
-            )?;
+            writeln!(md, "Digits in place, the same cells (mean over trials):\n")?;
             write!(md, "| model | overall |")?;
             for l in &lengths {
                 write!(md, " {} |", count_label(*l))?;
@@ -201,16 +284,69 @@ pub fn run(a: ReportArgs) -> Result<()> {
             }
             writeln!(md)?;
         }
-        for (name, dir, _, _) in &rows {
-            let png = dir.join("niah.png");
-            if png.exists() {
-                writeln!(
-                    md,
-                    "**{name}**\n\n![NIAH {name}]({})\n",
-                    relative_to(&png, &out_dir)
+        // Heatmaps under the report's names, cells labelled as the colour bar (a fraction).
+        writeln!(
+            md,
+            "Per depth × length (rows: depth of the needle, 0% = start of the context; each cell \
+             the fraction of its trials, as the colour bar):\n"
+        )?;
+        writeln!(
+            md,
+            "| model | exact match | digits in place |\n|---|---|---|"
+        )?;
+        for ((name, _, _, _), g) in rows.iter().zip(&grids) {
+            let x_ticks: Vec<String> = g.lengths.iter().map(|&l| count_label(l)).collect();
+            let y_ticks: Vec<String> = g.depths.iter().map(|d| format!("{d}%")).collect();
+            let mut links = Vec::new();
+            for (what, file, values) in [
+                (
+                    "exact match",
+                    format!("niah-{}.png", file_stem(name)),
+                    &g.exact,
+                ),
+                (
+                    "digits in place",
+                    format!("niah-digits-{}.png", file_stem(name)),
+                    &g.digits,
+                ),
+            ] {
+                let all: Vec<f64> = values
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .filter(|v| v.is_finite())
+                    .collect();
+                if all.is_empty() {
+                    links.push("–".to_string());
+                    continue;
+                }
+                let overall = all.iter().sum::<f64>() / all.len() as f64;
+                let trials = g
+                    .trials
+                    .map_or(String::new(), |t| format!(", {t} trials per cell"));
+                heatmap(
+                    &out_dir.join(&file),
+                    &Heatmap {
+                        title: &format!(
+                            "NIAH {what}: {name} ({:.0}% overall{trials})",
+                            100.0 * overall
+                        ),
+                        x_label: "context length (tokens)",
+                        y_label: "needle depth",
+                        x_ticks: &x_ticks,
+                        y_ticks: &y_ticks,
+                        values,
+                        min: 0.0,
+                        max: 1.0,
+                        rows_top_down: true,
+                        annotate: x_ticks.len() * y_ticks.len() <= 400,
+                    },
                 )?;
+                links.push(format!("![NIAH {what} {name}]({file})"));
             }
+            writeln!(md, "| **{name}** | {} | {} |", links[0], links[1])?;
         }
+        writeln!(md)?;
     }
 
     if !a.ppl.is_empty() {
@@ -268,17 +404,19 @@ pub fn run(a: ReportArgs) -> Result<()> {
         }
         writeln!(
             md,
-            "\n(mean next-token loss in nats per bucket of positions)\n"
+            "\n(mean next-token loss in nats per bucket of positions; the chart has both axes on \
+             log scales, so that losses near zero stay apart)\n"
         )?;
         let png = out_dir.join("ppl-compare.png");
         line_chart(
             &png,
             &LineChart {
-                title: "Loss by position",
+                title: "Loss by position (log-log)",
                 x_label: "position (tokens of context)",
                 y_label: "mean next-token loss (nats)",
                 series: &series,
                 log_x: true,
+                log_y: true,
             },
         )?;
         writeln!(md, "![loss by position](ppl-compare.png)\n")?;
@@ -307,6 +445,31 @@ mod tests {
     }
 
     #[test]
+    fn niah_grid_averages_trials_per_depth_and_length() {
+        let cell = |l: u64, d: f64, ok: bool, dig: f64| serde_json::json!({"length": l, "depth": d, "correct": ok, "digits_correct": dig});
+        let v: Value = serde_json::json!({"cells": [
+            cell(512, 0.0, true, 1.0), cell(512, 0.0, false, 0.5),
+            cell(256, 0.0, false, 0.25), cell(256, 0.0, false, 0.75),
+            cell(256, 50.0, true, 1.0), cell(256, 50.0, true, 1.0),
+            cell(512, 50.0, false, 0.0), cell(512, 50.0, false, 0.0),
+        ]});
+        let g = niah_grid(&v);
+        assert_eq!(g.lengths, vec![256, 512]);
+        assert_eq!(g.depths, vec![0.0, 50.0]);
+        assert_eq!(g.exact, vec![vec![0.0, 0.5], vec![1.0, 0.0]]);
+        assert_eq!(g.digits, vec![vec![0.5, 0.75], vec![1.0, 0.0]]);
+        assert_eq!(g.trials, Some(2));
+        // Unequal trials: no single count; a missing cell is NaN.
+        let v: Value = serde_json::json!({"cells": [
+            cell(256, 0.0, true, 1.0), cell(256, 0.0, true, 1.0), cell(512, 50.0, false, 0.0)
+        ]});
+        let g = niah_grid(&v);
+        assert_eq!(g.trials, None);
+        assert!(g.exact[1][0].is_nan() && g.exact[0][1].is_nan());
+        assert_eq!(file_stem("yarn nosep/x"), "yarn_nosep_x");
+    }
+
+    #[test]
     fn accuracy_by_length_counts_cells() {
         let v: Value = serde_json::json!({"cells": [
             {"length": 256, "correct": true}, {"length": 256, "correct": false},
@@ -324,17 +487,6 @@ mod tests {
 
     #[test]
     fn paths_and_labels() {
-        assert_eq!(
-            relative_to(
-                Path::new("runs/demo/niah-base/niah.png"),
-                Path::new("runs/demo")
-            ),
-            "niah-base/niah.png"
-        );
-        assert_eq!(
-            relative_to(Path::new("a/b.png"), Path::new("c")),
-            "../a/b.png"
-        );
         assert_eq!(count_label(4096), "4K");
         assert_eq!(count_label(1 << 20), "1M");
         assert_eq!(count_label(300), "300");

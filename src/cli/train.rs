@@ -2,13 +2,15 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
-use crate::parallel::any::{World, run_world};
-use crate::parallel::topology::Topology;
+use crate::model::config::ModelConfig;
+use crate::model::hf::require_model_dir;
+use crate::parallel::any::{World, detect_launch, run_world};
+use crate::parallel::topology::{Layout, Topology};
 use crate::train::config::RunConfig;
 use crate::train::trainer;
 
@@ -38,12 +40,66 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let mut set = a.set.clone();
-    set.extend(a.tp.map(|v| format!("parallel.tp={v}")));
-    set.extend(a.cp.map(|v| format!("parallel.cp={v}")));
-    set.extend(a.backend.as_ref().map(|v| format!("train.backend={v}")));
-    let cfg = RunConfig::load(&a.config, &set)?;
+    // Each override with the flag the user typed, for errors.
+    let mut set: Vec<(String, String)> = a
+        .set
+        .iter()
+        .map(|s| (format!("--set {s}"), s.clone()))
+        .collect();
+    set.extend(a.tp.map(|v| (format!("--tp {v}"), format!("parallel.tp={v}"))));
+    set.extend(a.cp.map(|v| (format!("--cp {v}"), format!("parallel.cp={v}"))));
+    set.extend(
+        a.backend
+            .as_ref()
+            .map(|v| (format!("--backend {v}"), format!("train.backend={v}"))),
+    );
+    let cfg = RunConfig::load_from(&a.config, &set)?;
+    check_before_world(&cfg, a.resume)?;
     run_world(|world| run_ranks(world, &a, &cfg))
+}
+
+/// What can be checked from the config, the files and the launcher's environment is checked before
+/// the world starts and before anything is created: an error is then printed once (by rank 0,
+/// `report_error`), not once per rank, and no empty `train.out_dir` is left behind. The trainer
+/// checks the layout again in the world (its other callers start there).
+fn check_before_world(cfg: &RunConfig, resume: bool) -> Result<()> {
+    for (key, path) in [
+        ("data.dataset", &cfg.data.dataset),
+        ("data.text", &cfg.data.text),
+        ("data.tokens", &cfg.data.tokens),
+        ("data.tokenizer", &cfg.data.tokenizer),
+    ] {
+        if let Some(p) = path
+            && !p.exists()
+        {
+            bail!(
+                "{key} = {:?}: no such file or directory",
+                p.display().to_string()
+            );
+        }
+    }
+    // The launcher says how many ranks there will be (PMIx alone does not: checked in the world).
+    let world = match detect_launch(&|k| std::env::var(k).ok()) {
+        None => Some(1),
+        Some(l) => l.size,
+    };
+    let layout = match world {
+        Some(n) => Some(Layout::of_world(n, cfg.parallel.tp, cfg.parallel.cp)?),
+        None => None,
+    };
+    if let Some(l) = &layout {
+        cfg.check_layout(l)?;
+    }
+    // The starting model, unless a resume finds checkpoints (they carry the model).
+    if !(resume && cfg.checkpoint_dir().is_dir()) {
+        require_model_dir(&cfg.model.path, "model.path")?;
+        let model = ModelConfig::from_file(&cfg.model.path.join("config.json"))?;
+        if let Some(l) = &layout {
+            l.check_model(&model)
+                .context("the model and the layout (parallel.tp, --tp)")?;
+        }
+    }
+    Ok(())
 }
 
 fn run_ranks(world: &World, a: &TrainArgs, cfg: &RunConfig) -> Result<()> {

@@ -1,5 +1,5 @@
 //! `prepare cpt`: the paper's stage-1 data. Documents from JSON Lines (plain, .gz, .zst) or Parquet are
-//! tokenized in parallel batches, resampled per domain by length (PAPER.md, after Fu et al. 2024:
+//! tokenized in parallel batches, resampled per domain by length (RECIPE.md §2, after Fu et al. 2024:
 //! short documents down-sampled, long ones up-sampled, domain shares kept), joined with a single
 //! separator token (`<s>`) between documents, packed into sequences of exactly `seq_len` tokens
 //! (documents cross sequence boundaries; no cross-document mask) and written as a Megatron indexed
@@ -47,7 +47,8 @@ pub struct Resampling {
 
 impl Default for Resampling {
     fn default() -> Self {
-        // PAPER.md gives the thresholds (4K, 8K) but not the ratios: these are our choice.
+        // The paper gives the thresholds (4K, 8K) but not the ratios (docs/RECIPE.md §2): these
+        // are our choice.
         Resampling {
             short: 4096,
             long: 8192,
@@ -112,6 +113,15 @@ pub struct CptReport {
     pub tokens_dropped: u64,
     pub separator_id: u32,
     pub invalid: InvalidCounts,
+    /// What the user should know about the output (printed with the table): buckets whose
+    /// documents the budget repeats.
+    pub warnings: Vec<String>,
+}
+
+impl InvalidCounts {
+    pub fn total(&self) -> u64 {
+        self.malformed_json + self.missing_text + self.invalid_utf8 + self.empty_document
+    }
 }
 
 impl CptReport {
@@ -144,7 +154,49 @@ impl CptReport {
             self.sequences,
             self.tokens_dropped
         );
+        let v = &self.invalid;
+        if v.total() > 0 {
+            s += &format!(
+                "skipped {} input lines (--skip-invalid): {} malformed JSON, {} without the text \
+                 field, {} invalid UTF-8, {} empty documents\n",
+                v.total(),
+                v.malformed_json,
+                v.missing_text,
+                v.invalid_utf8,
+                v.empty_document
+            );
+        }
+        for w in &self.warnings {
+            s += &format!("warning: {w}\n");
+        }
         s
+    }
+
+    /// A warning for each bucket whose documents come out more than once on average because the
+    /// budget asks for more than the corpus holds: its rate (tokens out / in) exceeds both 1 and
+    /// its weight (a long-document weight of 2 repeats long documents by design, not by budget).
+    fn repeat_warnings(&self, r: &Resampling, budget: u64) -> Vec<String> {
+        let weight = |b: &str| match b {
+            "short" => r.short_weight,
+            "long" => r.long_weight,
+            _ => 1.0,
+        };
+        let mut out = vec![];
+        for (d, bs) in &self.buckets {
+            for (b, st) in bs {
+                let rate = st.tokens_out as f64 / st.tokens_in.max(1) as f64;
+                // 1% above: the error diffusion ends each bucket within half a document.
+                if rate > 1.01 * weight(b).max(1.0) {
+                    out.push(format!(
+                        "domain {d:?}, {b} documents: each repeated {rate:.2}x on average to fill \
+                         --tokens {budget} from {} input tokens; a larger corpus or a smaller \
+                         --tokens avoids repeats",
+                        self.tokens_in
+                    ));
+                }
+            }
+        }
+        out
     }
 }
 
@@ -767,6 +819,7 @@ fn prepare_into(
         .sum::<u64>()
         + report.separators;
     report.tokens_dropped = buf.len() as u64;
+    report.warnings = report.repeat_warnings(&o.resampling, o.token_budget);
     report.sequences = out.num_sequences() as u64;
     report.tokens_packed = emitted;
     if report.sequences == 0 {

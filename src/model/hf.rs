@@ -90,6 +90,28 @@ pub fn save_hf_dir(
     }
 }
 
+/// Check that `dir`, given by `key` (e.g. `model.path`, `--model`), is a Hugging Face model
+/// directory before anything is loaded or created: a missing one is the first thing a new user
+/// meets, and the error says where the weights come from.
+pub fn require_model_dir(dir: &Path, key: &str) -> Result<()> {
+    const WHERE: &str = "a Hugging Face model directory (config.json, *.safetensors, tokenizer.json): \
+         download Llama-3.1-8B-Instruct as REPRODUCE.md \"Model and data\" shows, or make a \
+         random model with `ultralong init`";
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{key} = {:?}: no such directory; expected {WHERE}",
+            dir.display().to_string()
+        );
+    }
+    if !dir.join("config.json").is_file() {
+        anyhow::bail!(
+            "{key} = {:?}: no config.json in this directory; expected {WHERE}",
+            dir.display().to_string()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -398,14 +398,50 @@ pub fn abort_world(code: i32) -> ! {
 /// Print a fatal error as one line: `error: {e:#}` when single; in a multi-rank world
 /// `error: [rank R] {e:#}`, then abort the job if MPI is running (does not return then).
 pub fn report_error(e: &anyhow::Error) {
+    let e = one_line(e);
+    if let Some(rank) = follower_before_world() {
+        wait_for_rank_zero();
+        eprintln!("error: [rank {rank}] {e}");
+        return;
+    }
     if world_size() > 1 {
-        eprintln!("error: [rank {}] {e:#}", world_rank());
+        eprintln!("error: [rank {}] {e}", world_rank());
         if mpi_active() {
             abort_world(1);
         }
     } else {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {e}");
     }
+}
+
+/// This process's rank when a launcher started several processes, this one is not rank 0, and the
+/// world has not started. A failure before `init_world` (arguments, configs, input files) is the
+/// same on every rank, so rank 0 alone reports it; the others wait (`wait_for_rank_zero`).
+pub fn follower_before_world() -> Option<usize> {
+    if world_size() > 1 {
+        return None;
+    }
+    detect_launch(&|k| std::env::var(k).ok())?
+        .rank
+        .filter(|&r| r > 0)
+}
+
+/// Give rank 0 the time to print its error and the launcher the time to end the job (`mpirun`
+/// kills every rank once one exits non-zero): the user reads one error, not one per rank
+/// interleaved. A rank still alive after this failed on its own and says so.
+pub fn wait_for_rank_zero() {
+    std::thread::sleep(std::time::Duration::from_secs(3));
+}
+
+/// The whole context chain of `e` on one line: a library's multi-line message (toml's, serde's)
+/// joined with spaces, so that every failure is the one `error:` line the README promises.
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Make a panic on any thread of a multi-rank MPI world end the job: print

@@ -3,11 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 /// `[model.rope_scaling]`: built with the model config's own rope builder.
 pub use crate::model::config::RopeOverride;
+use crate::parallel::topology::Layout;
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -118,7 +119,8 @@ pub struct OptimSection {
 
 impl Default for OptimSection {
     fn default() -> Self {
-        // Our defaults; the paper gives only LR 3e-5 for CPT (PAPER.md), the rest is our choice.
+        // Our defaults; the paper gives only LR 3e-5 for CPT (docs/RECIPE.md §2), the rest is our
+        // choice (§8).
         OptimSection {
             lr: 3e-5,
             schedule: "constant".into(),
@@ -160,7 +162,7 @@ pub struct LogSection {
     /// Hide the progress bar (it is hidden anyway when stderr is not a terminal).
     #[serde(default)]
     pub quiet: bool,
-    /// Peak dense TFLOP/s of one device, for MFU (default: H100 SXM bf16, 989; DESIGN.md).
+    /// Peak dense TFLOP/s of one device, for MFU (default: H100 SXM bf16, 989; RECIPE.md §7).
     #[serde(default = "default_peak_tflops")]
     pub peak_tflops: f64,
     /// Write `loss.png` and `throughput.png` into the run directory at the end of the run
@@ -205,24 +207,37 @@ fn default_rope_precision() -> String {
 
 impl RunConfig {
     /// Read `path`, apply `key=value` overrides (dotted keys, TOML values; a bare word is a
-    /// string), then validate.
+    /// string), then validate. An error is one line and names its source: the file (with the line
+    /// where toml knows it) or the `--set` that brought the bad key or value.
+    ///
+    /// Relative paths in the config are taken as given (relative to the working directory), the
+    /// convention of the shipped configs and Makefile.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let labelled: Vec<(String, String)> = overrides
+            .iter()
+            .map(|o| (format!("--set {o}"), o.clone()))
+            .collect();
+        Self::load_from(path, &labelled)
+    }
+
+    /// `load` with each override as (what the user typed, `key=value`), e.g. (`--tp 2`,
+    /// `parallel.tp=2`): an error names the flag the user gave.
+    pub fn load_from(path: &Path, overrides: &[(String, String)]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read run config {}", path.display()))?;
-        let mut doc: toml::Table =
-            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
-        for ov in overrides {
-            apply_override(&mut doc, ov).with_context(|| format!("--set {ov}"))?;
+        let file: toml::Table = toml::from_str(&text).map_err(|e| {
+            anyhow!(
+                "{}{}: invalid TOML: {}",
+                path.display(),
+                at_line(&text, &e),
+                e.message().trim().replace('\n', " ")
+            )
+        })?;
+        let mut doc = file.clone();
+        for (from, ov) in overrides {
+            apply_override(&mut doc, ov).with_context(|| from.clone())?;
         }
-        let cfg: RunConfig = toml::Value::Table(doc)
-            .try_into()
-            .with_context(|| format!("{}: invalid run config", path.display()))?;
-        // Relative paths are relative to the config file's directory... unless they exist from
-        // the current directory; we take them as given (relative to the working directory), the
-        // convention of the shipped configs and Makefile.
-        cfg.validate()
-            .with_context(|| format!("{}: invalid run config", path.display()))?;
-        Ok(cfg)
+        check(&doc).map_err(|e| blame(path, &text, file, overrides, e))
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -281,6 +296,26 @@ impl RunConfig {
         Ok(())
     }
 
+    /// The run's sequences split over `layout`: `train.seq_len` into 2·cp·tp zigzag pieces, the
+    /// global batch (`micro_batch × grad_accum`) over dp.
+    pub fn check_layout(&self, layout: &Layout) -> Result<()> {
+        layout
+            .check_seq_len(self.train.seq_len)
+            .context("train.seq_len and the layout (parallel.tp/cp, --tp/--cp)")?;
+        let per_step = self.sequences_per_step();
+        if !per_step.is_multiple_of(layout.dp) {
+            bail!(
+                "the global batch of {per_step} sequences (train.micro_batch × train.grad_accum) \
+                 does not divide over dp {} ({} ranks / (tp {} × cp {}))",
+                layout.dp,
+                layout.world(),
+                layout.tp,
+                layout.cp
+            );
+        }
+        Ok(())
+    }
+
     /// The checkpoint directory.
     pub fn checkpoint_dir(&self) -> PathBuf {
         self.checkpoint
@@ -292,6 +327,83 @@ impl RunConfig {
     /// Sequences per optimizer step.
     pub fn sequences_per_step(&self) -> usize {
         self.train.micro_batch * self.train.grad_accum
+    }
+}
+
+/// Why a run-config document is not a valid `RunConfig`: `text` is the one-line error (toml's key
+/// path, e.g. "in `train`", kept), `message` toml's message alone, to find its line in the file.
+#[derive(PartialEq)]
+struct Invalid {
+    text: String,
+    message: String,
+}
+
+/// Deserialize and validate `doc`.
+fn check(doc: &toml::Table) -> Result<RunConfig, Invalid> {
+    let cfg: RunConfig =
+        toml::Value::Table(doc.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                // Display is "MESSAGE\nin `KEYS`\n": one line, the key path first.
+                let message = e.message().trim().replace('\n', " ");
+                let keys = e.to_string();
+                let keys = keys
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("in `")?.strip_suffix('`'))
+                    .next_back();
+                let text = match keys {
+                    Some(k) => format!("in `{k}`: {message}"),
+                    None => message.clone(),
+                };
+                Invalid { text, message }
+            })?;
+    cfg.validate().map_err(|e| Invalid {
+        text: format!("{e:#}"),
+        message: String::new(),
+    })?;
+    Ok(cfg)
+}
+
+/// The error `err` of the config file `path` (text `text`, parsed `file`) with `overrides` applied,
+/// blamed on its source: the first override after which it appears, else the file, at its line when
+/// toml can say.
+fn blame(
+    path: &Path,
+    text: &str,
+    file: toml::Table,
+    overrides: &[(String, String)],
+    err: Invalid,
+) -> anyhow::Error {
+    if !overrides.is_empty() && check(&file).err().as_ref() != Some(&err) {
+        let mut doc = file;
+        for (from, ov) in overrides {
+            if apply_override(&mut doc, ov).is_err() {
+                break;
+            }
+            if check(&doc).err().as_ref() == Some(&err) {
+                return anyhow!("{from}: {}", err.text);
+            }
+        }
+    }
+    let line = match toml::from_str::<RunConfig>(text) {
+        Err(e)
+            if !err.message.is_empty() && e.message().trim().replace('\n', " ") == err.message =>
+        {
+            at_line(text, &e)
+        }
+        _ => String::new(),
+    };
+    anyhow!("{}{line}: invalid run config: {}", path.display(), err.text)
+}
+
+/// " line N" of the start of a toml error in `text`, or "" when toml gives no place.
+fn at_line(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(s) => format!(
+            " line {}",
+            text[..s.start.min(text.len())].matches('\n').count() + 1
+        ),
+        None => String::new(),
     }
 }
 
@@ -359,6 +471,45 @@ out_dir = "o"
             load(&format!("{BASE}\nbogus_key = 1\n"), &[]).unwrap_err()
         );
         assert!(e.contains("bogus_key") && e.contains("run.toml"), "{e}");
+    }
+
+    #[test]
+    fn errors_are_one_line_and_name_their_source() {
+        // A typo in the file: the file and the line (`seqlen` is on line 8 of the text).
+        let e = format!(
+            "{:#}",
+            load(&BASE.replace("seq_len", "seqlen"), &[]).unwrap_err()
+        );
+        assert!(
+            e.contains("run.toml line 8") && e.contains("unknown field `seqlen`"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "one line: {e}");
+        // The same typo from --set: the --set, not the file.
+        let e = format!("{:#}", load(BASE, &["train.seqlen=4096"]).unwrap_err());
+        assert!(
+            e.starts_with("--set train.seqlen=4096: ") && e.contains("`seqlen`"),
+            "{e}"
+        );
+        assert!(!e.contains("run.toml") && !e.contains('\n'), "{e}");
+        // A bad value among several --set: the one that brought it.
+        let e = format!(
+            "{:#}",
+            load(
+                BASE,
+                &["train.steps=9", "optim.schedule=zigzag", "optim.lr=1"]
+            )
+            .unwrap_err()
+        );
+        assert!(e.starts_with("--set optim.schedule=zigzag: "), "{e}");
+        // A file error that a --set does not touch stays the file's.
+        let text = BASE.replace("[train]", "[optim]\nschedule=\"zigzag\"\n[train]");
+        let e = format!("{:#}", load(&text, &["train.steps=9"]).unwrap_err());
+        assert!(e.contains("run.toml") && !e.contains("--set"), "{e}");
+        // Invalid TOML: file, line, one line.
+        let e = format!("{:#}", load("[model\npath = 1\n", &[]).unwrap_err());
+        assert!(e.contains("run.toml line 1: invalid TOML"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
     }
 
     #[test]

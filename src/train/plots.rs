@@ -101,6 +101,7 @@ pub fn write_run_plots(out_dir: &Path) -> Result<Vec<PathBuf>> {
             y_label: "loss (nats per target token)",
             series: &series,
             log_x: false,
+            log_y: false,
         },
     )?;
     let tps: Vec<f64> = pts.iter().map(|p| p.tokens_per_s).collect();
@@ -116,6 +117,7 @@ pub fn write_run_plots(out_dir: &Path) -> Result<Vec<PathBuf>> {
                 points: zip(&tps),
             }],
             log_x: false,
+            log_y: false,
         },
     )?;
     Ok(vec![loss_png, tp_png])

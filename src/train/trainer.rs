@@ -389,14 +389,8 @@ pub fn train_on<B: Backend>(
     let seq = cfg.train.seq_len;
     let layout = topo.layout;
     layout.check_model(&model.cfg)?;
-    layout.check_seq_len(seq)?;
+    cfg.check_layout(&layout)?;
     let per_step = cfg.sequences_per_step() as u64;
-    if !per_step.is_multiple_of(layout.dp as u64) {
-        bail!(
-            "the global batch of {per_step} sequences (train.micro_batch × train.grad_accum) does not divide over dp {}",
-            layout.dp
-        );
-    }
     if lead && seq > model.cfg.max_position_embeddings {
         eprintln!(
             "note: seq_len {seq} exceeds the model's max_position_embeddings {}",

@@ -96,8 +96,9 @@ pub fn unavailable_reason() -> Option<String> {
     // SAFETY: only tries to dlopen the library.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Some(
-            "--backend cuda: no CUDA driver found (libcuda.so could not be loaded); run on a \
-             machine with an NVIDIA GPU and driver, or use --backend cpu"
+            "the CUDA backend: no CUDA driver found (libcuda.so could not be loaded); run on a \
+             machine with an NVIDIA GPU and driver (train and forward run without one on the \
+             CPU backend, their default)"
                 .into(),
         );
     }
