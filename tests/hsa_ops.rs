@@ -242,7 +242,10 @@ fn retrieval_and_fusion_backward_match_finite_differences() {
         let (g, d, nc, kk) = (s.heads, s.dim, s.chunks(), s.topk);
         let x = vec![
             test_values(n * g * d, 41).iter().map(|v| 2.0 * v).collect(),
-            test_values(nc * g * d, 42).iter().map(|v| 2.0 * v).collect(),
+            test_values(nc * g * d, 42)
+                .iter()
+                .map(|v| 2.0 * v)
+                .collect(),
         ];
         let (idx0, _) = select(&x, &s);
         let fwd = |x: &[Vec<f64>]| {
@@ -259,7 +262,12 @@ fn retrieval_and_fusion_backward_match_finite_differences() {
         let (mut dq, mut dl) = (vec![0.0; n * g * d], vec![0.0; nc * g * d]);
         ops::retrieval_select_backward(&x[0], &x[1], &idx0, &sc, &ds, &s, &mut dq, &mut dl);
         let num = fd(&x, &r, &|x| fwd(x).1);
-        assert_grads(&format!("retrieval+fusion {f:?} {mw:?}"), &[dq, dl], &num, 1e-8);
+        assert_grads(
+            &format!("retrieval+fusion {f:?} {mw:?}"),
+            &[dq, dl],
+            &num,
+            1e-8,
+        );
     }
 }
 
@@ -298,7 +306,10 @@ fn hsa_case(softmax1: bool) -> (HsaShape, Vec<u32>, Vec<Vec<f64>>) {
         .map(|(s, v)| if s.is_finite() { 0.6 + 0.4 * v } else { 0.0 })
         .collect();
     let inputs = vec![
-        test_values(n * hq * d, 54).iter().map(|v| 2.0 * v).collect(),
+        test_values(n * hq * d, 54)
+            .iter()
+            .map(|v| 2.0 * v)
+            .collect(),
         test_values(n * g * d, 55).iter().map(|v| 2.0 * v).collect(),
         test_values(n * g * d, 56),
         w,
@@ -309,7 +320,9 @@ fn hsa_case(softmax1: bool) -> (HsaShape, Vec<u32>, Vec<Vec<f64>>) {
 fn hsa_fwd(s: &HsaShape, idx: &[u32], x: &[Vec<f64>], scale: f64) -> (Vec<f64>, Vec<f64>) {
     let mut out = vec![0.0; x[0].len()];
     let mut lse = vec![0.0; s.len * s.n_q_heads * s.topk];
-    ops::hsa_forward(&x[0], &x[1], &x[2], idx, &x[3], s, scale, &mut out, &mut lse);
+    ops::hsa_forward(
+        &x[0], &x[1], &x[2], idx, &x[3], s, scale, &mut out, &mut lse,
+    );
     (out, lse)
 }
 
@@ -332,7 +345,9 @@ fn hsa_forward_matches_direct_formula() {
                             let r = c * sz + i;
                             (scale
                                 * (0..d)
-                                    .map(|y| x[0][(t * hq + h) * d + y] * x[1][(r * g + gh) * d + y])
+                                    .map(|y| {
+                                        x[0][(t * hq + h) * d + y] * x[1][(r * g + gh) * d + y]
+                                    })
                                     .sum::<f64>())
                             .exp()
                         })
@@ -341,7 +356,8 @@ fn hsa_forward_matches_direct_formula() {
                     for (i, ei) in e.iter().enumerate() {
                         let r = c * sz + i;
                         for y in 0..d {
-                            o[y] += x[3][(t * g + gh) * kk + j] * ei / z * x[2][(r * g + gh) * d + y];
+                            o[y] +=
+                                x[3][(t * g + gh) * kk + j] * ei / z * x[2][(r * g + gh) * d + y];
                         }
                     }
                 }
@@ -372,6 +388,11 @@ fn hsa_backward_matches_finite_differences() {
         // dk, dv accumulate.
         dk.iter_mut().chain(dv.iter_mut()).for_each(|v| *v -= 0.25);
         let num = fd(&x, &r, &|x| hsa_fwd(&s, &idx, x, scale).0);
-        assert_grads(&format!("hsa softmax1={softmax1}"), &[dq, dk, dv, dw], &num, 1e-8);
+        assert_grads(
+            &format!("hsa softmax1={softmax1}"),
+            &[dq, dk, dv, dw],
+            &num,
+            1e-8,
+        );
     }
 }

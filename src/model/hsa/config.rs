@@ -356,9 +356,21 @@ mod tests {
             ("num_kv_heads", Value::from(3), "`num_kv_heads` (3)"),
             ("retrieval_dim", Value::from(15), "`retrieval_dim` (15)"),
             ("encoder_layers", Value::from(1), "chunk encoder is not"),
-            ("singlehead_retrieval", Value::from(true), "`singlehead_retrieval`"),
-            ("enable_softmax", Value::from(1), "`enable_softmax` must be true or false"),
-            ("architectures", Value::from(vec!["LlamaForCausalLM"]), "DRTForCausalLM"),
+            (
+                "singlehead_retrieval",
+                Value::from(true),
+                "`singlehead_retrieval`",
+            ),
+            (
+                "enable_softmax",
+                Value::from(1),
+                "`enable_softmax` must be true or false",
+            ),
+            (
+                "architectures",
+                Value::from(vec!["LlamaForCausalLM"]),
+                "DRTForCausalLM",
+            ),
         ];
         for (key, v, want) in cases {
             let e = HsaConfig::from_json_str(&with(key, v), "m/config.json").unwrap_err();

@@ -405,7 +405,11 @@ pub fn retrieval_select<T: Real>(
                 .map(|c| (scale * dot(qv, &lmk[(c * g + h) * d..][..d]), c))
                 .collect();
             // Highest score first; ties go to the more recent chunk (torch leaves them open).
-            cand.sort_by(|a, b| b.0.partial_cmp(&a.0).expect("NaN score").then(b.1.cmp(&a.1)));
+            cand.sort_by(|a, b| {
+                b.0.partial_cmp(&a.0)
+                    .expect("NaN score")
+                    .then(b.1.cmp(&a.1))
+            });
             let keep = kk.min(t / s.chunk).min(cand.len());
             cand.truncate(keep);
             cand.sort_by(|a, b| b.1.cmp(&a.1));
@@ -506,11 +510,7 @@ pub fn fusion_backward<T: Real>(
     check("fusion dw", dw.len(), rows * k);
     check("fusion ds", ds.len(), rows * k);
     for r in 0..rows {
-        let (s, w, dw) = (
-            &scores[r * k..][..k],
-            &w[r * k..][..k],
-            &dw[r * k..][..k],
-        );
+        let (s, w, dw) = (&scores[r * k..][..k], &w[r * k..][..k], &dw[r * k..][..k]);
         let ds = &mut ds[r * k..][..k];
         match f {
             Fusion::Softmax => {
