@@ -33,6 +33,9 @@ deps:
 	  python3 -m venv $(CUDA_VENV) && $(CUDA_VENV)/bin/pip install -q "cuda-toolkit[nvcc,nvvm,crt,cudart,cccl]==13.0.2" && \
 	  real=$$(ls $(CURDIR)/$(CUDA_VENV)/lib/python3*/site-packages/nvidia/cu13/bin/nvcc | head -1) && \
 	  printf '#!/bin/sh\nexec "%s" "$$@"\n' "$$real" > $(CUDA_VENV)/nvcc && chmod +x $(CUDA_VENV)/nvcc; }
+	@# numpy for tests/hsa_numpy.rs (bench/np_hsa_check.py), into .venv.
+	@.venv/bin/python -c "import numpy" 2>/dev/null || python3 -c "import numpy" 2>/dev/null || { \
+	  echo "installing numpy into .venv"; python3 -m venv .venv && .venv/bin/pip install -q numpy; }
 	@# Slurm + munge for tests/slurm.rs (a private one-node cluster: scripts/slurm-cluster.sh).
 	@# slurmctld lives in /usr/sbin, often not on a user's PATH.
 	@{ command -v sbatch >/dev/null && { command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ]; }; } || { \
