@@ -412,7 +412,7 @@ pub fn retrieval_select<T: Real>(
             });
             let keep = kk.min(t / s.chunk).min(cand.len());
             cand.truncate(keep);
-            cand.sort_by(|a, b| b.1.cmp(&a.1));
+            cand.sort_by_key(|x| std::cmp::Reverse(x.1));
             ix.fill(0);
             sc.fill(T::neg_infinity());
             for (j, &(x, c)) in cand.iter().enumerate() {
