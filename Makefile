@@ -40,6 +40,9 @@ test-deps: build-deps
 	@rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt
 	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy
 	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
+	@# numpy for tests/hsa_numpy.rs (bench/np_hsa_check.py), into .venv.
+	@.venv/bin/python -c "import numpy" 2>/dev/null || python3 -c "import numpy" 2>/dev/null || { \
+	  echo "installing numpy into .venv"; python3 -m venv .venv && .venv/bin/pip install -q numpy; }
 	@# Slurm + munge for tests/slurm.rs (a private one-node cluster: scripts/slurm-cluster.sh).
 	@# slurmctld lives in /usr/sbin, often not on a user's PATH.
 	@{ command -v sbatch >/dev/null && { command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ]; }; } || { \

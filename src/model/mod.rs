@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod hf;
+pub mod hsa;
 pub mod infer;
 pub mod llama;
 pub mod params;

@@ -1,0 +1,9 @@
+//! HSA-UltraLong (Hierarchical Sparse Attention, docs/HSA.md): the `DRTForCausalLM` model
+//! variant. `config` parses its config.json; `ops` holds the operations it adds to a decoder
+//! (trait `HsaOps` over a Backend, implemented for the CPU backend); `params` names and lays out
+//! its tensors; `model` is the whole forward and backward.
+
+pub mod config;
+pub mod model;
+pub mod ops;
+pub mod params;

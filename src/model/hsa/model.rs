@@ -1,0 +1,1039 @@
+//! The HSA model (`DRTForCausalLM`) over one sequence: explicit forward and backward of every
+//! layer, written once over `B: HsaOps` (the Backend plus the HSA operations).
+//!
+//!   embed → lower SWA layers → chunking (landmarks + chunk K/V memory, shared by all groups)
+//!   → per group: retrieval (top-k chunks, fusion weights) → HSA block → SWA layers
+//!   → norm_f → LM head (+ cross-entropy)
+//!
+//! SWA layers: pre-norm, per-head RMSNorm on q and k, then RoPE, then causal attention over a
+//! window of `sliding_window` past keys; SwiGLU MLP. The HSA query, chunk keys and retrieval use
+//! no positions. The HSA block reaches the residual stream only through its MLP unless
+//! `reset_hsa_residual` (HSA.md §2.3). Gradients reach the retrieval scores only through the
+//! fusion weights; the top-k indices are constants.
+//!
+//! One rank, tp = cp = 1; activations are allocated per pass (this is the reference path).
+
+use anyhow::{Result, ensure};
+
+use crate::model::hsa::config::{HSA_NORM_EPS, HsaConfig};
+use crate::model::hsa::ops::{Fusion, HsaOps, HsaShape, RetrievalShape, SwaShape};
+use crate::model::hsa::params::{AttnIdx, LayerIdx, Layout, MlpIdx};
+use crate::model::params::ParamStore;
+use crate::model::rope::{Rope, RopePrecision};
+
+/// An HSA model over backend `B`.
+pub struct HsaModel<B: HsaOps> {
+    pub cfg: HsaConfig,
+    pub layout: Layout,
+    pub rope: Rope,
+    pub params: ParamStore<B>,
+}
+
+/// Everything a pass reads besides the parameters.
+struct Ctx<'a, B: HsaOps> {
+    b: &'a B,
+    c: &'a HsaConfig,
+    p: &'a ParamStore<B>,
+    t: usize,
+    cos: B::Buf,
+    sin: B::Buf,
+}
+
+/// `y [rows, out] (+)= x [rows, inp] · Wᵀ`.
+fn linear<B: HsaOps>(b: &B, x: &B::Buf, w: &B::Buf, rows: usize, out: usize, inp: usize) -> B::Buf {
+    let mut y = b.zeros(rows * out);
+    b.gemm(&mut y, 0, x, 0, w, 0, rows, out, inp, false, true, false);
+    y
+}
+
+/// Backward of `linear`: `dx += dy · W`, `dW += dyᵀ · x`.
+#[allow(clippy::too_many_arguments)]
+fn linear_back<B: HsaOps>(
+    b: &B,
+    dy: &B::Buf,
+    x: &B::Buf,
+    w: &B::Buf,
+    dx: &mut B::Buf,
+    dw: &mut B::Buf,
+    rows: usize,
+    out: usize,
+    inp: usize,
+) {
+    b.gemm(dx, 0, dy, 0, w, 0, rows, inp, out, false, false, true);
+    b.gemm(dw, 0, dy, 0, x, 0, out, inp, rows, true, false, true);
+}
+
+/// RMSNorm output and saved `rstd`.
+struct Normed<B: HsaOps> {
+    y: B::Buf,
+    rstd: B::Buf,
+}
+
+impl<'a, B: HsaOps> Ctx<'a, B> {
+    fn w(&self, i: usize) -> &'a B::Buf {
+        &self.p.bufs[i]
+    }
+    fn norm(&self, x: &B::Buf, w: usize, eps: f64, rows: usize, dim: usize) -> Normed<B> {
+        let (mut y, mut rstd) = (self.b.zeros(rows * dim), self.b.zeros(rows));
+        self.b
+            .rmsnorm_forward(x, self.w(w), eps, rows, dim, &mut y, &mut rstd);
+        Normed { y, rstd }
+    }
+    /// `dx += ` the norm's input gradient, `grads[w] += ` its weight gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_back(
+        &self,
+        dy: &B::Buf,
+        x: &B::Buf,
+        n: &Normed<B>,
+        w: usize,
+        rows: usize,
+        dim: usize,
+        dx: &mut B::Buf,
+        g: &mut ParamStore<B>,
+    ) {
+        self.b
+            .rmsnorm_backward(dy, x, self.w(w), &n.rstd, rows, dim, dx, &mut g.bufs[w]);
+    }
+    fn d(&self) -> usize {
+        self.c.base.hidden_size
+    }
+    fn dh(&self) -> usize {
+        self.c.head_dim()
+    }
+    fn copy(&self, x: &B::Buf) -> B::Buf {
+        let n = self.b.len(x);
+        let mut y = self.b.zeros(n);
+        self.b.copy(x, 0, &mut y, 0, n);
+        y
+    }
+}
+
+// ---- sliding-window attention sub-block -----------------------------------------------------------
+
+struct AttnActs<B: HsaOps> {
+    xn: Normed<B>,
+    q_raw: B::Buf,
+    k_raw: B::Buf,
+    qn: Normed<B>,
+    kn: Normed<B>,
+    v: B::Buf,
+    attn: B::Buf,
+    lse: B::Buf,
+}
+
+impl<B: HsaOps> Ctx<'_, B> {
+    fn swa_shape(&self, window: usize) -> SwaShape {
+        SwaShape {
+            len: self.t,
+            n_q_heads: self.c.base.num_attention_heads,
+            n_kv_heads: self.c.base.num_key_value_heads,
+            head_dim: self.dh(),
+            window,
+        }
+    }
+
+    /// `x + o(swa(rope(q_norm(q(n))), rope(k_norm(k(n))), v(n)))` with `n = norm(x)`.
+    fn attn_forward(
+        &self,
+        x: &B::Buf,
+        norm: usize,
+        eps: f64,
+        a: &AttnIdx,
+        window: usize,
+    ) -> (AttnActs<B>, B::Buf) {
+        let (b, t, d, dh) = (self.b, self.t, self.d(), self.dh());
+        let s = self.swa_shape(window);
+        let (hq, hk) = (s.n_q_heads, s.n_kv_heads);
+        let eps_qk = self.c.base.rms_norm_eps;
+        let xn = self.norm(x, norm, eps, t, d);
+        let q_raw = linear(b, &xn.y, self.w(a.q), t, hq * dh, d);
+        let k_raw = linear(b, &xn.y, self.w(a.k), t, hk * dh, d);
+        let v = linear(b, &xn.y, self.w(a.v), t, hk * dh, d);
+        let mut qn = self.norm(&q_raw, a.q_norm, eps_qk, t * hq, dh);
+        let mut kn = self.norm(&k_raw, a.k_norm, eps_qk, t * hk, dh);
+        b.rope_forward(&mut qn.y, &self.cos, &self.sin, t, hq, dh);
+        b.rope_forward(&mut kn.y, &self.cos, &self.sin, t, hk, dh);
+        let (mut attn, mut lse) = (b.zeros(t * hq * dh), b.zeros(hq * t));
+        let scale = 1.0 / (dh as f64).sqrt();
+        b.swa_forward(&qn.y, &kn.y, &v, &s, scale, &mut attn, &mut lse);
+        let mut out = self.copy(x);
+        b.gemm(
+            &mut out,
+            0,
+            &attn,
+            0,
+            self.w(a.o),
+            0,
+            t,
+            d,
+            hq * dh,
+            false,
+            true,
+            true,
+        );
+        let acts = AttnActs {
+            xn,
+            q_raw,
+            k_raw,
+            qn,
+            kn,
+            v,
+            attn,
+            lse,
+        };
+        (acts, out)
+    }
+
+    /// `dx` holds ∂L/∂out on entry and ∂L/∂x on exit (the residual passes through).
+    #[allow(clippy::too_many_arguments)]
+    fn attn_backward(
+        &self,
+        x: &B::Buf,
+        norm: usize,
+        a: &AttnIdx,
+        window: usize,
+        s_: &AttnActs<B>,
+        dx: &mut B::Buf,
+        g: &mut ParamStore<B>,
+    ) {
+        let (b, t, d, dh) = (self.b, self.t, self.d(), self.dh());
+        let s = self.swa_shape(window);
+        let (hq, hk) = (s.n_q_heads, s.n_kv_heads);
+        let mut dattn = b.zeros(t * hq * dh);
+        linear_back(
+            b,
+            dx,
+            &s_.attn,
+            self.w(a.o),
+            &mut dattn,
+            &mut g.bufs[a.o],
+            t,
+            d,
+            hq * dh,
+        );
+        let (mut dq, mut dk, mut dv) = (
+            b.zeros(t * hq * dh),
+            b.zeros(t * hk * dh),
+            b.zeros(t * hk * dh),
+        );
+        let scale = 1.0 / (dh as f64).sqrt();
+        b.swa_backward(
+            &s_.qn.y, &s_.kn.y, &s_.v, &s_.attn, &dattn, &s_.lse, &s, scale, &mut dq, &mut dk,
+            &mut dv,
+        );
+        b.rope_backward(&mut dq, &self.cos, &self.sin, t, hq, dh);
+        b.rope_backward(&mut dk, &self.cos, &self.sin, t, hk, dh);
+        let (mut dq_raw, mut dk_raw) = (b.zeros(t * hq * dh), b.zeros(t * hk * dh));
+        self.norm_back(&dq, &s_.q_raw, &s_.qn, a.q_norm, t * hq, dh, &mut dq_raw, g);
+        self.norm_back(&dk, &s_.k_raw, &s_.kn, a.k_norm, t * hk, dh, &mut dk_raw, g);
+        let mut dxn = b.zeros(t * d);
+        let xn = &s_.xn.y;
+        linear_back(
+            b,
+            &dq_raw,
+            xn,
+            self.w(a.q),
+            &mut dxn,
+            &mut g.bufs[a.q],
+            t,
+            hq * dh,
+            d,
+        );
+        linear_back(
+            b,
+            &dk_raw,
+            xn,
+            self.w(a.k),
+            &mut dxn,
+            &mut g.bufs[a.k],
+            t,
+            hk * dh,
+            d,
+        );
+        linear_back(
+            b,
+            &dv,
+            xn,
+            self.w(a.v),
+            &mut dxn,
+            &mut g.bufs[a.v],
+            t,
+            hk * dh,
+            d,
+        );
+        self.norm_back(&dxn, x, &s_.xn, norm, t, d, dx, g);
+    }
+}
+
+// ---- SwiGLU MLP sub-block ------------------------------------------------------------------------------
+
+struct MlpActs<B: HsaOps> {
+    xn: Normed<B>,
+    gate: B::Buf,
+    up: B::Buf,
+    h: B::Buf,
+}
+
+impl<B: HsaOps> Ctx<'_, B> {
+    /// `base + down(silu(gate(n)) · up(n))` with `n = norm(x)`.
+    fn mlp_forward(
+        &self,
+        x: &B::Buf,
+        base: &B::Buf,
+        norm: usize,
+        eps: f64,
+        m: &MlpIdx,
+    ) -> (MlpActs<B>, B::Buf) {
+        let (b, t, d, f) = (self.b, self.t, self.d(), self.c.base.intermediate_size);
+        let xn = self.norm(x, norm, eps, t, d);
+        let gate = linear(b, &xn.y, self.w(m.gate), t, f, d);
+        let up = linear(b, &xn.y, self.w(m.up), t, f, d);
+        let mut h = b.zeros(t * f);
+        b.swiglu_forward(&gate, &up, &mut h);
+        let mut out = self.copy(base);
+        b.gemm(
+            &mut out,
+            0,
+            &h,
+            0,
+            self.w(m.down),
+            0,
+            t,
+            d,
+            f,
+            false,
+            true,
+            true,
+        );
+        (MlpActs { xn, gate, up, h }, out)
+    }
+
+    /// `dx += ` ∂L/∂x given ∂L/∂out = `dy` (the residual `base` is the caller's).
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_backward(
+        &self,
+        x: &B::Buf,
+        norm: usize,
+        m: &MlpIdx,
+        a: &MlpActs<B>,
+        dy: &B::Buf,
+        dx: &mut B::Buf,
+        g: &mut ParamStore<B>,
+    ) {
+        let (b, t, d, f) = (self.b, self.t, self.d(), self.c.base.intermediate_size);
+        let mut dh = b.zeros(t * f);
+        linear_back(
+            b,
+            dy,
+            &a.h,
+            self.w(m.down),
+            &mut dh,
+            &mut g.bufs[m.down],
+            t,
+            d,
+            f,
+        );
+        let (mut dgate, mut dup) = (b.zeros(t * f), b.zeros(t * f));
+        b.swiglu_backward(&a.gate, &a.up, &dh, &mut dgate, &mut dup);
+        let mut dxn = b.zeros(t * d);
+        linear_back(
+            b,
+            &dgate,
+            &a.xn.y,
+            self.w(m.gate),
+            &mut dxn,
+            &mut g.bufs[m.gate],
+            t,
+            f,
+            d,
+        );
+        linear_back(
+            b,
+            &dup,
+            &a.xn.y,
+            self.w(m.up),
+            &mut dxn,
+            &mut g.bufs[m.up],
+            t,
+            f,
+            d,
+        );
+        self.norm_back(&dxn, x, &a.xn, norm, t, d, dx, g);
+    }
+}
+
+// ---- layers ---------------------------------------------------------------------------------------------
+
+/// The chunking layer's outputs, read by every group.
+struct Memory<B: HsaOps> {
+    e: Normed<B>,
+    lmk_in: B::Buf,
+    /// Landmarks `[C, G, dr]`.
+    lmk: B::Buf,
+    km_raw: B::Buf,
+    /// Chunk keys (after `k_rmsnorm` if any) and values `[T, G, dh]`.
+    km: Normed<B>,
+    vm: B::Buf,
+}
+
+struct RetrievalActs<B: HsaOps> {
+    xn: Normed<B>,
+    q_raw: B::Buf,
+    /// Retrieval query and landmarks as scored (after the landmark norms if any).
+    q: Normed<B>,
+    lmk: Normed<B>,
+    idx: Vec<u32>,
+    scores: B::Buf,
+    w: B::Buf,
+}
+
+struct HsaActs<B: HsaOps> {
+    /// The SWA sub-block (unless `hsa_only`) and its output x1.
+    swa: Option<AttnActs<B>>,
+    x1: B::Buf,
+    xn: Normed<B>,
+    q_raw: B::Buf,
+    q: Normed<B>,
+    o: B::Buf,
+    lse: B::Buf,
+    /// `x1 + o_proj(o)`: the MLP's input.
+    z: B::Buf,
+    mlp: MlpActs<B>,
+}
+
+enum Acts<B: HsaOps> {
+    Swa(AttnActs<B>, B::Buf, MlpActs<B>),
+    Chunking,
+    Retrieval(RetrievalActs<B>),
+    Hsa(HsaActs<B>),
+}
+
+impl<B: HsaOps> Ctx<'_, B> {
+    fn chunks(&self) -> usize {
+        self.t / self.c.chunk_size
+    }
+    fn topk(&self) -> usize {
+        self.c.chunk_topk.min(self.chunks())
+    }
+    fn fusion(&self) -> Fusion {
+        if self.c.enable_softmax {
+            Fusion::Softmax
+        } else {
+            Fusion::StickBreaking
+        }
+    }
+    fn retrieval_shape(&self) -> RetrievalShape {
+        RetrievalShape {
+            len: self.t,
+            heads: self.c.num_kv_heads,
+            dim: self.c.retrieval_head_dim(),
+            chunk: self.c.chunk_size,
+            topk: self.topk(),
+            mask_window: self.c.mask_slide_window.then_some(self.c.sliding_window),
+        }
+    }
+    fn hsa_shape(&self) -> HsaShape {
+        HsaShape {
+            len: self.t,
+            n_q_heads: self.c.base.num_attention_heads,
+            n_kv_heads: self.c.num_kv_heads,
+            head_dim: self.dh(),
+            chunk: self.c.chunk_size,
+            topk: self.topk(),
+            softmax1: self.c.enable_softmax1,
+        }
+    }
+    /// A norm that may be absent: its input, unchanged, as the "normed" value.
+    fn maybe_norm(&self, x: B::Buf, w: Option<usize>, rows: usize, dim: usize) -> Normed<B> {
+        match w {
+            Some(w) => self.norm(&x, w, HSA_NORM_EPS, rows, dim),
+            None => Normed {
+                y: x,
+                rstd: self.b.zeros(0),
+            },
+        }
+    }
+    /// `dx += ` the gradient through `maybe_norm`.
+    #[allow(clippy::too_many_arguments)]
+    fn maybe_norm_back(
+        &self,
+        dy: &B::Buf,
+        x: &B::Buf,
+        n: &Normed<B>,
+        w: Option<usize>,
+        rows: usize,
+        dim: usize,
+        dx: &mut B::Buf,
+        g: &mut ParamStore<B>,
+    ) {
+        match w {
+            Some(w) => self.norm_back(dy, x, n, w, rows, dim, dx, g),
+            None => self.b.add_assign(dx, dy),
+        }
+    }
+
+    fn chunking_forward(&self, x: &B::Buf, l: &LayerIdx) -> Memory<B> {
+        let LayerIdx::Chunking {
+            norm,
+            proj_k,
+            proj_v,
+            lmk_ln,
+            k_norm,
+        } = *l
+        else {
+            unreachable!()
+        };
+        let (b, t, d, dh, g) = (self.b, self.t, self.d(), self.dh(), self.c.num_kv_heads);
+        let e = self.norm(x, norm, HSA_NORM_EPS, t, d);
+        let mut lmk_in = b.zeros(self.chunks() * d);
+        b.chunk_mean_forward(&e.y, t, d, self.c.chunk_size, &mut lmk_in);
+        let lmk = linear(
+            b,
+            &lmk_in,
+            self.w(lmk_ln),
+            self.chunks(),
+            self.c.retrieval_dim,
+            d,
+        );
+        let km_raw = linear(b, &e.y, self.w(proj_k), t, g * dh, d);
+        let km = self.maybe_norm(self.copy(&km_raw), k_norm, t * g, dh);
+        let vm = linear(b, &e.y, self.w(proj_v), t, g * dh, d);
+        Memory {
+            e,
+            lmk_in,
+            lmk,
+            km_raw,
+            km,
+            vm,
+        }
+    }
+
+    fn retrieval_forward(&self, x: &B::Buf, l: &LayerIdx, mem: &Memory<B>) -> RetrievalActs<B> {
+        let LayerIdx::Retrieval {
+            pre_norm,
+            ln,
+            lmk_norms,
+            ..
+        } = *l
+        else {
+            unreachable!()
+        };
+        let (b, t, d) = (self.b, self.t, self.d());
+        let rs = self.retrieval_shape();
+        let xn = self.norm(x, pre_norm, HSA_NORM_EPS, t, d);
+        let q_raw = linear(b, &xn.y, self.w(ln), t, self.c.retrieval_dim, d);
+        let (qn, kn) = (lmk_norms.map(|n| n.0), lmk_norms.map(|n| n.1));
+        let q = self.maybe_norm(self.copy(&q_raw), qn, t * rs.heads, rs.dim);
+        let lmk = self.maybe_norm(self.copy(&mem.lmk), kn, self.chunks() * rs.heads, rs.dim);
+        let n = t * rs.heads * rs.topk;
+        let (mut idx, mut scores, mut w) = (vec![0u32; n], b.zeros(n), b.zeros(n));
+        b.retrieval_select(&q.y, &lmk.y, &rs, &mut idx, &mut scores);
+        b.fusion_forward(&scores, t * rs.heads, rs.topk, self.fusion(), &mut w);
+        RetrievalActs {
+            xn,
+            q_raw,
+            q,
+            lmk,
+            idx,
+            scores,
+            w,
+        }
+    }
+
+    fn hsa_forward(
+        &self,
+        x: &B::Buf,
+        l: &LayerIdx,
+        mem: &Memory<B>,
+        r: &RetrievalActs<B>,
+    ) -> (HsaActs<B>, B::Buf) {
+        let LayerIdx::Hsa {
+            swa,
+            pre_norm,
+            q_proj,
+            o_proj,
+            q_norm,
+            mlp_norm,
+            mlp,
+            ..
+        } = *l
+        else {
+            unreachable!()
+        };
+        let (b, t, d, dh) = (self.b, self.t, self.d(), self.dh());
+        let hs = self.hsa_shape();
+        let (swa_acts, x1) = match swa {
+            Some((n, a)) => {
+                let (acts, x1) =
+                    self.attn_forward(x, n, HSA_NORM_EPS, &a, self.c.hsa_sliding_window);
+                (Some(acts), x1)
+            }
+            None => (None, self.copy(x)),
+        };
+        let xn = self.norm(&x1, pre_norm, HSA_NORM_EPS, t, d);
+        let q_raw = linear(b, &xn.y, self.w(q_proj), t, d, d);
+        let q = self.maybe_norm(self.copy(&q_raw), q_norm, t * hs.n_q_heads, dh);
+        let (mut o, mut lse) = (b.zeros(t * d), b.zeros(t * hs.n_q_heads * hs.topk));
+        let scale = 1.0 / (dh as f64).sqrt();
+        b.hsa_forward(
+            &q.y, &mem.km.y, &mem.vm, &r.idx, &r.w, &hs, scale, &mut o, &mut lse,
+        );
+        let mut z = self.copy(&x1);
+        b.gemm(
+            &mut z,
+            0,
+            &o,
+            0,
+            self.w(o_proj),
+            0,
+            t,
+            d,
+            d,
+            false,
+            true,
+            true,
+        );
+        let base = if self.c.reset_hsa_residual { &z } else { &x1 };
+        let (mlp_acts, out) = self.mlp_forward(&z, base, mlp_norm, HSA_NORM_EPS, &mlp);
+        let acts = HsaActs {
+            swa: swa_acts,
+            x1,
+            xn,
+            q_raw,
+            q,
+            o,
+            lse,
+            z,
+            mlp: mlp_acts,
+        };
+        (acts, out)
+    }
+}
+
+/// Gradients of the chunk memory, summed over the groups that read it.
+struct MemoryGrads<B: HsaOps> {
+    lmk: B::Buf,
+    km: B::Buf,
+    vm: B::Buf,
+}
+
+impl<B: HsaOps> Ctx<'_, B> {
+    /// `dx` holds ∂L/∂out on entry, ∂L/∂x on exit; `dw` receives ∂L/∂(fusion weights).
+    #[allow(clippy::too_many_arguments)]
+    fn hsa_backward(
+        &self,
+        x: &B::Buf,
+        l: &LayerIdx,
+        mem: &Memory<B>,
+        r: &RetrievalActs<B>,
+        a: &HsaActs<B>,
+        dx: &mut B::Buf,
+        dmem: &mut MemoryGrads<B>,
+        dw: &mut B::Buf,
+        g: &mut ParamStore<B>,
+    ) {
+        let LayerIdx::Hsa {
+            swa,
+            pre_norm,
+            q_proj,
+            o_proj,
+            q_norm,
+            mlp_norm,
+            mlp,
+            ..
+        } = *l
+        else {
+            unreachable!()
+        };
+        let (b, t, d, dh) = (self.b, self.t, self.d(), self.dh());
+        let hs = self.hsa_shape();
+        // out = base + mlp(norm(z)), base = z (reset) or x1; z = x1 + o_proj(o).
+        let mut dz = b.zeros(t * d);
+        self.mlp_backward(&a.z, mlp_norm, &mlp, &a.mlp, dx, &mut dz, g);
+        let reset = self.c.reset_hsa_residual;
+        if reset {
+            b.add_assign(&mut dz, dx);
+        }
+        let mut dx1 = self.copy(&dz);
+        if !reset {
+            b.add_assign(&mut dx1, dx);
+        }
+        let mut d_o = b.zeros(t * d);
+        linear_back(
+            b,
+            &dz,
+            &a.o,
+            self.w(o_proj),
+            &mut d_o,
+            &mut g.bufs[o_proj],
+            t,
+            d,
+            d,
+        );
+        let mut dq = b.zeros(t * d);
+        let scale = 1.0 / (dh as f64).sqrt();
+        b.hsa_backward(
+            &a.q.y,
+            &mem.km.y,
+            &mem.vm,
+            &r.idx,
+            &r.w,
+            &d_o,
+            &a.lse,
+            &hs,
+            scale,
+            &mut dq,
+            &mut dmem.km,
+            &mut dmem.vm,
+            dw,
+        );
+        let mut dq_raw = b.zeros(t * d);
+        self.maybe_norm_back(
+            &dq,
+            &a.q_raw,
+            &a.q,
+            q_norm,
+            t * hs.n_q_heads,
+            dh,
+            &mut dq_raw,
+            g,
+        );
+        let mut dxn = b.zeros(t * d);
+        linear_back(
+            b,
+            &dq_raw,
+            &a.xn.y,
+            self.w(q_proj),
+            &mut dxn,
+            &mut g.bufs[q_proj],
+            t,
+            d,
+            d,
+        );
+        self.norm_back(&dxn, &a.x1, &a.xn, pre_norm, t, d, &mut dx1, g);
+        if let (Some((n, at)), Some(sa)) = (swa, &a.swa) {
+            self.attn_backward(x, n, &at, self.c.hsa_sliding_window, sa, &mut dx1, g);
+        }
+        b.copy(&dx1, 0, dx, 0, t * d);
+    }
+
+    /// `dx += ` the gradient through the retrieval query; `dmem.lmk += ` the landmarks'.
+    #[allow(clippy::too_many_arguments)]
+    fn retrieval_backward(
+        &self,
+        x: &B::Buf,
+        l: &LayerIdx,
+        mem: &Memory<B>,
+        r: &RetrievalActs<B>,
+        dw: &B::Buf,
+        dx: &mut B::Buf,
+        dmem: &mut MemoryGrads<B>,
+        g: &mut ParamStore<B>,
+    ) {
+        let LayerIdx::Retrieval {
+            pre_norm,
+            ln,
+            lmk_norms,
+            ..
+        } = *l
+        else {
+            unreachable!()
+        };
+        let (b, t, d, dr) = (self.b, self.t, self.d(), self.c.retrieval_dim);
+        let rs = self.retrieval_shape();
+        let rows = t * rs.heads;
+        let mut ds = b.zeros(rows * rs.topk);
+        b.fusion_backward(&r.scores, &r.w, dw, rows, rs.topk, self.fusion(), &mut ds);
+        let (mut dq, mut dl) = (b.zeros(t * dr), b.zeros(self.chunks() * dr));
+        b.retrieval_select_backward(
+            &r.q.y, &r.lmk.y, &r.idx, &r.scores, &ds, &rs, &mut dq, &mut dl,
+        );
+        let (qn, kn) = (lmk_norms.map(|n| n.0), lmk_norms.map(|n| n.1));
+        let lrows = self.chunks() * rs.heads;
+        self.maybe_norm_back(&dl, &mem.lmk, &r.lmk, kn, lrows, rs.dim, &mut dmem.lmk, g);
+        let mut dq_raw = b.zeros(t * dr);
+        self.maybe_norm_back(&dq, &r.q_raw, &r.q, qn, rows, rs.dim, &mut dq_raw, g);
+        let mut dxn = b.zeros(t * d);
+        linear_back(
+            b,
+            &dq_raw,
+            &r.xn.y,
+            self.w(ln),
+            &mut dxn,
+            &mut g.bufs[ln],
+            t,
+            dr,
+            d,
+        );
+        self.norm_back(&dxn, x, &r.xn, pre_norm, t, d, dx, g);
+    }
+
+    /// `dx += ` the gradient through the chunk memory and landmarks.
+    fn chunking_backward(
+        &self,
+        x: &B::Buf,
+        l: &LayerIdx,
+        mem: &Memory<B>,
+        dmem: &MemoryGrads<B>,
+        dx: &mut B::Buf,
+        g: &mut ParamStore<B>,
+    ) {
+        let LayerIdx::Chunking {
+            norm,
+            proj_k,
+            proj_v,
+            lmk_ln,
+            k_norm,
+        } = *l
+        else {
+            unreachable!()
+        };
+        let (b, t, d, dh, gk) = (self.b, self.t, self.d(), self.dh(), self.c.num_kv_heads);
+        let (c, dr) = (self.chunks(), self.c.retrieval_dim);
+        let mut dkm_raw = b.zeros(t * gk * dh);
+        self.maybe_norm_back(
+            &dmem.km,
+            &mem.km_raw,
+            &mem.km,
+            k_norm,
+            t * gk,
+            dh,
+            &mut dkm_raw,
+            g,
+        );
+        let mut de = b.zeros(t * d);
+        let e = &mem.e.y;
+        linear_back(
+            b,
+            &dkm_raw,
+            e,
+            self.w(proj_k),
+            &mut de,
+            &mut g.bufs[proj_k],
+            t,
+            gk * dh,
+            d,
+        );
+        linear_back(
+            b,
+            &dmem.vm,
+            e,
+            self.w(proj_v),
+            &mut de,
+            &mut g.bufs[proj_v],
+            t,
+            gk * dh,
+            d,
+        );
+        let mut dlmk_in = b.zeros(c * d);
+        let lw = self.w(lmk_ln);
+        linear_back(
+            b,
+            &dmem.lmk,
+            &mem.lmk_in,
+            lw,
+            &mut dlmk_in,
+            &mut g.bufs[lmk_ln],
+            c,
+            dr,
+            d,
+        );
+        b.chunk_mean_backward(&dlmk_in, t, d, self.c.chunk_size, &mut de);
+        self.norm_back(&de, x, &mem.e, norm, t, d, dx, g);
+    }
+}
+
+/// What to do with the LM head's output.
+pub enum Head<'a> {
+    /// Cross-entropy against `targets` (negative = not counted), its gradient scaled by
+    /// `grad_scale` when parameter gradients are requested. The pass returns Σ loss.
+    Loss { targets: &'a [i32], grad_scale: f64 },
+    /// Return the logits `[T, vocab]`.
+    Logits,
+}
+
+impl<B: HsaOps> HsaModel<B> {
+    pub fn new(cfg: HsaConfig, params: ParamStore<B>) -> Result<Self> {
+        let layout = Layout::new(&cfg);
+        ensure!(
+            params.specs == layout.specs,
+            "HSA parameters do not have the layout of the config"
+        );
+        let rope = Rope::new(&cfg.base, RopePrecision::Exact)?;
+        Ok(HsaModel {
+            cfg,
+            layout,
+            rope,
+            params,
+        })
+    }
+
+    /// A model with weights from N(0, initializer_range²) and norms 1.
+    pub fn init_random(b: &B, cfg: HsaConfig, seed: u64) -> Result<Self> {
+        let params = Layout::new(&cfg).init_random(b, cfg.initializer_range, seed);
+        Self::new(cfg, params)
+    }
+
+    /// Forward over `ids` at positions `pos0..`, then (with `Head::Loss` and `grads`) the
+    /// backward pass, accumulating into `grads`. Returns (Σ loss or 0, logits for
+    /// `Head::Logits`).
+    pub fn forward_backward(
+        &self,
+        b: &B,
+        ids: &[u32],
+        pos0: u64,
+        head: Head<'_>,
+        grads: Option<&mut ParamStore<B>>,
+    ) -> Result<(f64, Vec<f64>)> {
+        let c = &self.cfg;
+        let (t, d, vocab) = (ids.len(), c.base.hidden_size, c.base.vocab_size);
+        ensure!(
+            t > 0 && t.is_multiple_of(c.chunk_size),
+            "HSA: the sequence length {t} must be a positive multiple of chunk_size {}",
+            c.chunk_size
+        );
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            anyhow::bail!("HSA: token id {bad} is outside the vocabulary of {vocab}");
+        }
+        let positions: Vec<u64> = (pos0..pos0 + t as u64).collect();
+        let (cos, sin) = self.rope.cos_sin::<f64>(&positions);
+        let x = Ctx {
+            b,
+            c,
+            p: &self.params,
+            t,
+            cos: b.upload_f64(&cos),
+            sin: b.upload_f64(&sin),
+        };
+        let lay = &self.layout;
+        let eps = c.base.rms_norm_eps;
+
+        // ---- forward: xs[i] is the input of layer i.
+        let mut xs = vec![b.zeros(t * d)];
+        b.embedding_forward(&self.params.bufs[lay.embed], ids, d, &mut xs[0]);
+        let mut acts: Vec<Acts<B>> = Vec::new();
+        let mut mem: Option<Memory<B>> = None;
+        for (i, l) in lay.layers.iter().enumerate() {
+            let xin = &xs[i];
+            let (a, out) = match *l {
+                LayerIdx::Swa {
+                    in_norm,
+                    attn,
+                    post_norm,
+                    mlp,
+                } => {
+                    let (aa, mid) = x.attn_forward(xin, in_norm, eps, &attn, c.sliding_window);
+                    let (ma, out) = x.mlp_forward(&mid, &mid, post_norm, eps, &mlp);
+                    (Acts::Swa(aa, mid, ma), out)
+                }
+                LayerIdx::Chunking { .. } => {
+                    mem = Some(x.chunking_forward(xin, l));
+                    (Acts::Chunking, x.copy(xin))
+                }
+                LayerIdx::Retrieval { .. } => {
+                    let m = mem.as_ref().expect("chunking precedes retrieval");
+                    (Acts::Retrieval(x.retrieval_forward(xin, l, m)), x.copy(xin))
+                }
+                LayerIdx::Hsa { .. } => {
+                    let m = mem.as_ref().expect("chunking precedes HSA");
+                    let Some(Acts::Retrieval(r)) = acts.last() else {
+                        unreachable!("a retrieval layer precedes each HSA block")
+                    };
+                    let (h, out) = x.hsa_forward(xin, l, m, r);
+                    (Acts::Hsa(h), out)
+                }
+            };
+            acts.push(a);
+            xs.push(out);
+        }
+        let xl = &xs[lay.layers.len()];
+        let xf = x.norm(xl, lay.norm_f, c.layer_norm_epsilon, t, d);
+        let mut logits = linear(b, &xf.y, &self.params.bufs[lay.lm_head], t, vocab, d);
+        let (targets, grad_scale) = match head {
+            Head::Logits => return Ok((0.0, b.download_f64(&logits))),
+            Head::Loss {
+                targets,
+                grad_scale,
+            } => (targets, grad_scale),
+        };
+        ensure!(
+            targets.len() == t,
+            "HSA: {} targets for {t} tokens",
+            targets.len()
+        );
+        // One rank holds the whole vocabulary: the row statistics are the final ones.
+        let stats = b.cross_entropy_stats(&logits, targets, vocab);
+        let loss: f64 = stats
+            .iter()
+            .filter_map(|s| s.target.map(|z| s.sum.ln() + s.max - z))
+            .sum();
+        let Some(g) = grads else {
+            return Ok((loss, Vec::new()));
+        };
+        let (mx, sm): (Vec<f64>, Vec<f64>) = stats.iter().map(|s| (s.max, s.sum)).unzip();
+        b.cross_entropy_grad(&mut logits, targets, vocab, &mx, &sm, grad_scale);
+
+        // ---- backward: `dx` is ∂L/∂(output of the layer being undone).
+        let mut dxf = b.zeros(t * d);
+        let lm = lay.lm_head;
+        linear_back(
+            b,
+            &logits,
+            &xf.y,
+            &self.params.bufs[lm],
+            &mut dxf,
+            &mut g.bufs[lm],
+            t,
+            vocab,
+            d,
+        );
+        let mut dx = b.zeros(t * d);
+        x.norm_back(&dxf, xl, &xf, lay.norm_f, t, d, &mut dx, g);
+        let m = mem.as_ref().expect("the chunking layer ran");
+        let n_mem = t * c.num_kv_heads * d / c.base.num_attention_heads;
+        let mut dmem = MemoryGrads {
+            lmk: b.zeros(x.chunks() * c.retrieval_dim),
+            km: b.zeros(n_mem),
+            vm: b.zeros(n_mem),
+        };
+        let mut dws: Vec<Option<B::Buf>> = (0..c.num_upper_groups).map(|_| None).collect();
+        for (i, l) in lay.layers.iter().enumerate().rev() {
+            let xin = &xs[i];
+            match (l, &acts[i]) {
+                (
+                    LayerIdx::Swa {
+                        in_norm,
+                        attn,
+                        post_norm,
+                        mlp,
+                    },
+                    Acts::Swa(aa, mid, ma),
+                ) => {
+                    let mut dmid = x.copy(&dx);
+                    x.mlp_backward(mid, *post_norm, mlp, ma, &dx, &mut dmid, g);
+                    x.attn_backward(xin, *in_norm, attn, c.sliding_window, aa, &mut dmid, g);
+                    dx = dmid;
+                }
+                (LayerIdx::Hsa { group, .. }, Acts::Hsa(h)) => {
+                    let Acts::Retrieval(r) = &acts[i - 1] else {
+                        unreachable!()
+                    };
+                    let mut dw = b.zeros(b.len(&r.w));
+                    x.hsa_backward(xin, l, m, r, h, &mut dx, &mut dmem, &mut dw, g);
+                    dws[*group] = Some(dw);
+                }
+                (LayerIdx::Retrieval { group, .. }, Acts::Retrieval(r)) => {
+                    let dw = dws[*group].take().expect("the HSA block's backward ran");
+                    x.retrieval_backward(xin, l, m, r, &dw, &mut dx, &mut dmem, g);
+                }
+                (LayerIdx::Chunking { .. }, Acts::Chunking) => {
+                    x.chunking_backward(xin, l, m, &dmem, &mut dx, g);
+                }
+                _ => unreachable!("layer and activations out of step"),
+            }
+        }
+        b.embedding_backward(&mut g.bufs[lay.embed], ids, d, &dx);
+        Ok((loss, Vec::new()))
+    }
+}
