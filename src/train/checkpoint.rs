@@ -30,7 +30,7 @@ use crate::model::params::{ParamStore, Shard, param_specs};
 use crate::model::rope::RopePrecision;
 use crate::parallel::comm::{Comm, ReduceOp};
 use crate::parallel::topology::Topology;
-use crate::parallel::zero::ShardedAdamW;
+use crate::train::optim::ShardedAdamW;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FileRecord {
@@ -518,6 +518,6 @@ pub fn load<B: Backend>(
     };
     let (master, m, v) = (pick("master.")?, pick("m.")?, pick("v.")?);
     let mut opt = ShardedAdamW::new(b, topo, &params);
-    opt.set_state_with_master(b, &master, &m, &v);
+    opt.set_state(b, &master, &m, &v);
     Ok((Llama::new(cfg, precision, params)?, opt))
 }
