@@ -10,16 +10,16 @@ use clap::Args;
 
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
-use crate::data::loader::{Sample, zigzag_chunks, zigzag_slice};
+use crate::data::loader::zigzag_chunks;
 use crate::io::{self, DType, HostTensor, TensorMap};
 use crate::model::llama::{Head, Llama, Workspace};
-use crate::model::params::Split;
 use crate::model::rope::RopePrecision;
 use crate::parallel::any::{World, run_world};
-use crate::parallel::comm::{Comm, ReduceOp};
-use crate::parallel::tensor::{all_reduce_buf, gather_full_host};
+use crate::parallel::comm::Comm;
+use crate::parallel::tensor::gather_full_host;
 use crate::parallel::topology::Topology;
 use crate::train::data::{load_token_file, tokenize_text_file};
+use crate::train::step::{GlobalBatch, all_reduce_grads, forward_backward_batch};
 
 #[derive(Args, Debug)]
 pub struct ForwardArgs {
@@ -123,46 +123,21 @@ fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
     }
     let t_local = len / layout.cp;
     let mut ws = Workspace::for_rank(b, &model.cfg, &topo, t_local, false, a.ce_chunk);
-    // This rank's sequences (DP) and chunks of each (CP); next-token targets within a sequence.
-    let mine: Vec<Sample> = (topo.dp_rank..n_seq)
-        .step_by(layout.dp)
-        .map(|k| {
-            let seq = &ids[k * len..(k + 1) * len];
+    // Next-token targets within each sequence; this rank's share in `train::step`.
+    let seqs: Vec<(Vec<u32>, Vec<i32>)> = ids
+        .chunks(len)
+        .map(|seq| {
             let mut targets: Vec<i32> = seq[1..].iter().map(|&x| x as i32).collect();
             targets.push(-1);
-            let s = Sample {
-                ids: seq.to_vec(),
-                targets,
-                positions: (a.position_offset..a.position_offset + len as u64).collect(),
-            };
-            if layout.cp > 1 {
-                zigzag_slice(&s, layout.cp, topo.cp_rank)
-            } else {
-                Ok(s)
-            }
+            (seq.to_vec(), targets)
         })
-        .collect::<Result<_>>()?;
-    let n = (n_seq * (len - 1)) as f64;
-
+        .collect();
+    let batch = GlobalBatch {
+        seqs: &seqs,
+        pos0: a.position_offset,
+    };
     let mut grads = a.grads.as_ref().map(|_| model.params.zeros_like(b));
-    let mut loss_sum = 0.0;
-    for s in &mine {
-        loss_sum += model.forward_backward_rank(
-            b,
-            &topo,
-            &mut ws,
-            &s.ids,
-            &s.positions,
-            Head::Loss {
-                targets: &s.targets,
-                grad_scale: 1.0 / n,
-            },
-            grads.as_mut(),
-        );
-    }
-    let mut ls = [loss_sum];
-    topo.dpcp.all_reduce(&mut ls, ReduceOp::Sum);
-    let loss_sum = ls[0];
+    let loss = forward_backward_batch(b, &topo, &model, &mut ws, batch, grads.as_mut())?;
     let lead = topo.world_rank == 0;
     let meta = |kind: &str| {
         HashMap::from([(
@@ -171,6 +146,7 @@ fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
         )])
     };
     if let Some(out) = &a.out {
+        let mine = batch.local(&topo)?;
         let mut logits = Vec::with_capacity(mine.len() * t_local * vocab);
         for s in &mine {
             model.forward_backward_rank(
@@ -212,21 +188,14 @@ fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
         }
     }
     if let (Some(path), Some(g)) = (&a.grads, &mut grads) {
-        // Replicated weights saw a sequence shard per TP rank; every weight saw a share of the
-        // batch per DP × CP rank.
-        for (spec, buf) in g.specs.iter().zip(g.bufs.iter_mut()) {
-            if spec.split == Split::Replicated {
-                all_reduce_buf(b, &topo.tp, buf);
-            }
-            all_reduce_buf(b, &topo.dpcp, buf);
-        }
+        all_reduce_grads(b, &topo, g);
         let full = gather_full_host(b, &topo.tp, g, "");
         if lead {
             io::save_safetensors_file(path, &full, DType::F32, Some(meta("grads")))?;
         }
     }
     if lead {
-        let mut j = serde_json::json!({"loss": loss_sum / n, "tokens": t, "backend": b.name(), "rope_precision": a.rope_precision});
+        let mut j = serde_json::json!({"loss": loss, "tokens": t, "backend": b.name(), "rope_precision": a.rope_precision});
         if layout.world() > 1 {
             j["layout"] = serde_json::json!({"tp": layout.tp, "cp": layout.cp, "dp": layout.dp});
         }

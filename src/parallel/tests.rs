@@ -3,20 +3,21 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AttnShape, Backend};
-use crate::data::loader::{Sample, zigzag_chunks, zigzag_slice};
+use crate::data::loader::zigzag_chunks;
 use crate::io::TensorMap;
 use crate::model::config::ModelConfig;
-use crate::model::llama::{Head, Llama, Workspace};
-use crate::model::params::{ParamStore, Shard, Split};
+use crate::model::llama::{Llama, Workspace};
+use crate::model::params::{ParamStore, Shard};
 use crate::model::rope::RopePrecision;
 use crate::parallel::any::AnyComm;
-use crate::parallel::comm::{Comm, ReduceOp};
+use crate::parallel::comm::Comm;
 use crate::parallel::context::{
     RingScratch, RingShape, ring_attention_backward, ring_attention_forward,
 };
-use crate::parallel::tensor::{all_reduce_buf, gather_full_host};
+use crate::parallel::tensor::gather_full_host;
 use crate::parallel::thread::ThreadComm;
 use crate::parallel::topology::Topology;
+use crate::train::step::{GlobalBatch, all_reduce_grads, forward_backward_batch};
 use crate::util::gradcheck::test_values;
 
 /// Naive causal attention in f64 over contiguous positions: (out, lse).
@@ -342,10 +343,6 @@ fn run_layout(
     cp: usize,
     dp: usize,
 ) -> (f64, TensorMap) {
-    let n_targets = seqs
-        .iter()
-        .map(|(_, t)| t.iter().filter(|&&x| x >= 0).count())
-        .sum::<usize>() as f64;
     let len = seqs[0].0.len();
     let results = ThreadComm::run(tp * cp * dp, |world: AnyComm| {
         let b = CpuBackend::<f64>::new();
@@ -354,36 +351,10 @@ fn run_layout(
         let model = Llama::new(cfg.clone(), RopePrecision::Exact, params).unwrap();
         let mut ws = Workspace::for_rank(&b, cfg, &topo, len / cp, false, 5);
         let mut g = model.params.zeros_like(&b);
-        let mut loss = 0.0;
-        for (ids, targets) in seqs.iter().skip(topo.dp_rank).step_by(dp) {
-            let s = Sample {
-                ids: ids.clone(),
-                targets: targets.clone(),
-                positions: (0..len as u64).collect(),
-            };
-            let s = zigzag_slice(&s, cp, topo.cp_rank).unwrap();
-            loss += model.forward_backward_rank(
-                &b,
-                &topo,
-                &mut ws,
-                &s.ids,
-                &s.positions,
-                Head::Loss {
-                    targets: &s.targets,
-                    grad_scale: 1.0 / n_targets,
-                },
-                Some(&mut g),
-            );
-        }
-        let mut l = [loss];
-        topo.dpcp.all_reduce(&mut l, ReduceOp::Sum);
-        for (spec, buf) in g.specs.iter().zip(g.bufs.iter_mut()) {
-            if spec.split == Split::Replicated {
-                all_reduce_buf(&b, &topo.tp, buf);
-            }
-            all_reduce_buf(&b, &topo.dpcp, buf);
-        }
-        (l[0] / n_targets, gather_full_host(&b, &topo.tp, &g, ""))
+        let batch = GlobalBatch { seqs, pos0: 0 };
+        let loss = forward_backward_batch(&b, &topo, &model, &mut ws, batch, Some(&mut g)).unwrap();
+        all_reduce_grads(&b, &topo, &mut g);
+        (loss, gather_full_host(&b, &topo.tp, &g, ""))
     });
     // Every rank must agree.
     for (l, _) in &results {

@@ -6,4 +6,5 @@ pub mod data;
 pub mod optim;
 pub mod plots;
 pub mod schedule;
+pub mod step;
 pub mod trainer;

@@ -1,7 +1,7 @@
 //! The training loop, for one rank or many: per step, the global batch of
 //! `grad_accum × micro_batch` sequences is read by every rank (so the data position is the same
-//! everywhere); DP rank `d` takes sequences `d, d + dp, …`, CP rank `r` its zigzag chunks of each,
-//! and the ranks run forward and backward (gradients accumulated). The loss is normalised by the
+//! everywhere); each rank runs forward and backward over its share (`train::step`: DP stride,
+//! zigzag CP chunks, gradients accumulated). The loss is normalised by the
 //! global batch's target-token count; the ZeRO-1 optimizer (`train::optim`) reduces gradients
 //! over DP × CP, clips by the global norm and updates. Rank 0 writes one JSON metrics line per
 //! step and the checkpoints (full tensors, gathered from every rank).
@@ -19,7 +19,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamW, Backend};
 use crate::data::loader::Loader;
 use crate::model::config::{ModelConfig, RopeScaling};
-use crate::model::llama::{Head, Llama, Workspace};
+use crate::model::llama::{Llama, Workspace};
 use crate::model::rope::RopePrecision;
 use crate::parallel::comm::{Comm, ReduceOp};
 use crate::parallel::topology::Topology;
@@ -28,6 +28,7 @@ use crate::train::config::{RopeOverride, RunConfig};
 use crate::train::data::{TokenStream, load_token_file, tokenize_text_file};
 use crate::train::optim::ShardedAdamW;
 use crate::train::schedule::learning_rate;
+use crate::train::step::{GlobalBatch, forward_backward_batch};
 
 /// One line of `metrics.jsonl` (and of stdout).
 #[derive(Debug, Serialize)]
@@ -481,39 +482,17 @@ pub fn train_on<B: Backend>(
         let batch: Vec<(Vec<u32>, Vec<i32>)> = (0..per_step)
             .map(|_| source.next(&mut st))
             .collect::<Result<_>>()?;
-        let n_targets = batch
-            .iter()
-            .map(|(_, t)| t.iter().filter(|&&x| x >= 0).count())
-            .sum::<usize>()
-            .max(1) as f64;
-        let mut loss_sum = 0.0;
-        for (ids, targets) in batch.iter().skip(topo.dp_rank).step_by(layout.dp) {
-            let s = crate::data::loader::Sample {
-                ids: ids.clone(),
-                targets: targets.clone(),
-                positions: (0..seq as u64).collect(),
-            };
-            let mine = if layout.cp > 1 {
-                crate::data::loader::zigzag_slice(&s, layout.cp, topo.cp_rank)?
-            } else {
-                s
-            };
-            loss_sum += model.forward_backward_rank(
-                b,
-                topo,
-                &mut ws,
-                &mine.ids,
-                &mine.positions,
-                Head::Loss {
-                    targets: &mine.targets,
-                    grad_scale: 1.0 / n_targets,
-                },
-                Some(&mut grads),
-            );
-        }
-        let mut ls = [loss_sum];
-        topo.dpcp.all_reduce(&mut ls, ReduceOp::Sum);
-        let loss = ls[0] / n_targets;
+        let loss = forward_backward_batch(
+            b,
+            topo,
+            &model,
+            &mut ws,
+            GlobalBatch {
+                seqs: &batch,
+                pos0: 0,
+            },
+            Some(&mut grads),
+        )?;
         if !loss.is_finite() {
             bail!(
                 "step {}: loss is {loss}; stopping (last checkpoint is intact)",
