@@ -8,7 +8,8 @@
 //! Memory is bounded by the tokenization buffer, not by the corpus: pass 1 streams the inputs and
 //! writes every document's tokens to a temporary indexed file, keeping only (domain, length) per
 //! document; pass 2 decides the copies; pass 3 streams the chosen documents from the temporary file
-//! into the packed output. Everything is written under `<out>.tmp-<pid>` and renamed at the end.
+//! into the packed output. Everything is written under a temporary directory beside `<out>` and
+//! renamed at the end (`io::AtomicDir`).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -20,7 +21,7 @@ use serde::Serialize;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::data::indexed::{IndexedDataset, IndexedWriter, TokenDType};
-use crate::io::{sha256_file, write_atomic};
+use crate::io::{AtomicDir, sha256_file, write_atomic};
 use crate::util::rng;
 
 /// Where a document's domain comes from.
@@ -646,30 +647,12 @@ pub fn prepare_cpt(o: &CptOptions) -> Result<CptReport> {
             o.separator
         ),
     }
-    let tmp = PathBuf::from(format!("{}.tmp-{}", o.out.display(), std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(tmp.join("stage"))
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = prepare_into(o, &mut tok, (sep_id, &sep_source), vocab, &tmp);
-    match result {
-        Ok(report) => {
-            if o.out.exists() {
-                std::fs::remove_dir_all(&o.out)
-                    .with_context(|| format!("cannot replace {}", o.out.display()))?;
-            }
-            std::fs::rename(&tmp, &o.out).with_context(|| {
-                format!("cannot rename {} to {}", tmp.display(), o.out.display())
-            })?;
-            Ok(report)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    let dir = AtomicDir::create(&o.out)?;
+    std::fs::create_dir_all(dir.tmp().join("stage"))
+        .with_context(|| format!("cannot create {}", dir.tmp().join("stage").display()))?;
+    let report = prepare_into(o, &mut tok, (sep_id, &sep_source), vocab, dir.tmp())?;
+    dir.commit()?;
+    Ok(report)
 }
 
 fn prepare_into(

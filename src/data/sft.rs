@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use super::indexed::{IndexedWriter, TokenDType};
-use crate::io::{sha256_file, write_atomic};
+use crate::io::{AtomicDir, sha256_file, write_atomic};
 
 /// One chat turn of the `messages` format.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
@@ -399,36 +399,6 @@ impl SftWriters {
     }
 }
 
-/// A directory removed on drop unless kept: an interrupted run leaves no partial output.
-struct TempDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-/// `<out>` with `suffix` appended to its last component.
-fn sibling(out: &Path, suffix: &str) -> Result<PathBuf> {
-    let name = out
-        .file_name()
-        .with_context(|| format!("output {} has no directory name", out.display()))?;
-    let mut name = name.to_os_string();
-    name.push(suffix);
-    Ok(out.with_file_name(name))
-}
-
-fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync of directory {}", dir.display()))
-}
-
 /// Reads the next line (without its `\n` / `\r\n`) into `buf`; false at end of file.
 fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>, path: &Path, lineno: usize) -> Result<bool> {
     buf.clear();
@@ -504,8 +474,9 @@ fn encode_file(
 
 /// `prepare sft`: reads the `messages` JSON Lines, renders and tokenizes each sample with the
 /// Llama-3.1 chat template, drops (and counts) samples over `max_len`, packs rows and writes the
-/// datasets described in the module comment. Everything is written under `<out>.tmp-<pid>` and
-/// renamed to `<out>` at the end, replacing an older output; the result is deterministic.
+/// datasets described in the module comment. Everything is written under a temporary directory
+/// and renamed to `<out>` at the end (`io::AtomicDir`), replacing an older output; the result is
+/// deterministic.
 pub fn prepare_sft(o: &SftOptions) -> Result<SftReport> {
     if o.max_len == 0 || o.max_len > i32::MAX as usize {
         bail!("max_len must be in 1..={}, got {}", i32::MAX, o.max_len);
@@ -518,18 +489,10 @@ pub fn prepare_sft(o: &SftOptions) -> Result<SftReport> {
     let template = ChatTemplate::from_tokenizer(&tok)
         .with_context(|| format!("tokenizer {}", tokenizer_path.display()))?;
 
-    let tmp = TempDir {
-        path: sibling(&o.out, &format!(".tmp-{}", std::process::id()))?,
-        keep: false,
-    };
-    if tmp.path.exists() {
-        fs::remove_dir_all(&tmp.path)
-            .with_context(|| format!("removing stale {}", tmp.path.display()))?;
-    }
-    fs::create_dir_all(&tmp.path).with_context(|| format!("creating {}", tmp.path.display()))?;
+    let dir = AtomicDir::create(&o.out)?;
 
     let mut report = SftReport::default();
-    let mut writers = SftWriters::create(&tmp.path)?;
+    let mut writers = SftWriters::create(dir.tmp())?;
     let mut packer = Packer::new(o.max_len, template.eot, o.pack);
     let mut inputs = Vec::with_capacity(o.inputs.len());
     for path in &o.inputs {
@@ -558,7 +521,7 @@ pub fn prepare_sft(o: &SftOptions) -> Result<SftReport> {
 
     let tokenizer_bytes = fs::read(&tokenizer_path)
         .with_context(|| format!("reading {}", tokenizer_path.display()))?;
-    write_atomic(&tmp.path.join("tokenizer.json"), &tokenizer_bytes)?;
+    write_atomic(&dir.tmp().join("tokenizer.json"), &tokenizer_bytes)?;
     let manifest = serde_json::json!({
         "kind": "sft",
         "inputs": inputs,
@@ -585,33 +548,10 @@ pub fn prepare_sft(o: &SftOptions) -> Result<SftReport> {
     });
     let text = serde_json::to_string_pretty(&manifest).context("serializing manifest.json")?;
     write_atomic(
-        &tmp.path.join("manifest.json"),
+        &dir.tmp().join("manifest.json"),
         format!("{text}\n").as_bytes(),
     )?;
-    fsync_dir(&tmp.path)?;
-
-    // Swap in: an older output moves aside first and goes only once the new one is in place.
-    let old = sibling(&o.out, &format!(".old-{}", std::process::id()))?;
-    let replaced = o.out.exists();
-    if replaced {
-        fs::rename(&o.out, &old)
-            .with_context(|| format!("moving the older {} aside", o.out.display()))?;
-    }
-    if let Err(e) = fs::rename(&tmp.path, &o.out) {
-        if replaced {
-            let _ = fs::rename(&old, &o.out);
-        }
-        return Err(e)
-            .with_context(|| format!("renaming {} to {}", tmp.path.display(), o.out.display()));
-    }
-    let mut tmp = tmp;
-    tmp.keep = true;
-    if replaced {
-        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    }
-    if let Some(parent) = o.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fsync_dir(parent)?;
-    }
+    dir.commit()?;
     print!("{report}");
     Ok(report)
 }
@@ -937,7 +877,12 @@ mod tests {
         let mut v: Vec<String> = fs::read_dir(f.dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.starts_with("out"))
+            // The output and its temporary or set-aside copies (`io::AtomicDir`).
+            .filter(|n| {
+                ["out", ".tmp-out", ".old-out"]
+                    .iter()
+                    .any(|p| n.starts_with(p))
+            })
             .collect();
         v.sort();
         v
