@@ -157,7 +157,8 @@ fn backend_cuda_without_a_driver_fails_clearly() {
     }
     let bin = env!("CARGO_BIN_EXE_ultralong");
     let dir = tempfile::tempdir().unwrap();
-    let runs: [&[&str]; 2] = [
+    let out = dir.path().to_str().unwrap();
+    let runs: [&[&str]; 4] = [
         &[
             "forward",
             "--backend",
@@ -167,7 +168,26 @@ fn backend_cuda_without_a_driver_fails_clearly() {
             "--tokens",
             "/nonexistent.json",
         ],
-        &["gpu-check", "--out", dir.path().to_str().unwrap()],
+        &[
+            "generate",
+            "--backend",
+            "cuda",
+            "--model",
+            "/nonexistent",
+            "--prompt",
+            "/nonexistent.txt",
+        ],
+        &[
+            "eval",
+            "niah",
+            "--backend",
+            "cuda",
+            "--model",
+            "/nonexistent",
+            "--out",
+            out,
+        ],
+        &["gpu-check", "--out", out],
     ];
     for args in runs {
         let o = Command::new(bin).args(args).output().unwrap();

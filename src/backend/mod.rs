@@ -10,6 +10,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod select;
 
 /// Shape of one attention call: queries `[q_len, n_q_heads, head_dim]` against keys/values
 /// `[kv_len, n_kv_heads, head_dim]` (GQA: query head `h` reads KV head `h / (n_q_heads/n_kv_heads)`).

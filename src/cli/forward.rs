@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 
 use crate::backend::Backend;
-use crate::backend::cpu::CpuBackend;
+use crate::backend::select::BackendKind;
 use crate::data::loader::zigzag_chunks;
 use crate::io::{self, DType, HostTensor, TensorMap};
 use crate::model::llama::{Head, Llama, Workspace};
@@ -68,23 +68,8 @@ pub struct ForwardArgs {
 }
 
 pub fn run(a: ForwardArgs) -> Result<()> {
-    match a.backend.as_str() {
-        "cpu" => {}
-        #[cfg(feature = "cuda")]
-        "cuda" => return run_on(&crate::backend::cuda::CudaBackend::for_local_rank()?, &a),
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => bail!("--backend cuda: this binary was built without the `cuda` feature"),
-        x => bail!("--backend {x:?}: expected cpu or cuda"),
-    }
-    match a.precision.as_str() {
-        "f32" => run_on(&CpuBackend::<f32>::new(), &a),
-        "f64" => run_on(&CpuBackend::<f64>::new(), &a),
-        p => bail!("--precision {p:?}: expected f32 or f64"),
-    }
-}
-
-fn run_on<B: Backend>(b: &B, a: &ForwardArgs) -> Result<()> {
-    run_world(|world| run_ranks(b, world, a))
+    let kind = BackendKind::parse(("--backend", &a.backend), ("--precision", &a.precision))?;
+    crate::on_backend!(kind, |b| run_world(|world| run_ranks(b, world, &a)))
 }
 
 fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {

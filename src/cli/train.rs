@@ -6,8 +6,8 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::backend::Backend;
-use crate::backend::cpu::CpuBackend;
-use crate::parallel::any::{World, run_world};
+use crate::backend::select::BackendKind;
+use crate::parallel::any::run_world;
 use crate::parallel::topology::Topology;
 use crate::train::config::RunConfig;
 use crate::train::trainer;
@@ -43,26 +43,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     set.extend(a.cp.map(|v| format!("parallel.cp={v}")));
     set.extend(a.backend.as_ref().map(|v| format!("train.backend={v}")));
     let cfg = RunConfig::load(&a.config, &set)?;
-    run_world(|world| run_ranks(world, &a, &cfg))
-}
-
-fn run_ranks(world: &World, a: &TrainArgs, cfg: &RunConfig) -> Result<()> {
-    let topo = Topology::new(world.comm(), cfg.parallel.tp, cfg.parallel.cp)?;
-    if cfg.train.backend == "cuda" {
-        #[cfg(feature = "cuda")]
-        return run_on(
-            &crate::backend::cuda::CudaBackend::for_local_rank()?,
-            &topo,
-            a,
-            cfg,
-        );
-        #[cfg(not(feature = "cuda"))]
-        anyhow::bail!("train.backend = \"cuda\": this binary was built without the `cuda` feature");
-    }
-    match cfg.train.precision.as_str() {
-        "f64" => run_on(&CpuBackend::<f64>::new(), &topo, a, cfg),
-        _ => run_on(&CpuBackend::<f32>::new(), &topo, a, cfg),
-    }
+    let kind = BackendKind::parse(
+        ("train.backend", &cfg.train.backend),
+        ("train.precision", &cfg.train.precision),
+    )?;
+    run_world(|world| {
+        let topo = Topology::new(world.comm(), cfg.parallel.tp, cfg.parallel.cp)?;
+        crate::on_backend!(kind, |b| run_on(b, &topo, &a, &cfg))
+    })
 }
 
 fn run_on<B: Backend>(b: &B, topo: &Topology, a: &TrainArgs, cfg: &RunConfig) -> Result<()> {
