@@ -15,8 +15,7 @@
 //! - `tokenizer.json` (copied), `manifest.json` (inputs with sizes and sha256, tokenizer sha256,
 //!   options, template, report).
 
-use std::fs::{self, File};
-use std::io::{BufRead, BufReader};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -28,6 +27,7 @@ use super::chat::{
     ChatTemplate, Encoded, Message, ROLES, SYSTEM_PREAMBLE, encode_chat, jinja_trim,
 };
 use super::indexed::{IndexedWriter, TokenDType};
+use super::prepare::{Record, read_records};
 use crate::io::{AtomicDir, sha256_file, write_atomic};
 
 /// Why an input line is not a usable sample; each kind is counted in the report.
@@ -35,6 +35,8 @@ use crate::io::{AtomicDir, sha256_file, write_atomic};
 enum Invalid {
     Utf8(String),
     Json(String),
+    /// A Parquet row that could not be read.
+    Unreadable(String),
     MissingMessages,
     BadMessage(usize),
     BadRole(usize, String),
@@ -47,6 +49,7 @@ impl std::fmt::Display for Invalid {
         match self {
             Invalid::Utf8(e) => write!(f, "invalid UTF-8 ({e})"),
             Invalid::Json(e) => write!(f, "malformed JSON ({e})"),
+            Invalid::Unreadable(e) => write!(f, "unreadable row ({e})"),
             Invalid::MissingMessages => write!(f, "no `messages` array"),
             Invalid::BadMessage(i) => write!(
                 f,
@@ -62,12 +65,75 @@ impl std::fmt::Display for Invalid {
     }
 }
 
-/// Parses one JSON Lines record of the `messages` format. Empty content (after the template's
-/// trim) is refused for user and assistant turns; an empty system message is allowed.
+/// A record of an input file, owned: records are parsed and encoded in parallel chunks.
+enum Raw {
+    Line(Vec<u8>),
+    /// A Parquet row as JSON (a `messages` column of role/content structs becomes the array).
+    Json(serde_json::Value),
+    Unreadable(String),
+}
+
+impl Raw {
+    fn of(r: Record<'_>) -> Self {
+        match r {
+            Record::Line(l) => Raw::Line(l.to_vec()),
+            Record::Row(row) => Raw::Json(row_json(&row)),
+            Record::Unreadable(e) => Raw::Unreadable(e),
+        }
+    }
+
+    fn messages(&self) -> Result<Vec<Message>, Invalid> {
+        match self {
+            Raw::Line(l) => parse_sample(l),
+            Raw::Json(v) => messages_of(v),
+            Raw::Unreadable(e) => Err(Invalid::Unreadable(e.clone())),
+        }
+    }
+}
+
+/// A Parquet row as JSON: strings, numbers, booleans, nulls, lists and structs as themselves
+/// (what a `messages` column holds); any other value (bytes, dates, maps) becomes null, which
+/// `messages_of` then refuses as a bad message.
+fn row_json(row: &parquet::record::Row) -> serde_json::Value {
+    use parquet::record::Field;
+    use serde_json::Value;
+    fn field(f: &Field) -> Value {
+        match f {
+            Field::Str(s) => Value::String(s.clone()),
+            Field::Bool(b) => Value::Bool(*b),
+            Field::Byte(x) => (*x).into(),
+            Field::Short(x) => (*x).into(),
+            Field::Int(x) => (*x).into(),
+            Field::Long(x) => (*x).into(),
+            Field::UByte(x) => (*x).into(),
+            Field::UShort(x) => (*x).into(),
+            Field::UInt(x) => (*x).into(),
+            Field::ULong(x) => (*x).into(),
+            Field::Float(x) => (*x).into(),
+            Field::Double(x) => (*x).into(),
+            Field::Group(r) => row_json(r),
+            Field::ListInternal(l) => Value::Array(l.elements().iter().map(field).collect()),
+            _ => Value::Null,
+        }
+    }
+    Value::Object(
+        row.get_column_iter()
+            .map(|(k, f)| (k.clone(), field(f)))
+            .collect(),
+    )
+}
+
+/// Parses one JSON Lines record of the `messages` format (`messages_of`).
 fn parse_sample(line: &[u8]) -> Result<Vec<Message>, Invalid> {
     let text = std::str::from_utf8(line).map_err(|e| Invalid::Utf8(e.to_string()))?;
     let v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| Invalid::Json(e.to_string()))?;
+    messages_of(&v)
+}
+
+/// The `messages` of one record. Empty content (after the template's trim) is refused for user
+/// and assistant turns; an empty system message is allowed.
+fn messages_of(v: &serde_json::Value) -> Result<Vec<Message>, Invalid> {
     let arr = v
         .get("messages")
         .and_then(|m| m.as_array())
@@ -161,7 +227,8 @@ impl Packer {
 /// Options of `prepare sft`.
 #[derive(Clone, Debug, Serialize)]
 pub struct SftOptions {
-    /// JSON Lines files, one `{"messages": [{"role", "content"}, ...]}` per line.
+    /// Inputs, one `{"messages": [{"role", "content"}, ...]}` per record: JSON Lines (plain,
+    /// .gz, .zst) or Parquet with a `messages` column.
     pub inputs: Vec<PathBuf>,
     /// A tokenizer.json, or a directory holding one.
     pub tokenizer: PathBuf,
@@ -180,7 +247,7 @@ pub struct SftOptions {
 /// Counts of a `prepare sft` run (also in manifest.json).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SftReport {
-    /// Non-blank input lines.
+    /// Records read: non-blank input lines and Parquet rows.
     pub samples_in: u64,
     pub samples_written: u64,
     pub dropped_too_long: u64,
@@ -206,7 +273,7 @@ impl SftReport {
     fn count_invalid(&mut self, why: &Invalid) {
         *match why {
             Invalid::Utf8(_) => &mut self.invalid_utf8,
-            Invalid::Json(_) => &mut self.invalid_json,
+            Invalid::Json(_) | Invalid::Unreadable(_) => &mut self.invalid_json,
             Invalid::MissingMessages => &mut self.missing_messages,
             Invalid::BadMessage(_) => &mut self.bad_message,
             Invalid::BadRole(..) => &mut self.bad_role,
@@ -283,77 +350,66 @@ impl SftWriters {
     }
 }
 
-/// Reads the next line (without its `\n` / `\r\n`) into `buf`; false at end of file.
-fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>, path: &Path, lineno: usize) -> Result<bool> {
-    buf.clear();
-    let n = r
-        .read_until(b'\n', buf)
-        .with_context(|| format!("{}:{lineno}: read error", path.display()))?;
-    if buf.last() == Some(&b'\n') {
-        buf.pop();
-        if buf.last() == Some(&b'\r') {
-            buf.pop();
-        }
-    }
-    Ok(n > 0)
+/// What encoding a sample needs: the tokenizer, the template's ids, the options.
+struct Encoder<'a> {
+    tok: &'a Tokenizer,
+    t: &'a ChatTemplate,
+    o: &'a SftOptions,
 }
 
-/// Encodes one input file's samples and writes the rows they complete.
+/// Encodes one input file's samples (in any format `read_records` reads) and writes the rows they
+/// complete.
 fn encode_file(
     path: &Path,
-    tok: &Tokenizer,
-    t: &ChatTemplate,
-    o: &SftOptions,
+    enc: &Encoder<'_>,
     packer: &mut Packer,
     writers: &mut SftWriters,
     report: &mut SftReport,
 ) -> Result<()> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut lineno = 0usize;
-    let mut buf = Vec::new();
-    loop {
-        let mut chunk: Vec<(usize, Vec<u8>)> = Vec::with_capacity(LINES_PER_CHUNK);
-        let mut eof = false;
-        while chunk.len() < LINES_PER_CHUNK {
-            lineno += 1;
-            if !read_line(&mut reader, &mut buf, path, lineno)? {
-                eof = true;
-                break;
-            }
-            if !buf.iter().all(u8::is_ascii_whitespace) {
-                chunk.push((lineno, buf.clone()));
-            }
+    let mut chunk: Vec<(String, Raw)> = Vec::with_capacity(LINES_PER_CHUNK);
+    read_records(path, |at, rec| {
+        chunk.push((at.to_string(), Raw::of(rec)));
+        if chunk.len() == LINES_PER_CHUNK {
+            encode_chunk(&mut chunk, enc, packer, writers, report)?;
         }
-        let encoded: Vec<Result<Result<Encoded, Invalid>>> = chunk
-            .par_iter()
-            .map(|(_, line)| match parse_sample(line) {
-                Ok(messages) => encode_chat(tok, t, &messages).map(Ok),
-                Err(why) => Ok(Err(why)),
-            })
-            .collect();
-        for ((line, _), sample) in chunk.iter().zip(encoded) {
-            report.samples_in += 1;
-            let sample = sample.with_context(|| format!("{}:{line}", path.display()))?;
-            match sample {
-                Err(why) if o.skip_invalid => report.count_invalid(&why),
-                Err(why) => bail!(
-                    "{}:{line}: {why} (--skip-invalid skips and counts such lines)",
-                    path.display()
-                ),
-                Ok((ids, _)) if ids.len() > o.max_len => report.dropped_too_long += 1,
-                Ok((ids, mask)) => {
-                    report.samples_written += 1;
-                    if let Some(row) = packer.push(&ids, &mask) {
-                        writers.write(&row, report)?;
-                    }
+        Ok(())
+    })?;
+    encode_chunk(&mut chunk, enc, packer, writers, report)
+}
+
+/// Parses and tokenizes a chunk of records in parallel, then packs them in input order; empties
+/// the chunk.
+fn encode_chunk(
+    chunk: &mut Vec<(String, Raw)>,
+    enc: &Encoder<'_>,
+    packer: &mut Packer,
+    writers: &mut SftWriters,
+    report: &mut SftReport,
+) -> Result<()> {
+    let encoded: Vec<Result<Result<Encoded, Invalid>>> = chunk
+        .par_iter()
+        .map(|(_, raw)| match raw.messages() {
+            Ok(messages) => encode_chat(enc.tok, enc.t, &messages).map(Ok),
+            Err(why) => Ok(Err(why)),
+        })
+        .collect();
+    for ((at, _), sample) in chunk.iter().zip(encoded) {
+        report.samples_in += 1;
+        let sample = sample.with_context(|| at.clone())?;
+        match sample {
+            Err(why) if enc.o.skip_invalid => report.count_invalid(&why),
+            Err(why) => bail!("{at}: {why} (--skip-invalid skips and counts such lines)"),
+            Ok((ids, _)) if ids.len() > enc.o.max_len => report.dropped_too_long += 1,
+            Ok((ids, mask)) => {
+                report.samples_written += 1;
+                if let Some(row) = packer.push(&ids, &mask) {
+                    writers.write(&row, report)?;
                 }
             }
         }
-        if eof {
-            return Ok(());
-        }
     }
+    chunk.clear();
+    Ok(())
 }
 
 /// `prepare sft`: reads the `messages` JSON Lines, renders and tokenizes each sample with the
@@ -380,15 +436,12 @@ pub fn prepare_sft(o: &SftOptions) -> Result<SftReport> {
     let mut packer = Packer::new(o.max_len, template.eot, o.pack);
     let mut inputs = Vec::with_capacity(o.inputs.len());
     for path in &o.inputs {
-        encode_file(
-            path,
-            &tok,
-            &template,
+        let enc = Encoder {
+            tok: &tok,
+            t: &template,
             o,
-            &mut packer,
-            &mut writers,
-            &mut report,
-        )?;
+        };
+        encode_file(path, &enc, &mut packer, &mut writers, &mut report)?;
         let bytes = fs::metadata(path)
             .with_context(|| format!("reading metadata of {}", path.display()))?
             .len();
@@ -794,6 +847,84 @@ mod tests {
         assert_eq!(r, want);
         assert_eq!(r.dropped_too_long, 0);
         assert_eq!(r.sequences, 1);
+    }
+
+    /// `samples` as a Parquet file with a `messages` column (list of role/content structs, the
+    /// layout HF chat datasets use), in two row groups.
+    fn write_parquet(path: &Path, samples: &[Vec<Message>]) {
+        use parquet::data_type::{ByteArray, ByteArrayType};
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use std::sync::Arc;
+        let schema = parquet::schema::parser::parse_message_type(
+            "message chat { REQUIRED GROUP messages (LIST) { REPEATED GROUP list { \
+             REQUIRED GROUP element { REQUIRED BYTE_ARRAY role (UTF8); \
+             REQUIRED BYTE_ARRAY content (UTF8); } } } }",
+        )
+        .unwrap();
+        let file = fs::File::create(path).unwrap();
+        let props = Arc::new(WriterProperties::builder().build());
+        let mut w = SerializedFileWriter::new(file, Arc::new(schema), props).unwrap();
+        let half = samples.len() / 2;
+        for group in [&samples[..half], &samples[half..]] {
+            let mut rg = w.next_row_group().unwrap();
+            let mut column = 0;
+            while let Some(mut col) = rg.next_column().unwrap() {
+                let (mut values, mut def, mut rep) = (Vec::new(), Vec::new(), Vec::new());
+                for m in group {
+                    for (i, msg) in m.iter().enumerate() {
+                        let v = if column == 0 { &msg.role } else { &msg.content };
+                        values.push(ByteArray::from(v.as_str()));
+                        def.push(1);
+                        rep.push(i16::from(i > 0));
+                    }
+                }
+                col.typed::<ByteArrayType>()
+                    .write_batch(&values, Some(&def), Some(&rep))
+                    .unwrap();
+                col.close().unwrap();
+                column += 1;
+            }
+            rg.close().unwrap();
+        }
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn gz_zst_and_parquet_inputs_give_the_output_of_the_plain_file() {
+        let f = Fixture::new();
+        // More samples than one parallel chunk, so chunks meet across a boundary.
+        let all = samples(LINES_PER_CHUNK + 100);
+        let text = all.iter().map(|m| line(m)).collect::<Vec<_>>().join("\n") + "\n";
+        let plain = f.dir.path().join("chat.jsonl");
+        fs::write(&plain, &text).unwrap();
+        let gz = f.dir.path().join("chat.jsonl.gz");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut e, text.as_bytes()).unwrap();
+        fs::write(&gz, e.finish().unwrap()).unwrap();
+        let zst = f.dir.path().join("chat.jsonl.zst");
+        fs::write(&zst, zstd::encode_all(text.as_bytes(), 3).unwrap()).unwrap();
+        let pq = f.dir.path().join("chat.parquet");
+        write_parquet(&pq, &all);
+        let run = |input: &Path| {
+            let mut o = f.options(vec![input.to_path_buf()], 256, true);
+            o.out = f.dir.path().join(format!(
+                "out-{}",
+                input.file_name().unwrap().to_string_lossy()
+            ));
+            let report = prepare_sft(&o).unwrap();
+            let data: Vec<_> = dir_bytes(&o.out)
+                .into_iter()
+                .filter(|(n, _)| n != "manifest.json")
+                .collect();
+            (report, data)
+        };
+        let want = run(&plain);
+        assert_eq!(want.0.samples_in, all.len() as u64);
+        assert!(want.0.samples_written > 0 && want.0.dropped_too_long > 0);
+        for input in [&gz, &zst, &pq] {
+            assert!(run(input) == want, "{} differs", input.display());
+        }
     }
 
     #[test]
