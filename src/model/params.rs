@@ -80,7 +80,7 @@ impl ParamSpec {
     }
 
     /// Cut this rank's part out of the full tensor `full` (row-major, `full_shape`).
-    pub fn take_shard(&self, full: &[f32], shard: Shard) -> Vec<f32> {
+    pub fn take_shard<T: Copy>(&self, full: &[T], shard: Shard) -> Vec<T> {
         let n = shard.size;
         match self.split {
             Split::Replicated => full.to_vec(),
@@ -101,14 +101,14 @@ impl ParamSpec {
     }
 
     /// Reassemble the full tensor from every rank's part, in rank order (`parts` concatenated).
-    pub fn join_shards(&self, parts: &[f32], n: usize) -> Vec<f32> {
+    pub fn join_shards<T: Copy + Default>(&self, parts: &[T], n: usize) -> Vec<T> {
         match self.split {
             Split::Replicated => parts[..parts.len() / n].to_vec(),
             Split::Rows => parts.to_vec(),
             Split::Cols => {
                 let (rows, cols) = (self.full_shape[0], self.full_shape[1]);
                 let w = cols / n;
-                let mut out = vec![0.0; rows * cols];
+                let mut out = vec![T::default(); rows * cols];
                 for (rk, part) in parts.chunks(rows * w).enumerate() {
                     for r in 0..rows {
                         out[r * cols + rk * w..][..w].copy_from_slice(&part[r * w..][..w]);
