@@ -189,3 +189,169 @@ impl Partition {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The partition against the slicing formula (flat index `x` lives in slice `x / slice` at
+    //! `x % slice`), and the collectives on thread ranks against sums computed here on the host.
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::parallel::any::AnyComm;
+    use crate::parallel::thread::ThreadComm;
+    use crate::util::gradcheck::test_values;
+
+    fn spec(name: &str, rows: usize, cols: usize, split: Split) -> ParamSpec {
+        ParamSpec {
+            name: name.into(),
+            shape: vec![rows, cols],
+            is_norm: split == Split::Replicated,
+            split,
+            full_shape: vec![rows, cols],
+        }
+    }
+
+    /// Local shards of four tensors, two of them replicated, 5 + 14 + 1 + 12 = 32 elements.
+    fn specs() -> Vec<ParamSpec> {
+        vec![
+            spec("norm_a", 1, 5, Split::Replicated),
+            spec("w", 7, 2, Split::Rows),
+            spec("norm_b", 1, 1, Split::Replicated),
+            spec("o", 3, 4, Split::Cols),
+        ]
+    }
+
+    #[test]
+    fn slices_cover_the_flat_vector_once_by_the_formula() {
+        let specs = specs();
+        let sizes: Vec<usize> = specs.iter().map(ParamSpec::numel).collect();
+        let total: usize = sizes.iter().sum();
+        let starts: Vec<usize> = sizes
+            .iter()
+            .scan(0, |a, &n| {
+                *a += n;
+                Some(*a - n)
+            })
+            .collect();
+        for group in 1..=7 {
+            let slice = total.div_ceil(group);
+            let mut seen = vec![0usize; total];
+            for index in 0..group {
+                let p = Partition::new(&specs, group, index, 0);
+                assert_eq!(p.slice(), (index, slice));
+                assert_eq!(p.total(), total);
+                let mut held = 0;
+                for s in p.segments() {
+                    for j in 0..s.len {
+                        let x = starts[s.param] + s.off + j;
+                        assert_eq!(x / slice, index, "group {group}: element {x}");
+                        assert_eq!(x % slice, s.at + j, "group {group}: element {x}");
+                        seen[x] += 1;
+                    }
+                    held += s.len;
+                }
+                assert_eq!(p.held(), held);
+                assert_eq!(
+                    held,
+                    total.min((index + 1) * slice).saturating_sub(index * slice)
+                );
+            }
+            assert!(seen.iter().all(|&c| c == 1), "group {group}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn replicated_tensors_count_in_the_norm_on_tp_rank_0_only() {
+        for tp_rank in [0, 1] {
+            let p = Partition::new(&specs(), 1, 0, tp_rank);
+            for s in p.segments() {
+                let replicated = specs()[s.param].split == Split::Replicated;
+                assert_eq!(s.in_norm, !replicated || tp_rank == 0, "{s:?}");
+            }
+        }
+    }
+
+    /// Rank (t, d)'s local gradient of tensor `i`.
+    fn grad(t: usize, d: usize, i: usize, n: usize) -> Vec<f64> {
+        test_values(n, (100 * t + 10 * d + i) as u64)
+    }
+
+    #[test]
+    fn reduce_scatter_norm_and_all_gather_match_host_sums() {
+        let (tp, dp) = (2, 3);
+        let specs = specs();
+        // Reduced gradient of TP rank t: sum over DP, and over TP too for replicated tensors.
+        let reduced = |t: usize, i: usize| -> Vec<f64> {
+            let n = specs[i].numel();
+            let tps: Vec<usize> = if specs[i].split == Split::Replicated {
+                (0..tp).collect()
+            } else {
+                vec![t]
+            };
+            let mut sum = vec![0.0; n];
+            for &u in &tps {
+                for d in 0..dp {
+                    for (a, g) in sum.iter_mut().zip(grad(u, d, i, n)) {
+                        *a += g;
+                    }
+                }
+            }
+            sum
+        };
+        // Replicated tensors once, TP shards of the others from every TP rank.
+        let norm: f64 = (0..specs.len())
+            .flat_map(|i| {
+                let ts = if specs[i].split == Split::Replicated {
+                    1
+                } else {
+                    tp
+                };
+                (0..ts).flat_map(move |t| reduced(t, i))
+            })
+            .map(|x| x * x)
+            .sum::<f64>()
+            .sqrt();
+        let results = ThreadComm::run(tp * dp, |world: AnyComm| {
+            let b = CpuBackend::<f64>::new();
+            let topo = Topology::new(&world, tp, 1).unwrap();
+            let (t, d) = (topo.tp_rank, topo.dp_rank);
+            let p = Partition::of_rank(&topo, &specs);
+            let mut grads = ParamStore::<CpuBackend<f64>> {
+                specs: specs.clone(),
+                bufs: specs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| b.upload_f64(&grad(t, d, i, s.numel())))
+                    .collect(),
+            };
+            let mut parts: Vec<_> = p.segments().iter().map(|s| b.zeros(s.len)).collect();
+            p.reduce_scatter(&b, &topo, &mut grads, &mut parts);
+            let mine: Vec<Vec<f64>> = parts.iter().map(|x| b.download_f64(x)).collect();
+            let n = p.norm(&b, &topo, &parts);
+            let mut out = ParamStore::<CpuBackend<f64>> {
+                specs: specs.clone(),
+                bufs: specs.iter().map(|s| b.zeros(s.numel())).collect(),
+            };
+            p.all_gather(&b, &topo, &parts, &mut out);
+            let full: Vec<Vec<f64>> = out.bufs.iter().map(|x| b.download_f64(x)).collect();
+            (t, p.segments().to_vec(), mine, n, full)
+        });
+        for (t, segs, mine, n, full) in results {
+            for (s, got) in segs.iter().zip(&mine) {
+                let want = &reduced(t, s.param)[s.off..s.off + s.len];
+                for (a, b) in got.iter().zip(want) {
+                    assert!((a - b).abs() < 1e-14, "tp {t}, {s:?}: {a} vs {b}");
+                }
+            }
+            assert!(
+                (n - norm).abs() < 1e-14 * norm,
+                "tp {t}: norm {n} vs {norm}"
+            );
+            for (i, f) in full.iter().enumerate() {
+                let want = reduced(t, i);
+                for (a, b) in f.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-14, "tp {t}, tensor {i}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
