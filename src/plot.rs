@@ -3,14 +3,17 @@
 //!
 //! Text is drawn with DejaVu Sans embedded in the binary (`assets/fonts`, its licence beside it),
 //! so plots look the same on a compute node without fontconfig. Files are written to a temporary
-//! name and renamed: a reader (or a crash) never sees half a PNG.
+//! name and renamed (`io::AtomicPath`): a reader never sees half a PNG, and a failed drawing
+//! leaves no file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Once;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
+
+use crate::io::AtomicPath;
 
 static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
@@ -66,19 +69,6 @@ fn register_font() {
                 .expect("embedded DejaVuSans.ttf parses");
         }
     });
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "plot.png".into());
-    path.with_file_name(format!(".{name}.tmp.png"))
-}
-
-fn finish(tmp: &Path, path: &Path) -> Result<()> {
-    std::fs::rename(tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
 }
 
 fn draw_err<E: std::fmt::Debug>(path: &Path) -> impl FnOnce(E) -> anyhow::Error + '_ {
@@ -162,9 +152,9 @@ pub fn line_chart(path: &Path, chart: &LineChart) -> Result<()> {
     } else {
         padded(y0, y1)
     };
-    let tmp = tmp_path(path);
+    let tmp = AtomicPath::new(path)?;
     {
-        let root = BitMapBackend::new(&tmp, (W, H)).into_drawing_area();
+        let root = BitMapBackend::new(tmp.tmp(), (W, H)).into_drawing_area();
         root.fill(&WHITE).map_err(draw_err(path))?;
         let mut builder = ChartBuilder::on(&root);
         builder
@@ -241,7 +231,7 @@ pub fn line_chart(path: &Path, chart: &LineChart) -> Result<()> {
         }
         root.present().map_err(draw_err(path))?;
     }
-    finish(&tmp, path)
+    tmp.commit()
 }
 
 /// Red (0) → yellow → green (1), the colour scale of the paper's NIAH figures.
@@ -290,9 +280,9 @@ pub fn heatmap(path: &Path, map: &Heatmap) -> Result<()> {
             map.max
         );
     }
-    let tmp = tmp_path(path);
+    let tmp = AtomicPath::new(path)?;
     {
-        let root = BitMapBackend::new(&tmp, (W, H)).into_drawing_area();
+        let root = BitMapBackend::new(tmp.tmp(), (W, H)).into_drawing_area();
         root.fill(&WHITE).map_err(draw_err(path))?;
         let (main, bar) = root.split_horizontally(W - 110);
         let row_of = |j: usize| if map.rows_top_down { ny - 1 - j } else { j };
@@ -399,7 +389,7 @@ pub fn heatmap(path: &Path, map: &Heatmap) -> Result<()> {
         }
         root.present().map_err(draw_err(path))?;
     }
-    finish(&tmp, path)
+    tmp.commit()
 }
 
 #[cfg(test)]

@@ -188,7 +188,26 @@ fn backend_cuda_without_a_driver_fails_clearly() {
     }
     let bin = env!("CARGO_BIN_EXE_ultralong");
     let dir = tempfile::tempdir().unwrap();
-    let runs: [&[&str]; 2] = [
+    // eval checks its --model directory before it starts the backend: give it a real one.
+    let model = dir.path().join("m");
+    let init = Command::new(bin)
+        .args([
+            "init",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.json"),
+        ])
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let model = model.to_str().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let runs: [&[&str]; 4] = [
         &[
             "forward",
             "--backend",
@@ -198,7 +217,26 @@ fn backend_cuda_without_a_driver_fails_clearly() {
             "--tokens",
             "/nonexistent.json",
         ],
-        &["gpu-check", "--out", dir.path().to_str().unwrap()],
+        &[
+            "generate",
+            "--backend",
+            "cuda",
+            "--model",
+            "/nonexistent",
+            "--prompt",
+            "/nonexistent.txt",
+        ],
+        &[
+            "eval",
+            "niah",
+            "--backend",
+            "cuda",
+            "--model",
+            model,
+            "--out",
+            out,
+        ],
+        &["gpu-check", "--out", out],
     ];
     for args in runs {
         let o = Command::new(bin).args(args).output().unwrap();

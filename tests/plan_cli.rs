@@ -17,9 +17,9 @@ use ultralong::model::params::ParamStore;
 use ultralong::parallel::any::AnyComm;
 use ultralong::parallel::comm::SelfComm;
 use ultralong::parallel::topology::{Layout, Topology};
-use ultralong::parallel::zero::ShardedAdamW;
 use ultralong::plan::{self, RankShape, Target, WORKSPACE_GROUPS};
 use ultralong::train::config::RunConfig;
+use ultralong::train::optim::ShardedAdamW;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

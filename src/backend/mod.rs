@@ -10,6 +10,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod select;
 pub mod timed;
 
 /// Shape of one attention call: queries `[q_len, n_q_heads, head_dim]` against keys/values

@@ -16,7 +16,7 @@ use crate::model::config::ModelConfig;
 use crate::model::llama::{Head, Llama, Workspace};
 use crate::model::params::ParamStore;
 use crate::model::rope::RopePrecision;
-use crate::train::trainer::adamw_step;
+use crate::train::optim::adamw_step;
 use crate::util::rng;
 
 #[derive(Subcommand, Debug)]

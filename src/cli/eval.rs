@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::backend::Backend;
-use crate::backend::cpu::CpuBackend;
+use crate::backend::select::BackendKind;
 use crate::data::indexed::IndexedDataset;
 use crate::data::loader::TOKENS_PREFIX;
 use crate::eval::niah::{CellResult, Haystack, NiahSpec, accuracy_grid, run_cells};
@@ -49,6 +49,9 @@ pub struct InferenceArgs {
     /// are split over them, as in training.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
+    /// cpu or cuda (one GPU per rank).
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
     /// Working precision of the CPU backend: f32 or f64.
     #[arg(long, default_value = "f32")]
     pub precision: String,
@@ -143,11 +146,11 @@ pub fn run(c: EvalCommand) -> Result<()> {
         EvalCommand::Ppl(a) => &a.m,
     };
     crate::model::hf::require_model_dir(&m.model, "--model")?;
-    match m.run.precision.as_str() {
-        "f32" => run_world(|w| run_on(&CpuBackend::<f32>::new(), w, &c)),
-        "f64" => run_world(|w| run_on(&CpuBackend::<f64>::new(), w, &c)),
-        p => bail!("--precision {p:?}: expected f32 or f64"),
-    }
+    let kind = BackendKind::parse(
+        ("--backend", &m.run.backend),
+        ("--precision", &m.run.precision),
+    )?;
+    crate::on_backend!(kind, |b| run_world(|w| run_on(b, w, &c)))
 }
 
 fn run_on<B: Backend>(b: &B, world: &World, c: &EvalCommand) -> Result<()> {

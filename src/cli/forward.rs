@@ -9,17 +9,17 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::backend::Backend;
-use crate::backend::cpu::CpuBackend;
-use crate::data::loader::{Sample, zigzag_chunks, zigzag_slice};
+use crate::backend::select::BackendKind;
+use crate::data::loader::zigzag_chunks;
 use crate::io::{self, DType, HostTensor, TensorMap};
 use crate::model::llama::{Head, Llama, Workspace};
-use crate::model::params::Split;
 use crate::model::rope::RopePrecision;
 use crate::parallel::any::{World, run_world};
-use crate::parallel::comm::{Comm, ReduceOp};
-use crate::parallel::tensor::{all_reduce_buf, gather_full_host};
+use crate::parallel::comm::Comm;
+use crate::parallel::tensor::gather_full_host;
 use crate::parallel::topology::Topology;
 use crate::train::data::{load_token_file, tokenize_text_file};
+use crate::train::step::{GlobalBatch, all_reduce_grads, forward_backward_batch};
 
 #[derive(Args, Debug)]
 pub struct ForwardArgs {
@@ -68,23 +68,8 @@ pub struct ForwardArgs {
 }
 
 pub fn run(a: ForwardArgs) -> Result<()> {
-    match a.backend.as_str() {
-        "cpu" => {}
-        #[cfg(feature = "cuda")]
-        "cuda" => return run_on(&crate::backend::cuda::CudaBackend::for_local_rank()?, &a),
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => bail!("--backend cuda: this binary was built without the `cuda` feature"),
-        x => bail!("--backend {x:?}: expected cpu or cuda"),
-    }
-    match a.precision.as_str() {
-        "f32" => run_on(&CpuBackend::<f32>::new(), &a),
-        "f64" => run_on(&CpuBackend::<f64>::new(), &a),
-        p => bail!("--precision {p:?}: expected f32 or f64"),
-    }
-}
-
-fn run_on<B: Backend>(b: &B, a: &ForwardArgs) -> Result<()> {
-    run_world(|world| run_ranks(b, world, a))
+    let kind = BackendKind::parse(("--backend", &a.backend), ("--precision", &a.precision))?;
+    crate::on_backend!(kind, |b| run_world(|world| run_ranks(b, world, &a)))
 }
 
 fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
@@ -123,47 +108,22 @@ fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
     }
     let t_local = len / layout.cp;
     let mut ws = Workspace::for_rank(b, &model.cfg, &topo, t_local, false, a.ce_chunk);
-    // This rank's sequences (DP) and chunks of each (CP); next-token targets within a sequence.
-    let mine: Vec<Sample> = (topo.dp_rank..n_seq)
-        .step_by(layout.dp)
-        .map(|k| {
-            let seq = &ids[k * len..(k + 1) * len];
+    // Next-token targets within each sequence; this rank's share in `train::step`.
+    let seqs: Vec<(Vec<u32>, Vec<i32>)> = ids
+        .chunks(len)
+        .map(|seq| {
             let mut targets: Vec<i32> = seq[1..].iter().map(|&x| x as i32).collect();
             targets.push(-1);
-            let s = Sample {
-                ids: seq.to_vec(),
-                targets,
-                positions: (a.position_offset..a.position_offset + len as u64).collect(),
-            };
-            if layout.cp > 1 {
-                zigzag_slice(&s, layout.cp, topo.cp_rank)
-            } else {
-                Ok(s)
-            }
+            (seq.to_vec(), targets)
         })
-        .collect::<Result<_>>()?;
-    let n = (n_seq * (len - 1)) as f64;
-
+        .collect();
+    let batch = GlobalBatch {
+        seqs: &seqs,
+        pos0: a.position_offset,
+    };
     let mut grads = a.grads.as_ref().map(|_| model.params.zeros_like(b));
-    let mut loss_sum = 0.0;
-    for s in &mine {
-        loss_sum += model.forward_backward_rank(
-            b,
-            &topo,
-            &mut ws,
-            &s.ids,
-            &s.positions,
-            Head::Loss {
-                targets: &s.targets,
-                grad_scale: 1.0 / n,
-            },
-            grads.as_mut(),
-        );
-    }
+    let loss = forward_backward_batch(b, &topo, &model, &mut ws, batch, grads.as_mut())?;
     b.check().context("the forward and backward pass")?;
-    let mut ls = [loss_sum];
-    topo.dpcp.all_reduce(&mut ls, ReduceOp::Sum);
-    let loss_sum = ls[0];
     let lead = topo.world_rank == 0;
     let meta = |kind: &str| {
         HashMap::from([(
@@ -172,6 +132,7 @@ fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
         )])
     };
     if let Some(out) = &a.out {
+        let mine = batch.local(&topo)?;
         let mut logits = Vec::with_capacity(mine.len() * t_local * vocab);
         for s in &mine {
             model.forward_backward_rank(
@@ -214,14 +175,7 @@ fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
         }
     }
     if let (Some(path), Some(g)) = (&a.grads, &mut grads) {
-        // Replicated weights saw a sequence shard per TP rank; every weight saw a share of the
-        // batch per DP × CP rank.
-        for (spec, buf) in g.specs.iter().zip(g.bufs.iter_mut()) {
-            if spec.split == Split::Replicated {
-                all_reduce_buf(b, &topo.tp, buf);
-            }
-            all_reduce_buf(b, &topo.dpcp, buf);
-        }
+        all_reduce_grads(b, &topo, g);
         let full = gather_full_host(b, &topo.tp, g, "");
         b.check().context("gathering the gradients for --grads")?;
         if lead {
@@ -229,7 +183,7 @@ fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
         }
     }
     if lead {
-        let mut j = serde_json::json!({"loss": loss_sum / n, "tokens": t, "backend": b.name(), "rope_precision": a.rope_precision});
+        let mut j = serde_json::json!({"loss": loss, "tokens": t, "backend": b.name(), "rope_precision": a.rope_precision});
         if layout.world() > 1 {
             j["layout"] = serde_json::json!({"tp": layout.tp, "cp": layout.cp, "dp": layout.dp});
         }

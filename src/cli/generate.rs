@@ -11,7 +11,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::backend::Backend;
-use crate::backend::cpu::CpuBackend;
+use crate::backend::select::BackendKind;
 use crate::eval::generate::{Sampling, generate};
 use crate::eval::{PromptFormat, decode, encode, load_tokenizer};
 use crate::model::infer::Session;
@@ -60,11 +60,11 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    match a.run.precision.as_str() {
-        "f32" => run_world(|w| run_on(&CpuBackend::<f32>::new(), w, &a)),
-        "f64" => run_world(|w| run_on(&CpuBackend::<f64>::new(), w, &a)),
-        p => bail!("--precision {p:?}: expected f32 or f64"),
-    }
+    let kind = BackendKind::parse(
+        ("--backend", &a.run.backend),
+        ("--precision", &a.run.precision),
+    )?;
+    crate::on_backend!(kind, |b| run_world(|w| run_on(b, w, &a)))
 }
 
 fn run_on<B: Backend>(b: &B, world: &World, a: &GenerateArgs) -> Result<()> {

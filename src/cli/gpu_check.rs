@@ -183,7 +183,7 @@ mod imp {
     use crate::model::llama::{Head, Llama, Workspace};
     use crate::model::params::ParamStore;
     use crate::model::rope::{Rope, RopePrecision};
-    use crate::train::trainer::adamw_step;
+    use crate::train::optim::adamw_step;
     use crate::util::rng;
 
     pub fn run(a: GpuCheckArgs) -> Result<()> {

@@ -18,7 +18,8 @@ pub enum PrepareCommand {
 
 #[derive(Args, Debug)]
 pub struct SftArgs {
-    /// JSON Lines files with a `messages` array (system/user/assistant).
+    /// Input files with a `messages` array (system/user/assistant) per record: JSON Lines
+    /// (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet (a `messages` column of role/content structs).
     #[arg(long, num_args = 1.., required = true)]
     pub input: Vec<PathBuf>,
     /// tokenizer.json (with the Llama-3 special tokens), or a model directory holding one.

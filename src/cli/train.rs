@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::backend::Backend;
-use crate::backend::cpu::CpuBackend;
+use crate::backend::select::BackendKind;
 use crate::model::config::ModelConfig;
 use crate::model::hf::require_model_dir;
 use crate::parallel::any::{World, detect_launch, run_world};
@@ -54,8 +54,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .map(|v| (format!("--backend {v}"), format!("train.backend={v}"))),
     );
     let cfg = RunConfig::load_from(&a.config, &set)?;
+    let kind = BackendKind::parse(
+        ("train.backend", &cfg.train.backend),
+        ("train.precision", &cfg.train.precision),
+    )?;
     check_before_world(&cfg, a.resume)?;
-    run_world(|world| run_ranks(world, &a, &cfg))
+    run_world(|world| run_ranks(world, kind, &a, &cfg))
 }
 
 /// What can be checked from the config, the files and the launcher's environment is checked before
@@ -102,23 +106,9 @@ fn check_before_world(cfg: &RunConfig, resume: bool) -> Result<()> {
     Ok(())
 }
 
-fn run_ranks(world: &World, a: &TrainArgs, cfg: &RunConfig) -> Result<()> {
+fn run_ranks(world: &World, kind: BackendKind, a: &TrainArgs, cfg: &RunConfig) -> Result<()> {
     let topo = Topology::new(world.comm(), cfg.parallel.tp, cfg.parallel.cp)?;
-    if cfg.train.backend == "cuda" {
-        #[cfg(feature = "cuda")]
-        return run_on(
-            &crate::backend::cuda::CudaBackend::for_local_rank()?,
-            &topo,
-            a,
-            cfg,
-        );
-        #[cfg(not(feature = "cuda"))]
-        anyhow::bail!("train.backend = \"cuda\": this binary was built without the `cuda` feature");
-    }
-    match cfg.train.precision.as_str() {
-        "f64" => run_on(&CpuBackend::<f64>::new(), &topo, a, cfg),
-        _ => run_on(&CpuBackend::<f32>::new(), &topo, a, cfg),
-    }
+    crate::on_backend!(kind, |b| run_on(b, &topo, a, cfg))
 }
 
 fn run_on<B: Backend>(b: &B, topo: &Topology, a: &TrainArgs, cfg: &RunConfig) -> Result<()> {

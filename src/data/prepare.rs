@@ -8,7 +8,8 @@
 //! Memory is bounded by the tokenization buffer, not by the corpus: pass 1 streams the inputs and
 //! writes every document's tokens to a temporary indexed file, keeping only (domain, length) per
 //! document; pass 2 decides the copies; pass 3 streams the chosen documents from the temporary file
-//! into the packed output. Everything is written under `<out>.tmp-<pid>` and renamed at the end.
+//! into the packed output. Everything is written under a temporary directory beside `<out>` and
+//! renamed at the end (`io::AtomicDir`).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -20,7 +21,7 @@ use serde::Serialize;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::data::indexed::{IndexedDataset, IndexedWriter, TokenDType};
-use crate::io::{sha256_file, write_atomic};
+use crate::io::{AtomicDir, sha256_file, write_atomic};
 use crate::util::rng;
 
 /// Where a document's domain comes from.
@@ -423,7 +424,75 @@ impl Pass1 {
     }
 }
 
-/// Read every input into pass 1, checking each line.
+/// One record of an input file (see `read_records`).
+pub(crate) enum Record<'a> {
+    /// A non-blank line of JSON Lines, not yet parsed.
+    Line(&'a [u8]),
+    /// A Parquet row.
+    Row(parquet::record::Row),
+    /// A Parquet row that could not be read, and why.
+    Unreadable(String),
+}
+
+/// Every record of `input`, in order, to `each` with where it is (`file:line`, or `file: row
+/// group g, row r`): a `.parquet` file row by row (the format of HF datasets), anything else as
+/// JSON Lines, decompressed by extension (`.gz`, `.zst`). Errors of the file itself (open, read,
+/// format) name it; `each` judges the records.
+pub(crate) fn read_records(
+    input: &Path,
+    mut each: impl FnMut(&str, Record<'_>) -> Result<()>,
+) -> Result<()> {
+    if input.extension().is_some_and(|e| e == "parquet") {
+        return read_parquet(input, each);
+    }
+    let mut r = open_input(input)?;
+    let mut line = Vec::new();
+    let mut lineno = 0u64;
+    loop {
+        line.clear();
+        let n = r
+            .read_until(b'\n', &mut line)
+            .with_context(|| format!("{}: read error after line {lineno}", input.display()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        lineno += 1;
+        let trimmed = line.trim_ascii();
+        if !trimmed.is_empty() {
+            each(
+                &format!("{}:{lineno}", input.display()),
+                Record::Line(trimmed),
+            )?;
+        }
+    }
+}
+
+/// A Parquet file's rows, row group by row group (`read_records`).
+fn read_parquet(input: &Path, mut each: impl FnMut(&str, Record<'_>) -> Result<()>) -> Result<()> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let f = std::fs::File::open(input)
+        .with_context(|| format!("cannot open input {}", input.display()))?;
+    let reader = SerializedFileReader::new(f)
+        .with_context(|| format!("{}: not a readable Parquet file", input.display()))?;
+    for g in 0..reader.metadata().num_row_groups() {
+        let group = reader
+            .get_row_group(g)
+            .with_context(|| format!("{}: cannot read row group {g}", input.display()))?;
+        let rows = group
+            .get_row_iter(None)
+            .with_context(|| format!("{}: cannot read rows of row group {g}", input.display()))?;
+        for (r, row) in rows.enumerate() {
+            let at = format!("{}: row group {g}, row {r}", input.display());
+            match row {
+                Ok(row) => each(&at, Record::Row(row))?,
+                Err(e) => each(&at, Record::Unreadable(e.to_string()))?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Read every input into pass 1, checking each record.
 fn read_inputs(
     o: &CptOptions,
     tok: &Tokenizer,
@@ -436,54 +505,57 @@ fn read_inputs(
             .and_then(|d| d.file_name())
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "default".into());
-        if input.extension().is_some_and(|e| e == "parquet") {
-            read_parquet(o, tok, p1, invalid, input, &dir_domain)?;
-            continue;
-        }
-        let mut r = open_input(input)?;
-        let mut line = Vec::new();
-        let mut lineno = 0u64;
-        loop {
-            line.clear();
-            let n = r
-                .read_until(b'\n', &mut line)
-                .with_context(|| format!("{}: read error after line {lineno}", input.display()))?;
-            if n == 0 {
-                break;
-            }
-            lineno += 1;
-            let at = || format!("{}:{lineno}", input.display());
-            let trimmed = line.trim_ascii();
-            if trimmed.is_empty() {
-                continue;
-            }
-            let text = match std::str::from_utf8(trimmed) {
-                Ok(t) => t,
-                Err(e) => {
-                    if o.skip_invalid {
-                        invalid.invalid_utf8 += 1;
-                        continue;
+        let domain_key = match &o.domain {
+            DomainSource::Field(f) => Some(f.as_str()),
+            _ => None,
+        };
+        read_records(input, |at, rec| match rec {
+            Record::Line(line) => {
+                let text = match std::str::from_utf8(line) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        if o.skip_invalid {
+                            invalid.invalid_utf8 += 1;
+                            return Ok(());
+                        }
+                        bail!("{at}: invalid UTF-8 ({e})");
                     }
-                    bail!("{}: invalid UTF-8 ({e})", at());
-                }
-            };
-            let v: serde_json::Value = match serde_json::from_str(text) {
-                Ok(v) => v,
-                Err(e) => {
-                    if o.skip_invalid {
-                        invalid.malformed_json += 1;
-                        continue;
+                };
+                let v: serde_json::Value = match serde_json::from_str(text) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        if o.skip_invalid {
+                            invalid.malformed_json += 1;
+                            return Ok(());
+                        }
+                        bail!("{at}: malformed JSON: {e}");
                     }
-                    bail!("{}: malformed JSON: {e}", at());
+                };
+                let field = |k: Option<&str>| k.and_then(|k| v.get(k)).and_then(|x| x.as_str());
+                let (text, domain) = (field(Some(&o.text_field)), field(domain_key));
+                accept_document(o, tok, p1, invalid, text, domain, &dir_domain, at)
+            }
+            Record::Row(row) => {
+                let (mut text, mut domain) = (None, None);
+                for (name, field) in row.get_column_iter() {
+                    if let parquet::record::Field::Str(s) = field {
+                        if name == &o.text_field {
+                            text = Some(s.as_str());
+                        } else if Some(name.as_str()) == domain_key {
+                            domain = Some(s.as_str());
+                        }
+                    }
                 }
-            };
-            let domain_field = match &o.domain {
-                DomainSource::Field(f) => v.get(f).and_then(|d| d.as_str()),
-                _ => None,
-            };
-            let text = v.get(&o.text_field).and_then(|t| t.as_str());
-            accept_document(o, tok, p1, invalid, text, domain_field, &dir_domain, &at())?;
-        }
+                accept_document(o, tok, p1, invalid, text, domain, &dir_domain, at)
+            }
+            Record::Unreadable(e) => {
+                if o.skip_invalid {
+                    invalid.malformed_json += 1;
+                    return Ok(());
+                }
+                bail!("{at}: unreadable row: {e}");
+            }
+        })?;
     }
     p1.flush(tok, invalid, o.skip_invalid)
 }
@@ -537,61 +609,6 @@ fn accept_document(
     if p1.pending_bytes >= o.buffer_bytes {
         p1.flush(tok, invalid, o.skip_invalid)
             .with_context(|| format!("{at}: in the batch ending here"))?;
-    }
-    Ok(())
-}
-
-/// Read a Parquet file (the format of HF datasets) row group by row group; errors name the row
-/// group and row.
-fn read_parquet(
-    o: &CptOptions,
-    tok: &Tokenizer,
-    p1: &mut Pass1,
-    invalid: &mut InvalidCounts,
-    input: &Path,
-    dir_domain: &str,
-) -> Result<()> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    use parquet::record::Field;
-    let f = std::fs::File::open(input)
-        .with_context(|| format!("cannot open input {}", input.display()))?;
-    let reader = SerializedFileReader::new(f)
-        .with_context(|| format!("{}: not a readable Parquet file", input.display()))?;
-    let domain_col = match &o.domain {
-        DomainSource::Field(f) => Some(f.as_str()),
-        _ => None,
-    };
-    for g in 0..reader.metadata().num_row_groups() {
-        let group = reader
-            .get_row_group(g)
-            .with_context(|| format!("{}: cannot read row group {g}", input.display()))?;
-        let rows = group
-            .get_row_iter(None)
-            .with_context(|| format!("{}: cannot read rows of row group {g}", input.display()))?;
-        for (r, row) in rows.enumerate() {
-            let at = format!("{}: row group {g}, row {r}", input.display());
-            let row = match row {
-                Ok(row) => row,
-                Err(e) => {
-                    if o.skip_invalid {
-                        invalid.malformed_json += 1;
-                        continue;
-                    }
-                    bail!("{at}: unreadable row: {e}");
-                }
-            };
-            let (mut text, mut domain) = (None, None);
-            for (name, field) in row.get_column_iter() {
-                if let Field::Str(s) = field {
-                    if name == &o.text_field {
-                        text = Some(s.as_str());
-                    } else if Some(name.as_str()) == domain_col {
-                        domain = Some(s.as_str());
-                    }
-                }
-            }
-            accept_document(o, tok, p1, invalid, text, domain, dir_domain, &at)?;
-        }
     }
     Ok(())
 }
@@ -698,30 +715,12 @@ pub fn prepare_cpt(o: &CptOptions) -> Result<CptReport> {
             o.separator
         ),
     }
-    let tmp = PathBuf::from(format!("{}.tmp-{}", o.out.display(), std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(tmp.join("stage"))
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = prepare_into(o, &mut tok, (sep_id, &sep_source), vocab, &tmp);
-    match result {
-        Ok(report) => {
-            if o.out.exists() {
-                std::fs::remove_dir_all(&o.out)
-                    .with_context(|| format!("cannot replace {}", o.out.display()))?;
-            }
-            std::fs::rename(&tmp, &o.out).with_context(|| {
-                format!("cannot rename {} to {}", tmp.display(), o.out.display())
-            })?;
-            Ok(report)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    let dir = AtomicDir::create(&o.out)?;
+    std::fs::create_dir_all(dir.tmp().join("stage"))
+        .with_context(|| format!("cannot create {}", dir.tmp().join("stage").display()))?;
+    let report = prepare_into(o, &mut tok, (sep_id, &sep_source), vocab, dir.tmp())?;
+    dir.commit()?;
+    Ok(report)
 }
 
 fn prepare_into(

@@ -1,21 +1,6 @@
-//! `prepare sft`: chat samples (JSON Lines with a `messages` array) rendered with the Llama-3.1
-//! chat template, with a loss mask on the assistant turns, packed into rows of `max_len` tokens.
-//!
-//! Template: exactly what Hugging Face's `apply_chat_template` renders for
-//! meta-llama/Llama-3.1-8B-Instruct (tokenizer_config.json `chat_template`, no tools, no
-//! `date_string` passed, so its fallback date):
-//!
-//! ```text
-//! <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n
-//! Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{system|trim}<|eot_id|>
-//! then per remaining message: <|start_header_id|>{role}<|end_header_id|>\n\n{content|trim}<|eot_id|>
-//! ```
-//!
-//! The system block with the "Cutting Knowledge Date" preamble is always there (with an empty
-//! system text when the first message is not `system`), since that is what the released
-//! Instruct model saw and what inference servers render. A `system` message later in the
-//! conversation is rendered like any other turn. Text between special tokens is tokenized as
-//! one piece, so the ids equal tokenizing the whole rendered string (as HF does).
+//! `prepare sft`: chat samples (a `messages` array per record, in any input format `prepare cpt`
+//! reads: JSON Lines plain, .gz or .zst, or Parquet) rendered with the Llama-3.1 chat template
+//! (`data::chat`), with a loss mask on the assistant turns, packed into rows of `max_len` tokens.
 //!
 //! Output (`<out>/`), all Megatron indexed datasets with one sequence per row and one document
 //! per row:
@@ -30,127 +15,28 @@
 //! - `tokenizer.json` (copied), `manifest.json` (inputs with sizes and sha256, tokenizer sha256,
 //!   options, template, report).
 
-use std::fs::{self, File};
-use std::io::{BufRead, BufReader};
+use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use super::chat::{
+    ChatTemplate, Encoded, Message, ROLES, SYSTEM_PREAMBLE, encode_chat, jinja_trim,
+};
 use super::indexed::{IndexedWriter, TokenDType};
-use crate::io::{sha256_file, write_atomic};
-
-/// One chat turn of the `messages` format.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-/// Token ids of the Llama-3 chat template's special tokens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChatTemplate {
-    pub begin_of_text: u32,
-    pub start_header: u32,
-    pub end_header: u32,
-    pub eot: u32,
-}
-
-/// What the Llama-3.1 template puts at the top of the system block (its fallback date: HF's
-/// Llama-3.1 template only probes `strftime_now` from Llama-3.2 on).
-pub const SYSTEM_PREAMBLE: &str =
-    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n";
-
-const ROLES: [&str; 3] = ["system", "user", "assistant"];
-
-impl ChatTemplate {
-    pub fn from_tokenizer(tok: &Tokenizer) -> Result<Self> {
-        let id = |name: &str| {
-            tok.token_to_id(name).ok_or_else(|| {
-                anyhow!(
-                    "the tokenizer has no {name} token: the Llama-3 chat template needs \
-                     <|begin_of_text|>, <|start_header_id|>, <|end_header_id|> and <|eot_id|>"
-                )
-            })
-        };
-        Ok(Self {
-            begin_of_text: id("<|begin_of_text|>")?,
-            start_header: id("<|start_header_id|>")?,
-            end_header: id("<|end_header_id|>")?,
-            eot: id("<|eot_id|>")?,
-        })
-    }
-}
-
-/// Token ids and the loss mask (true on trained targets) of one sample.
-pub type Encoded = (Vec<u32>, Vec<bool>);
-
-/// Jinja's `trim` is Python's `str.strip()`, whose whitespace also includes the separators
-/// U+001C..U+001F that Rust's `char::is_whitespace` leaves out.
-fn jinja_trim(s: &str) -> &str {
-    s.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
-}
-
-/// Appends `<|start_header_id|>role<|end_header_id|>` + "\n\n" + `body` + `<|eot_id|>`, with the
-/// mask true on the tokens of `body` and the `<|eot_id|>` when `train`.
-fn push_turn(
-    tok: &Tokenizer,
-    t: &ChatTemplate,
-    role: &str,
-    prefix: &str,
-    body: &str,
-    train: bool,
-    (ids, mask): &mut Encoded,
-) -> Result<()> {
-    let encode = |s: &str| {
-        tok.encode(s, false)
-            .map_err(|e| anyhow!("tokenizing {s:?}: {e}"))
-    };
-    ids.push(t.start_header);
-    ids.extend_from_slice(encode(role)?.get_ids());
-    ids.push(t.end_header);
-    mask.resize(ids.len(), false);
-    // "\n\n" + preamble + body is one piece of text between special tokens in the rendered
-    // string: tokenize it as one, and mark as body the tokens that end inside the body.
-    let text = format!("\n\n{prefix}{body}");
-    let head = text.len() - body.len();
-    let enc = encode(&text)?;
-    for (&id, &(_, end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
-        ids.push(id);
-        mask.push(train && end > head);
-    }
-    ids.push(t.eot);
-    mask.push(train);
-    Ok(())
-}
-
-/// Llama-3.1 chat template (see the module comment) and the loss mask: true exactly on the
-/// tokens of assistant message contents and their closing `<|eot_id|>` (the model must learn to
-/// stop), false on everything else. Roles must be system, user or assistant.
-pub fn encode_chat(tok: &Tokenizer, t: &ChatTemplate, messages: &[Message]) -> Result<Encoded> {
-    let (system, rest) = match messages.split_first() {
-        Some((m, rest)) if m.role == "system" => (jinja_trim(&m.content), rest),
-        _ => ("", messages),
-    };
-    let mut out: Encoded = (vec![t.begin_of_text], vec![false]);
-    push_turn(tok, t, "system", SYSTEM_PREAMBLE, system, false, &mut out)?;
-    for m in rest {
-        if !ROLES.contains(&m.role.as_str()) {
-            bail!("role {:?} is not one of {ROLES:?}", m.role);
-        }
-        let train = m.role == "assistant";
-        push_turn(tok, t, &m.role, "", jinja_trim(&m.content), train, &mut out)?;
-    }
-    Ok(out)
-}
+use super::prepare::{Record, read_records};
+use crate::io::{AtomicDir, sha256_file, write_atomic};
 
 /// Why an input line is not a usable sample; each kind is counted in the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Invalid {
     Utf8(String),
     Json(String),
+    /// A Parquet row that could not be read.
+    Unreadable(String),
     MissingMessages,
     BadMessage(usize),
     BadRole(usize, String),
@@ -163,6 +49,7 @@ impl std::fmt::Display for Invalid {
         match self {
             Invalid::Utf8(e) => write!(f, "invalid UTF-8 ({e})"),
             Invalid::Json(e) => write!(f, "malformed JSON ({e})"),
+            Invalid::Unreadable(e) => write!(f, "unreadable row ({e})"),
             Invalid::MissingMessages => write!(f, "no `messages` array"),
             Invalid::BadMessage(i) => write!(
                 f,
@@ -178,12 +65,75 @@ impl std::fmt::Display for Invalid {
     }
 }
 
-/// Parses one JSON Lines record of the `messages` format. Empty content (after the template's
-/// trim) is refused for user and assistant turns; an empty system message is allowed.
+/// A record of an input file, owned: records are parsed and encoded in parallel chunks.
+enum Raw {
+    Line(Vec<u8>),
+    /// A Parquet row as JSON (a `messages` column of role/content structs becomes the array).
+    Json(serde_json::Value),
+    Unreadable(String),
+}
+
+impl Raw {
+    fn of(r: Record<'_>) -> Self {
+        match r {
+            Record::Line(l) => Raw::Line(l.to_vec()),
+            Record::Row(row) => Raw::Json(row_json(&row)),
+            Record::Unreadable(e) => Raw::Unreadable(e),
+        }
+    }
+
+    fn messages(&self) -> Result<Vec<Message>, Invalid> {
+        match self {
+            Raw::Line(l) => parse_sample(l),
+            Raw::Json(v) => messages_of(v),
+            Raw::Unreadable(e) => Err(Invalid::Unreadable(e.clone())),
+        }
+    }
+}
+
+/// A Parquet row as JSON: strings, numbers, booleans, nulls, lists and structs as themselves
+/// (what a `messages` column holds); any other value (bytes, dates, maps) becomes null, which
+/// `messages_of` then refuses as a bad message.
+fn row_json(row: &parquet::record::Row) -> serde_json::Value {
+    use parquet::record::Field;
+    use serde_json::Value;
+    fn field(f: &Field) -> Value {
+        match f {
+            Field::Str(s) => Value::String(s.clone()),
+            Field::Bool(b) => Value::Bool(*b),
+            Field::Byte(x) => (*x).into(),
+            Field::Short(x) => (*x).into(),
+            Field::Int(x) => (*x).into(),
+            Field::Long(x) => (*x).into(),
+            Field::UByte(x) => (*x).into(),
+            Field::UShort(x) => (*x).into(),
+            Field::UInt(x) => (*x).into(),
+            Field::ULong(x) => (*x).into(),
+            Field::Float(x) => (*x).into(),
+            Field::Double(x) => (*x).into(),
+            Field::Group(r) => row_json(r),
+            Field::ListInternal(l) => Value::Array(l.elements().iter().map(field).collect()),
+            _ => Value::Null,
+        }
+    }
+    Value::Object(
+        row.get_column_iter()
+            .map(|(k, f)| (k.clone(), field(f)))
+            .collect(),
+    )
+}
+
+/// Parses one JSON Lines record of the `messages` format (`messages_of`).
 fn parse_sample(line: &[u8]) -> Result<Vec<Message>, Invalid> {
     let text = std::str::from_utf8(line).map_err(|e| Invalid::Utf8(e.to_string()))?;
     let v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| Invalid::Json(e.to_string()))?;
+    messages_of(&v)
+}
+
+/// The `messages` of one record. Empty content (after the template's trim) is refused for user
+/// and assistant turns; an empty system message is allowed.
+fn messages_of(v: &serde_json::Value) -> Result<Vec<Message>, Invalid> {
     let arr = v
         .get("messages")
         .and_then(|m| m.as_array())
@@ -277,7 +227,8 @@ impl Packer {
 /// Options of `prepare sft`.
 #[derive(Clone, Debug, Serialize)]
 pub struct SftOptions {
-    /// JSON Lines files, one `{"messages": [{"role", "content"}, ...]}` per line.
+    /// Inputs, one `{"messages": [{"role", "content"}, ...]}` per record: JSON Lines (plain,
+    /// .gz, .zst) or Parquet with a `messages` column.
     pub inputs: Vec<PathBuf>,
     /// A tokenizer.json, or a directory holding one.
     pub tokenizer: PathBuf,
@@ -296,7 +247,7 @@ pub struct SftOptions {
 /// Counts of a `prepare sft` run (also in manifest.json).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SftReport {
-    /// Non-blank input lines.
+    /// Records read: non-blank input lines and Parquet rows.
     pub samples_in: u64,
     pub samples_written: u64,
     pub dropped_too_long: u64,
@@ -322,7 +273,7 @@ impl SftReport {
     fn count_invalid(&mut self, why: &Invalid) {
         *match why {
             Invalid::Utf8(_) => &mut self.invalid_utf8,
-            Invalid::Json(_) => &mut self.invalid_json,
+            Invalid::Json(_) | Invalid::Unreadable(_) => &mut self.invalid_json,
             Invalid::MissingMessages => &mut self.missing_messages,
             Invalid::BadMessage(_) => &mut self.bad_message,
             Invalid::BadRole(..) => &mut self.bad_role,
@@ -399,113 +350,73 @@ impl SftWriters {
     }
 }
 
-/// A directory removed on drop unless kept: an interrupted run leaves no partial output.
-struct TempDir {
-    path: PathBuf,
-    keep: bool,
+/// What encoding a sample needs: the tokenizer, the template's ids, the options.
+struct Encoder<'a> {
+    tok: &'a Tokenizer,
+    t: &'a ChatTemplate,
+    o: &'a SftOptions,
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-/// `<out>` with `suffix` appended to its last component.
-fn sibling(out: &Path, suffix: &str) -> Result<PathBuf> {
-    let name = out
-        .file_name()
-        .with_context(|| format!("output {} has no directory name", out.display()))?;
-    let mut name = name.to_os_string();
-    name.push(suffix);
-    Ok(out.with_file_name(name))
-}
-
-fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync of directory {}", dir.display()))
-}
-
-/// Reads the next line (without its `\n` / `\r\n`) into `buf`; false at end of file.
-fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>, path: &Path, lineno: usize) -> Result<bool> {
-    buf.clear();
-    let n = r
-        .read_until(b'\n', buf)
-        .with_context(|| format!("{}:{lineno}: read error", path.display()))?;
-    if buf.last() == Some(&b'\n') {
-        buf.pop();
-        if buf.last() == Some(&b'\r') {
-            buf.pop();
-        }
-    }
-    Ok(n > 0)
-}
-
-/// Encodes one input file's samples and writes the rows they complete.
+/// Encodes one input file's samples (in any format `read_records` reads) and writes the rows they
+/// complete.
 fn encode_file(
     path: &Path,
-    tok: &Tokenizer,
-    t: &ChatTemplate,
-    o: &SftOptions,
+    enc: &Encoder<'_>,
     packer: &mut Packer,
     writers: &mut SftWriters,
     report: &mut SftReport,
 ) -> Result<()> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut lineno = 0usize;
-    let mut buf = Vec::new();
-    loop {
-        let mut chunk: Vec<(usize, Vec<u8>)> = Vec::with_capacity(LINES_PER_CHUNK);
-        let mut eof = false;
-        while chunk.len() < LINES_PER_CHUNK {
-            lineno += 1;
-            if !read_line(&mut reader, &mut buf, path, lineno)? {
-                eof = true;
-                break;
-            }
-            if !buf.iter().all(u8::is_ascii_whitespace) {
-                chunk.push((lineno, buf.clone()));
-            }
+    let mut chunk: Vec<(String, Raw)> = Vec::with_capacity(LINES_PER_CHUNK);
+    read_records(path, |at, rec| {
+        chunk.push((at.to_string(), Raw::of(rec)));
+        if chunk.len() == LINES_PER_CHUNK {
+            encode_chunk(&mut chunk, enc, packer, writers, report)?;
         }
-        let encoded: Vec<Result<Result<Encoded, Invalid>>> = chunk
-            .par_iter()
-            .map(|(_, line)| match parse_sample(line) {
-                Ok(messages) => encode_chat(tok, t, &messages).map(Ok),
-                Err(why) => Ok(Err(why)),
-            })
-            .collect();
-        for ((line, _), sample) in chunk.iter().zip(encoded) {
-            report.samples_in += 1;
-            let sample = sample.with_context(|| format!("{}:{line}", path.display()))?;
-            match sample {
-                Err(why) if o.skip_invalid => report.count_invalid(&why),
-                Err(why) => bail!(
-                    "{}:{line}: {why} (--skip-invalid skips and counts such lines)",
-                    path.display()
-                ),
-                Ok((ids, _)) if ids.len() > o.max_len => report.dropped_too_long += 1,
-                Ok((ids, mask)) => {
-                    report.samples_written += 1;
-                    if let Some(row) = packer.push(&ids, &mask) {
-                        writers.write(&row, report)?;
-                    }
+        Ok(())
+    })?;
+    encode_chunk(&mut chunk, enc, packer, writers, report)
+}
+
+/// Parses and tokenizes a chunk of records in parallel, then packs them in input order; empties
+/// the chunk.
+fn encode_chunk(
+    chunk: &mut Vec<(String, Raw)>,
+    enc: &Encoder<'_>,
+    packer: &mut Packer,
+    writers: &mut SftWriters,
+    report: &mut SftReport,
+) -> Result<()> {
+    let encoded: Vec<Result<Result<Encoded, Invalid>>> = chunk
+        .par_iter()
+        .map(|(_, raw)| match raw.messages() {
+            Ok(messages) => encode_chat(enc.tok, enc.t, &messages).map(Ok),
+            Err(why) => Ok(Err(why)),
+        })
+        .collect();
+    for ((at, _), sample) in chunk.iter().zip(encoded) {
+        report.samples_in += 1;
+        let sample = sample.with_context(|| at.clone())?;
+        match sample {
+            Err(why) if enc.o.skip_invalid => report.count_invalid(&why),
+            Err(why) => bail!("{at}: {why} (--skip-invalid skips and counts such lines)"),
+            Ok((ids, _)) if ids.len() > enc.o.max_len => report.dropped_too_long += 1,
+            Ok((ids, mask)) => {
+                report.samples_written += 1;
+                if let Some(row) = packer.push(&ids, &mask) {
+                    writers.write(&row, report)?;
                 }
             }
         }
-        if eof {
-            return Ok(());
-        }
     }
+    chunk.clear();
+    Ok(())
 }
 
 /// `prepare sft`: reads the `messages` JSON Lines, renders and tokenizes each sample with the
 /// Llama-3.1 chat template, drops (and counts) samples over `max_len`, packs rows and writes the
-/// datasets described in the module comment. Everything is written under `<out>.tmp-<pid>` and
-/// renamed to `<out>` at the end, replacing an older output; the result is deterministic.
+/// datasets described in the module comment. Everything is written under a temporary directory
+/// and renamed to `<out>` at the end (`io::AtomicDir`), replacing an older output; the result is
+/// deterministic.
 pub fn prepare_sft(o: &SftOptions) -> Result<SftReport> {
     if o.max_len == 0 || o.max_len > i32::MAX as usize {
         bail!("max_len must be in 1..={}, got {}", i32::MAX, o.max_len);
@@ -518,30 +429,19 @@ pub fn prepare_sft(o: &SftOptions) -> Result<SftReport> {
     let template = ChatTemplate::from_tokenizer(&tok)
         .with_context(|| format!("tokenizer {}", tokenizer_path.display()))?;
 
-    let tmp = TempDir {
-        path: sibling(&o.out, &format!(".tmp-{}", std::process::id()))?,
-        keep: false,
-    };
-    if tmp.path.exists() {
-        fs::remove_dir_all(&tmp.path)
-            .with_context(|| format!("removing stale {}", tmp.path.display()))?;
-    }
-    fs::create_dir_all(&tmp.path).with_context(|| format!("creating {}", tmp.path.display()))?;
+    let dir = AtomicDir::create(&o.out)?;
 
     let mut report = SftReport::default();
-    let mut writers = SftWriters::create(&tmp.path)?;
+    let mut writers = SftWriters::create(dir.tmp())?;
     let mut packer = Packer::new(o.max_len, template.eot, o.pack);
     let mut inputs = Vec::with_capacity(o.inputs.len());
     for path in &o.inputs {
-        encode_file(
-            path,
-            &tok,
-            &template,
+        let enc = Encoder {
+            tok: &tok,
+            t: &template,
             o,
-            &mut packer,
-            &mut writers,
-            &mut report,
-        )?;
+        };
+        encode_file(path, &enc, &mut packer, &mut writers, &mut report)?;
         let bytes = fs::metadata(path)
             .with_context(|| format!("reading metadata of {}", path.display()))?
             .len();
@@ -558,7 +458,7 @@ pub fn prepare_sft(o: &SftOptions) -> Result<SftReport> {
 
     let tokenizer_bytes = fs::read(&tokenizer_path)
         .with_context(|| format!("reading {}", tokenizer_path.display()))?;
-    write_atomic(&tmp.path.join("tokenizer.json"), &tokenizer_bytes)?;
+    write_atomic(&dir.tmp().join("tokenizer.json"), &tokenizer_bytes)?;
     let manifest = serde_json::json!({
         "kind": "sft",
         "inputs": inputs,
@@ -585,33 +485,10 @@ pub fn prepare_sft(o: &SftOptions) -> Result<SftReport> {
     });
     let text = serde_json::to_string_pretty(&manifest).context("serializing manifest.json")?;
     write_atomic(
-        &tmp.path.join("manifest.json"),
+        &dir.tmp().join("manifest.json"),
         format!("{text}\n").as_bytes(),
     )?;
-    fsync_dir(&tmp.path)?;
-
-    // Swap in: an older output moves aside first and goes only once the new one is in place.
-    let old = sibling(&o.out, &format!(".old-{}", std::process::id()))?;
-    let replaced = o.out.exists();
-    if replaced {
-        fs::rename(&o.out, &old)
-            .with_context(|| format!("moving the older {} aside", o.out.display()))?;
-    }
-    if let Err(e) = fs::rename(&tmp.path, &o.out) {
-        if replaced {
-            let _ = fs::rename(&old, &o.out);
-        }
-        return Err(e)
-            .with_context(|| format!("renaming {} to {}", tmp.path.display(), o.out.display()));
-    }
-    let mut tmp = tmp;
-    tmp.keep = true;
-    if replaced {
-        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    }
-    if let Some(parent) = o.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fsync_dir(parent)?;
-    }
+    dir.commit()?;
     print!("{report}");
     Ok(report)
 }
@@ -619,169 +496,7 @@ pub fn prepare_sft(o: &SftOptions) -> Result<SftReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokenizers::AddedToken;
-    use tokenizers::models::TrainerWrapper;
-    use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
-    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-
-    const SPECIALS: [&str; 4] = [
-        "<|begin_of_text|>",
-        "<|start_header_id|>",
-        "<|end_header_id|>",
-        "<|eot_id|>",
-    ];
-
-    /// A small byte-level BPE (the Llama-3 tokenizer's kind) trained on a few KB, with the
-    /// Llama-3 special tokens.
-    pub(super) fn test_tokenizer() -> Tokenizer {
-        let corpus: Vec<String> = (0..200)
-            .map(|i| {
-                format!(
-                    "The quick brown fox {i} jumps over the lazy dog.\nWhat is {i} plus {i}? \
-                     It is {}. Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n\
-                     system user assistant hello world, answer the question.",
-                    2 * i
-                )
-            })
-            .collect();
-        let mut tok = Tokenizer::new(BPE::default());
-        tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-        tok.with_decoder(Some(ByteLevel::default()));
-        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
-            .vocab_size(500)
-            .show_progress(false)
-            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-            .build()
-            .into();
-        tok.train(&mut trainer, corpus.iter()).unwrap();
-        tok.add_special_tokens(SPECIALS.iter().map(|s| AddedToken::from(*s, true)))
-            .unwrap();
-        tok
-    }
-
-    fn msg(role: &str, content: &str) -> Message {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-
-    /// The Llama-3.1 template rendered as a string, independently of `encode_chat`.
-    fn render(messages: &[Message]) -> String {
-        let mut s = String::from("<|begin_of_text|>");
-        let (sys, rest) = if messages[0].role == "system" {
-            (messages[0].content.trim(), &messages[1..])
-        } else {
-            ("", messages)
-        };
-        s += "<|start_header_id|>system<|end_header_id|>\n\n";
-        s += "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n";
-        s += sys;
-        s += "<|eot_id|>";
-        for m in rest {
-            s += &format!(
-                "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>",
-                m.role,
-                m.content.trim()
-            );
-        }
-        s
-    }
-
-    fn conversation() -> Vec<Message> {
-        vec![
-            msg("system", "  You answer the question.\n"),
-            msg("user", "What is 3 plus 3?"),
-            msg("assistant", "It is 6.\n"),
-            msg("user", " hello world, (quick) fox?"),
-            msg(
-                "assistant",
-                "The lazy dog jumps over the brown fox 42 times.",
-            ),
-        ]
-    }
-
-    #[test]
-    fn chat_template_matches_the_rendered_string() {
-        let tok = test_tokenizer();
-        let t = ChatTemplate::from_tokenizer(&tok).unwrap();
-        for msgs in [
-            conversation(),
-            conversation()[1..].to_vec(),
-            vec![msg("user", "hi"), msg("assistant", "hello")],
-        ] {
-            let (ids, mask) = encode_chat(&tok, &t, &msgs).unwrap();
-            assert_eq!(ids.len(), mask.len());
-            let want = render(&msgs);
-            assert_eq!(tok.decode(&ids, false).unwrap(), want);
-            // The same ids as tokenizing the whole rendered string, as HF's
-            // apply_chat_template(tokenize=True) does.
-            let whole = tok.encode(want.as_str(), false).unwrap();
-            assert_eq!(ids, whole.get_ids());
-            assert_eq!(ids[0], t.begin_of_text);
-            assert_eq!(ids.iter().filter(|&&i| i == t.begin_of_text).count(), 1);
-            let turns = 1 + msgs.iter().filter(|m| m.role != "system").count();
-            assert_eq!(ids.iter().filter(|&&i| i == t.eot).count(), turns);
-            assert_eq!(ids.iter().filter(|&&i| i == t.start_header).count(), turns);
-            assert_eq!(*ids.last().unwrap(), t.eot);
-        }
-    }
-
-    #[test]
-    fn sft_masks_cover_exactly_the_assistant_tokens() {
-        let tok = test_tokenizer();
-        let t = ChatTemplate::from_tokenizer(&tok).unwrap();
-        let msgs = conversation();
-        let (ids, mask) = encode_chat(&tok, &t, &msgs).unwrap();
-        let assistant: Vec<&str> = msgs
-            .iter()
-            .filter(|m| m.role == "assistant")
-            .map(|m| m.content.trim())
-            .collect();
-        let want: usize = assistant
-            .iter()
-            .map(|c| tok.encode(*c, false).unwrap().get_ids().len() + 1)
-            .sum();
-        assert_eq!(mask.iter().filter(|&&m| m).count(), want);
-        // The masked tokens form one run per assistant turn: its content, then <|eot_id|>,
-        // right after the assistant header.
-        let mut runs: Vec<(usize, usize)> = Vec::new();
-        for (i, &m) in mask.iter().enumerate() {
-            match (m, runs.last_mut()) {
-                (true, Some((_, end))) if *end == i => *end = i + 1,
-                (true, _) => runs.push((i, i + 1)),
-                _ => {}
-            }
-        }
-        assert_eq!(runs.len(), assistant.len());
-        let header = tok
-            .encode("<|start_header_id|>assistant<|end_header_id|>\n\n", false)
-            .unwrap();
-        let header = header.get_ids();
-        for ((start, end), content) in runs.iter().zip(&assistant) {
-            assert_eq!(ids[end - 1], t.eot);
-            assert_eq!(&ids[start - header.len()..*start], header);
-            assert_eq!(
-                tok.decode(&ids[*start..*end], false).unwrap(),
-                format!("{content}<|eot_id|>")
-            );
-        }
-    }
-
-    #[test]
-    fn missing_special_token_is_named() {
-        let mut tok = Tokenizer::new(BPE::default());
-        tok.add_special_tokens(SPECIALS[..3].iter().map(|s| AddedToken::from(*s, true)))
-            .unwrap();
-        let err = ChatTemplate::from_tokenizer(&tok).unwrap_err();
-        assert!(err.to_string().contains("<|eot_id|>"), "{err}");
-    }
-
-    #[test]
-    fn jinja_trim_is_python_strip() {
-        assert_eq!(jinja_trim("\u{1f} \t a b\n\u{1c}\u{a0}"), "a b");
-        assert_eq!(jinja_trim("x"), "x");
-    }
+    use crate::data::chat::tests::{msg, test_tokenizer};
 
     #[test]
     fn bad_samples_are_classified() {
@@ -937,7 +652,12 @@ mod tests {
         let mut v: Vec<String> = fs::read_dir(f.dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.starts_with("out"))
+            // The output and its temporary or set-aside copies (`io::AtomicDir`).
+            .filter(|n| {
+                ["out", ".tmp-out", ".old-out"]
+                    .iter()
+                    .any(|p| n.starts_with(p))
+            })
             .collect();
         v.sort();
         v
@@ -1127,6 +847,84 @@ mod tests {
         assert_eq!(r, want);
         assert_eq!(r.dropped_too_long, 0);
         assert_eq!(r.sequences, 1);
+    }
+
+    /// `samples` as a Parquet file with a `messages` column (list of role/content structs, the
+    /// layout HF chat datasets use), in two row groups.
+    fn write_parquet(path: &Path, samples: &[Vec<Message>]) {
+        use parquet::data_type::{ByteArray, ByteArrayType};
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use std::sync::Arc;
+        let schema = parquet::schema::parser::parse_message_type(
+            "message chat { REQUIRED GROUP messages (LIST) { REPEATED GROUP list { \
+             REQUIRED GROUP element { REQUIRED BYTE_ARRAY role (UTF8); \
+             REQUIRED BYTE_ARRAY content (UTF8); } } } }",
+        )
+        .unwrap();
+        let file = fs::File::create(path).unwrap();
+        let props = Arc::new(WriterProperties::builder().build());
+        let mut w = SerializedFileWriter::new(file, Arc::new(schema), props).unwrap();
+        let half = samples.len() / 2;
+        for group in [&samples[..half], &samples[half..]] {
+            let mut rg = w.next_row_group().unwrap();
+            let mut column = 0;
+            while let Some(mut col) = rg.next_column().unwrap() {
+                let (mut values, mut def, mut rep) = (Vec::new(), Vec::new(), Vec::new());
+                for m in group {
+                    for (i, msg) in m.iter().enumerate() {
+                        let v = if column == 0 { &msg.role } else { &msg.content };
+                        values.push(ByteArray::from(v.as_str()));
+                        def.push(1);
+                        rep.push(i16::from(i > 0));
+                    }
+                }
+                col.typed::<ByteArrayType>()
+                    .write_batch(&values, Some(&def), Some(&rep))
+                    .unwrap();
+                col.close().unwrap();
+                column += 1;
+            }
+            rg.close().unwrap();
+        }
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn gz_zst_and_parquet_inputs_give_the_output_of_the_plain_file() {
+        let f = Fixture::new();
+        // More samples than one parallel chunk, so chunks meet across a boundary.
+        let all = samples(LINES_PER_CHUNK + 100);
+        let text = all.iter().map(|m| line(m)).collect::<Vec<_>>().join("\n") + "\n";
+        let plain = f.dir.path().join("chat.jsonl");
+        fs::write(&plain, &text).unwrap();
+        let gz = f.dir.path().join("chat.jsonl.gz");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut e, text.as_bytes()).unwrap();
+        fs::write(&gz, e.finish().unwrap()).unwrap();
+        let zst = f.dir.path().join("chat.jsonl.zst");
+        fs::write(&zst, zstd::encode_all(text.as_bytes(), 3).unwrap()).unwrap();
+        let pq = f.dir.path().join("chat.parquet");
+        write_parquet(&pq, &all);
+        let run = |input: &Path| {
+            let mut o = f.options(vec![input.to_path_buf()], 256, true);
+            o.out = f.dir.path().join(format!(
+                "out-{}",
+                input.file_name().unwrap().to_string_lossy()
+            ));
+            let report = prepare_sft(&o).unwrap();
+            let data: Vec<_> = dir_bytes(&o.out)
+                .into_iter()
+                .filter(|(n, _)| n != "manifest.json")
+                .collect();
+            (report, data)
+        };
+        let want = run(&plain);
+        assert_eq!(want.0.samples_in, all.len() as u64);
+        assert!(want.0.samples_written > 0 && want.0.dropped_too_long > 0);
+        for input in [&gz, &zst, &pq] {
+            assert!(run(input) == want, "{} differs", input.display());
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use tokenizers::Tokenizer;
 
-use crate::data::sft::{ChatTemplate, SYSTEM_PREAMBLE};
+use crate::data::chat::{ChatTemplate, SYSTEM_PREAMBLE};
 use crate::model::config::ModelConfig;
 use crate::parallel::comm::Comm;
 

@@ -1,12 +1,13 @@
-//! Plain files of a Hugging Face directory: atomic writes, SHA-256 digests, tokenizer files.
+//! Plain files of a Hugging Face directory: SHA-256 digests, tokenizer files.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
+
+use super::atomic::write_atomic;
 
 /// Tokenizer and generation files that travel with a model directory (those that exist are copied).
 pub const TOKENIZER_FILES: [&str; 6] = [
@@ -17,111 +18,6 @@ pub const TOKENIZER_FILES: [&str; 6] = [
     "tokenizer.model",
     "chat_template.jinja",
 ];
-
-/// The directory holding `path`; `.` for a bare file name (`Path::parent` gives "" then).
-pub(crate) fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// A file being written under a temporary name next to its final `path`; `commit` fsyncs it,
-/// renames it over `path` and fsyncs the directory. Dropped without `commit` (an error on the
-/// way), it removes the temporary file, so a failed write leaves nothing behind under any name.
-pub(crate) struct AtomicFile {
-    file: Option<File>,
-    tmp: PathBuf,
-    path: PathBuf,
-}
-
-impl AtomicFile {
-    pub(crate) fn create(path: &Path) -> Result<Self> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let name = path
-            .file_name()
-            .with_context(|| format!("cannot write {}: the path names no file", path.display()))?;
-        let dir = parent_dir(path);
-        // Hidden, and unique per process and call, so concurrent writers never share a temp file.
-        let tmp = dir.join(format!(
-            ".{}.tmp.{}.{}",
-            name.to_string_lossy(),
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .with_context(|| {
-                format!(
-                    "creating temporary file {} to write {}",
-                    tmp.display(),
-                    path.display()
-                )
-            })?;
-        Ok(Self {
-            file: Some(file),
-            tmp,
-            path: path.to_path_buf(),
-        })
-    }
-
-    pub(crate) fn file(&mut self) -> &mut File {
-        self.file
-            .as_mut()
-            .expect("AtomicFile: file is present until commit")
-    }
-
-    pub(crate) fn tmp_path(&self) -> &Path {
-        &self.tmp
-    }
-
-    pub(crate) fn commit(mut self) -> Result<()> {
-        let file = self
-            .file
-            .take()
-            .expect("AtomicFile: file is present until commit");
-        file.sync_all().with_context(|| {
-            format!(
-                "fsync of {} (for {})",
-                self.tmp.display(),
-                self.path.display()
-            )
-        })?;
-        drop(file);
-        fs::rename(&self.tmp, &self.path).with_context(|| {
-            format!("renaming {} to {}", self.tmp.display(), self.path.display())
-        })?;
-        sync_dir(parent_dir(&self.path))
-    }
-}
-
-impl Drop for AtomicFile {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// fsync a directory so that renames and removals in it survive a crash.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    let d = File::open(dir)
-        .with_context(|| format!("opening directory {} to fsync it", dir.display()))?;
-    d.sync_all()
-        .with_context(|| format!("fsync of directory {}", dir.display()))
-}
-
-/// Write bytes to `path` atomically: tmp file in the same dir, write, fsync, rename, fsync dir.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = AtomicFile::create(path)?;
-    let tmp = f.tmp_path().to_path_buf();
-    f.file()
-        .write_all(bytes)
-        .with_context(|| format!("writing {} (for {})", tmp.display(), path.display()))?;
-    f.commit()
-}
 
 /// SHA-256 hex of a file (streamed), for manifests/checkpoint metadata.
 pub fn sha256_file(path: &Path) -> Result<String> {
@@ -190,28 +86,6 @@ pub fn copy_tokenizer_files_layered(srcs: &[&Path], dst: &Path) -> Result<Vec<St
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn write_atomic_replaces_content_and_leaves_no_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a.json");
-        write_atomic(&p, b"first").unwrap();
-        write_atomic(&p, b"second").unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"second");
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(names, vec!["a.json".to_string()]);
-    }
-
-    #[test]
-    fn write_atomic_into_missing_dir_names_the_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("no_such_dir").join("a.json");
-        let err = write_atomic(&p, b"x").unwrap_err();
-        assert!(format!("{err:#}").contains("a.json"), "{err:#}");
-    }
 
     #[test]
     fn sha256_of_known_inputs() {

@@ -2,8 +2,10 @@
 //!
 //! Tensors cross this boundary as f32 on the host ([`HostTensor`]); the file dtype (bf16, f16,
 //! f32) is converted on the way in and out. `tensors` holds the safetensors reading and writing,
-//! `files` the plain-file helpers (atomic writes, digests, tokenizer files).
+//! `files` the plain-file helpers (digests, tokenizer files), `atomic` the outputs that appear
+//! whole or not at all (files, plots, dataset and checkpoint directories).
 
+mod atomic;
 mod files;
 mod tensors;
 
@@ -12,9 +14,8 @@ use std::str::FromStr;
 
 use anyhow::bail;
 
-pub use files::{
-    TOKENIZER_FILES, copy_tokenizer_files, copy_tokenizer_files_layered, sha256_file, write_atomic,
-};
+pub use atomic::{AtomicDir, AtomicPath, write_atomic};
+pub use files::{TOKENIZER_FILES, copy_tokenizer_files, copy_tokenizer_files_layered, sha256_file};
 pub use tensors::{
     INDEX_FILE, MappedTensors, SINGLE_FILE, load_safetensors_dir, load_safetensors_file,
     save_safetensors_dir, save_safetensors_file,

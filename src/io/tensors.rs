@@ -20,7 +20,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
 
-use super::files::{AtomicFile, sync_dir, write_atomic};
+use super::atomic::{AtomicFile, sync_dir, write_atomic};
 use super::{DType, HostTensor, TensorMap};
 
 /// The single-file weights name transformers uses.

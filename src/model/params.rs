@@ -80,7 +80,7 @@ impl ParamSpec {
     }
 
     /// Cut this rank's part out of the full tensor `full` (row-major, `full_shape`).
-    pub fn take_shard(&self, full: &[f32], shard: Shard) -> Vec<f32> {
+    pub fn take_shard<T: Copy>(&self, full: &[T], shard: Shard) -> Vec<T> {
         let n = shard.size;
         match self.split {
             Split::Replicated => full.to_vec(),
@@ -101,14 +101,14 @@ impl ParamSpec {
     }
 
     /// Reassemble the full tensor from every rank's part, in rank order (`parts` concatenated).
-    pub fn join_shards(&self, parts: &[f32], n: usize) -> Vec<f32> {
+    pub fn join_shards<T: Copy + Default>(&self, parts: &[T], n: usize) -> Vec<T> {
         match self.split {
             Split::Replicated => parts[..parts.len() / n].to_vec(),
             Split::Rows => parts.to_vec(),
             Split::Cols => {
                 let (rows, cols) = (self.full_shape[0], self.full_shape[1]);
                 let w = cols / n;
-                let mut out = vec![0.0; rows * cols];
+                let mut out = vec![T::default(); rows * cols];
                 for (rk, part) in parts.chunks(rows * w).enumerate() {
                     for r in 0..rows {
                         out[r * cols + rk * w..][..w].copy_from_slice(&part[r * w..][..w]);
@@ -396,4 +396,231 @@ fn check_tensor_names<'a>(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The layout against Hugging Face's Llama names and Meta's parameter count, sharding against
+    //! matrices cut by hand, and the initialisation and host-map checks by their rules.
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    fn cfg(tied: bool) -> ModelConfig {
+        ModelConfig::from_json_str(
+            &format!(
+                r#"{{"vocab_size": 16, "hidden_size": 8, "intermediate_size": 12,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "initializer_range": 0.5, "tie_word_embeddings": {tied}}}"#
+            ),
+            "tiny",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn specs_follow_the_hf_llama_names_and_shapes() {
+        let c = cfg(false);
+        let specs = param_specs(&c);
+        let got: Vec<(&str, &[usize], Split)> = specs
+            .iter()
+            .map(|s| (s.name.as_str(), s.shape.as_slice(), s.split))
+            .collect();
+        let layer = |l: usize| -> Vec<(String, Vec<usize>, Split)> {
+            let p = format!("model.layers.{l}.");
+            vec![
+                (
+                    format!("{p}input_layernorm.weight"),
+                    vec![8],
+                    Split::Replicated,
+                ),
+                (
+                    format!("{p}self_attn.q_proj.weight"),
+                    vec![8, 8],
+                    Split::Rows,
+                ),
+                (
+                    format!("{p}self_attn.k_proj.weight"),
+                    vec![4, 8],
+                    Split::Rows,
+                ),
+                (
+                    format!("{p}self_attn.v_proj.weight"),
+                    vec![4, 8],
+                    Split::Rows,
+                ),
+                (
+                    format!("{p}self_attn.o_proj.weight"),
+                    vec![8, 8],
+                    Split::Cols,
+                ),
+                (
+                    format!("{p}post_attention_layernorm.weight"),
+                    vec![8],
+                    Split::Replicated,
+                ),
+                (format!("{p}mlp.gate_proj.weight"), vec![12, 8], Split::Rows),
+                (format!("{p}mlp.up_proj.weight"), vec![12, 8], Split::Rows),
+                (format!("{p}mlp.down_proj.weight"), vec![8, 12], Split::Cols),
+            ]
+        };
+        let mut want = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![16, 8],
+            Split::Rows,
+        )];
+        want.extend(layer(0));
+        want.extend(layer(1));
+        want.push(("model.norm.weight".into(), vec![8], Split::Replicated));
+        want.push(("lm_head.weight".into(), vec![16, 8], Split::Rows));
+        let want: Vec<(&str, &[usize], Split)> = want
+            .iter()
+            .map(|(n, s, p)| (n.as_str(), s.as_slice(), *p))
+            .collect();
+        assert_eq!(got, want);
+        assert!(
+            specs
+                .iter()
+                .all(|s| s.is_norm == (s.split == Split::Replicated))
+        );
+        // The index functions find the tensors by name.
+        assert_eq!(specs[EMBED].name, "model.embed_tokens.weight");
+        assert_eq!(
+            specs[layer_index(1, LayerTensor::Down)].name,
+            "model.layers.1.mlp.down_proj.weight"
+        );
+        assert_eq!(
+            specs[layer_index(0, LayerTensor::MlpNorm)].name,
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert_eq!(specs[final_norm_index(&c)].name, "model.norm.weight");
+        assert_eq!(specs[lm_head_index(&c)].name, "lm_head.weight");
+        // Tied: no lm_head tensor, the head is the embedding.
+        let t = cfg(true);
+        assert_eq!(param_specs(&t).len(), specs.len() - 1);
+        assert_eq!(lm_head_index(&t), EMBED);
+    }
+
+    #[test]
+    fn llama_3_1_8b_has_meta_s_parameter_count() {
+        let c = ModelConfig::from_json_str(
+            r#"{"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}"#,
+            "llama-3.1-8b",
+        )
+        .unwrap();
+        let n: usize = param_specs(&c).iter().map(ParamSpec::numel).sum();
+        // The count transformers reports for meta-llama/Llama-3.1-8B.
+        assert_eq!(n, 8_030_261_248);
+    }
+
+    #[test]
+    fn shards_are_the_rows_or_columns_cut_by_hand() {
+        // A [4, 6] matrix holding 0..24.
+        let full: Vec<f32> = (0..24).map(|x| x as f32).collect();
+        let m = |split| ParamSpec {
+            name: "m".into(),
+            shape: vec![4, 6],
+            is_norm: false,
+            split,
+            full_shape: vec![4, 6],
+        };
+        let shard = |rank| Shard { rank, size: 2 };
+        let rows = m(Split::Rows);
+        assert_eq!(rows.sharded(shard(1)).shape, vec![2, 6]);
+        assert_eq!(
+            rows.take_shard(&full, shard(1)),
+            (12..24).map(|x| x as f32).collect::<Vec<_>>()
+        );
+        let cols = m(Split::Cols);
+        assert_eq!(cols.sharded(shard(1)).shape, vec![4, 3]);
+        assert_eq!(
+            cols.take_shard(&full, shard(1)),
+            vec![3., 4., 5., 9., 10., 11., 15., 16., 17., 21., 22., 23.]
+        );
+        let rep = m(Split::Replicated);
+        assert_eq!(rep.sharded(shard(1)).shape, vec![4, 6]);
+        assert_eq!(rep.take_shard(&full, shard(1)), full);
+        for s in [rows, cols, rep] {
+            let parts: Vec<f32> = (0..2).flat_map(|r| s.take_shard(&full, shard(r))).collect();
+            assert_eq!(s.join_shards(&parts, 2), full, "{:?}", s.split);
+        }
+    }
+
+    #[test]
+    fn random_init_is_the_same_whatever_the_sharding_and_follows_hf_rules() {
+        let c = cfg(false);
+        let b = CpuBackend::<f64>::new();
+        let whole = ParamStore::init_random(&b, &c, 7);
+        for (i, s) in whole.specs.iter().enumerate() {
+            let v = b.download_f64(&whole.bufs[i]);
+            if s.is_norm {
+                assert!(v.iter().all(|&x| x == 1.0), "{}", s.name);
+                continue;
+            }
+            // N(0, 0.5²): the RMS near the configured deviation (64 to 128 values each).
+            let rms = (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt();
+            assert!((0.3..0.7).contains(&rms), "{}: rms {rms}", s.name);
+            for r in 0..2 {
+                let sh = Shard { rank: r, size: 2 };
+                let part = ParamStore::init_random_shard(&b, &c, 7, sh);
+                let want: Vec<f64> = s.take_shard(&v, sh);
+                assert_eq!(b.download_f64(&part.bufs[i]), want, "{} rank {r}", s.name);
+            }
+        }
+        let other = ParamStore::init_random(&b, &c, 8);
+        assert_ne!(
+            b.download_f64(&other.bufs[EMBED]),
+            b.download_f64(&whole.bufs[EMBED]),
+            "the seed changes the values"
+        );
+    }
+
+    #[test]
+    fn host_maps_are_checked_by_name_and_shape() {
+        let c = cfg(true);
+        let b = CpuBackend::<f32>::new();
+        let good = ParamStore::init_random(&b, &c, 1).to_host(&b);
+        let back = ParamStore::from_host(&b, &c, &good, "src").unwrap();
+        assert_eq!(back.to_host(&b), good);
+        // A tied model may carry an lm_head copy (transformers writes one).
+        let mut with_head = good.clone();
+        with_head.insert(
+            "lm_head.weight".into(),
+            good["model.embed_tokens.weight"].clone(),
+        );
+        ParamStore::from_host(&b, &c, &with_head, "src").unwrap();
+        let err = |m: &TensorMap| {
+            ParamStore::from_host(&b, &c, m, "src")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let mut missing = good.clone();
+        missing.remove("model.layers.1.mlp.up_proj.weight");
+        let e = err(&missing);
+        assert!(
+            e.contains("src: tensor `model.layers.1.mlp.up_proj.weight` is missing"),
+            "{e}"
+        );
+        let mut shape = good.clone();
+        shape.insert(
+            "model.norm.weight".into(),
+            HostTensor::new(vec![9], vec![1.0; 9]),
+        );
+        let e = err(&shape);
+        assert!(
+            e.contains("`model.norm.weight` has shape [9]") && e.contains("[8]"),
+            "{e}"
+        );
+        let mut extra = good.clone();
+        extra.insert(
+            "model.layers.2.mlp.up_proj.weight".into(),
+            HostTensor::new(vec![1], vec![0.0]),
+        );
+        let e = err(&extra);
+        assert!(
+            e.contains("unexpected tensor `model.layers.2.mlp.up_proj.weight`"),
+            "{e}"
+        );
+    }
 }

@@ -428,3 +428,51 @@ pub fn ring_attention_backward<B: Backend, C: Comm>(
     cp.wait_buf(b, dkx);
     cp.wait_buf(b, dvx);
 }
+
+#[cfg(test)]
+mod tests {
+    //! The ring's schedule against the global causal mask: for every rank and every block it
+    //! receives, the pairs `step_kind` computes are exactly the pairs (query, key) with key
+    //! position <= query position, taken from the zigzag layout's global positions. (The ring's
+    //! numbers against naive attention: `parallel::tests`.)
+    use super::*;
+    use crate::data::loader::zigzag_chunks;
+
+    /// Global positions of rank `r`'s local tokens.
+    fn positions(s: usize, cp: usize, r: usize) -> Vec<usize> {
+        zigzag_chunks(s, cp, r)
+            .iter()
+            .flat_map(|&(start, len)| start..start + len)
+            .collect()
+    }
+
+    #[test]
+    fn each_step_attends_exactly_the_causally_visible_pairs() {
+        for cp in [2, 3, 4, 8] {
+            let c = 3;
+            let s = 2 * cp * c;
+            for r in 0..cp {
+                let q = positions(s, cp, r);
+                for src in 0..cp {
+                    let k = positions(s, cp, src);
+                    // What the step computes: (local query index, local key index).
+                    let computed = |i: usize, j: usize| match step_kind(r, src) {
+                        // Causal over virtual positions 0..2c.
+                        Step::Diagonal => j <= i,
+                        Step::FirstHalfKeys => j < c,
+                        Step::SecondHalfQueries => i >= c,
+                    };
+                    for (i, &qp) in q.iter().enumerate() {
+                        for (j, &kp) in k.iter().enumerate() {
+                            assert_eq!(
+                                computed(i, j),
+                                kp <= qp,
+                                "cp {cp} rank {r} block {src}: query {qp} key {kp}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

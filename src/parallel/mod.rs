@@ -1,8 +1,8 @@
 //! Parallelism over ranks: the world split into DP × CP × TP groups (`topology`), how ranks talk
 //! (`comm` trait; `mpi`, `thread`, and the world of one in `comm::SelfComm`, all behind `any`),
 //! tensor + sequence parallelism as conjugate pairs (`tensor`), the context-parallel zigzag ring
-//! attention (`context`), the ZeRO-1 sharded optimizer over DP × CP (`zero`), and which GPU a rank
-//! drives (`local_rank`).
+//! attention (`context`), the ZeRO-1 partition of the optimizer state over DP × CP (`zero`; the
+//! optimizer itself is `train::optim`), and which GPU a rank drives (`local_rank`).
 
 pub mod any;
 pub mod comm;

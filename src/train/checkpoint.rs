@@ -23,14 +23,14 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
-use crate::io::{self, DType, HostTensor, TensorMap};
+use crate::io::{self, AtomicDir, DType, HostTensor, TensorMap};
 use crate::model::config::ModelConfig;
 use crate::model::llama::Llama;
 use crate::model::params::{ParamStore, Shard, param_specs};
 use crate::model::rope::RopePrecision;
 use crate::parallel::comm::{Comm, ReduceOp};
 use crate::parallel::topology::Topology;
-use crate::parallel::zero::ShardedAdamW;
+use crate::train::optim::ShardedAdamW;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FileRecord {
@@ -104,13 +104,11 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Write a checkpoint of `model` and its optimizer state after `state.step` steps into the
-/// checkpoint directory `root`; returns its directory. Older checkpoints beyond `keep` are removed
-/// after the new one is complete.
-/// Write a checkpoint of this rank's state; collective over the world. Rank 0 prepares the
-/// temporary directory and finishes it (state.json, rename, `latest`, pruning); every rank writes its
-/// files in between. If any rank fails, every rank returns the error, the temporary directory is
-/// removed and the previous checkpoints are untouched.
+/// Write a checkpoint of the model and its optimizer state after `state.step` steps into the
+/// checkpoint directory `root`; returns its directory. Collective over the world: rank 0 prepares
+/// the temporary directory (`io::AtomicDir`) and finishes it (state.json, rename, `latest`, pruning
+/// beyond `keep`); every rank writes its files in between. If any rank fails, every rank returns
+/// the error, the temporary directory is removed and the previous checkpoints are untouched.
 #[allow(clippy::too_many_arguments)]
 pub fn save<B: Backend>(
     b: &B,
@@ -125,8 +123,8 @@ pub fn save<B: Backend>(
 ) -> Result<PathBuf> {
     let lead = topo.world_rank == 0;
     let name = step_name(state.step);
-    let tmp = root.join(format!(".tmp-{name}"));
     let fin = root.join(&name);
+    let tmp = AtomicDir::temp_path(&fin)?;
     let l = topo.layout;
     let failed = |e: anyhow::Error| {
         e.context(format!(
@@ -134,32 +132,21 @@ pub fn save<B: Backend>(
             root.display()
         ))
     };
-    // 1. Rank 0: a fresh temporary directory with the model config and tokenizer.
+    // 1. Rank 0: a fresh temporary directory with the model config and tokenizer. Dropped on an
+    // error (on any rank: `agree`), it is removed.
+    let mut dir = None;
     let prepared = if lead {
         (|| -> Result<()> {
-            std::fs::create_dir_all(root)
-                .with_context(|| format!("cannot create {}", root.display()))?;
-            if tmp.exists() {
-                std::fs::remove_dir_all(&tmp)
-                    .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
-            }
-            std::fs::create_dir_all(&tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            let d = dir.insert(AtomicDir::create(&fin)?);
             let json = serde_json::to_string_pretty(&cfg.to_hf_json())?;
-            io::write_atomic(&tmp.join("config.json"), json.as_bytes())?;
-            io::copy_tokenizer_files_layered(tokenizer_from, &tmp)?;
+            io::write_atomic(&d.tmp().join("config.json"), json.as_bytes())?;
+            io::copy_tokenizer_files_layered(tokenizer_from, d.tmp())?;
             Ok(())
         })()
     } else {
         Ok(())
     };
-    let cleanup = |e: anyhow::Error| {
-        if lead && tmp.exists() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        failed(e)
-    };
-    agree(topo, prepared, "preparing the directory").map_err(cleanup)?;
+    agree(topo, prepared, "preparing the directory").map_err(failed)?;
     // 2. Every rank: its files, and their records.
     let written = (|| -> Result<BTreeMap<String, FileRecord>> {
         let mut names = Vec::new();
@@ -209,7 +196,7 @@ pub fn save<B: Backend>(
         Ok(r) => serde_json::to_vec(r)?,
         Err(_) => Vec::new(),
     };
-    agree(topo, written, "writing its shards").map_err(cleanup)?;
+    agree(topo, written, "writing its shards").map_err(failed)?;
     let mut len = [mine.len() as u64];
     topo.world.all_reduce(&mut len, ReduceOp::Max);
     let mut block = mine.clone();
@@ -246,19 +233,14 @@ pub fn save<B: Backend>(
                 &tmp.join("state.json"),
                 serde_json::to_string_pretty(&state)?.as_bytes(),
             )?;
-            if fin.exists() {
-                std::fs::remove_dir_all(&fin)
-                    .with_context(|| format!("cannot replace {}", fin.display()))?;
-            }
-            std::fs::rename(&tmp, &fin)
-                .with_context(|| format!("cannot rename {} to {}", tmp.display(), fin.display()))?;
+            dir.take().context("rank 0 holds the directory")?.commit()?;
             io::write_atomic(&root.join("latest"), name.as_bytes())?;
             prune(root, keep)
         })()
     } else {
         Ok(())
     };
-    agree(topo, finished, "finishing").map_err(cleanup)?;
+    agree(topo, finished, "finishing").map_err(failed)?;
     Ok(fin)
 }
 
@@ -518,6 +500,6 @@ pub fn load<B: Backend>(
     };
     let (master, m, v) = (pick("master.")?, pick("m.")?, pick("v.")?);
     let mut opt = ShardedAdamW::new(b, topo, &params);
-    opt.set_state_with_master(b, &master, &m, &v);
+    opt.set_state(b, &master, &m, &v);
     Ok((Llama::new(cfg, precision, params)?, opt))
 }

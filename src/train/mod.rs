@@ -1,8 +1,10 @@
-//! The training loop, optimizer step, LR schedule, checkpoints and metrics.
+//! The training loop, the optimizer (`optim`), LR schedule, checkpoints and metrics.
 
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod optim;
 pub mod plots;
 pub mod schedule;
+pub mod step;
 pub mod trainer;

@@ -1,8 +1,8 @@
 //! The training loop, for one rank or many: per step, the global batch of
 //! `grad_accum × micro_batch` sequences is read by every rank (so the data position is the same
-//! everywhere); DP rank `d` takes sequences `d, d + dp, …`, CP rank `r` its zigzag chunks of each,
-//! and the ranks run forward and backward (gradients accumulated). The loss is normalised by the
-//! global batch's target-token count; the ZeRO-1 optimizer (`parallel::zero`) reduces gradients
+//! everywhere); each rank runs forward and backward over its share (`train::step`: DP stride,
+//! zigzag CP chunks, gradients accumulated). The loss is normalised by the
+//! global batch's target-token count; the ZeRO-1 optimizer (`train::optim`) reduces gradients
 //! over DP × CP, clips by the global norm and updates. Rank 0 writes one JSON metrics line per
 //! step and the checkpoints (full tensors, gathered from every rank).
 
@@ -20,16 +20,16 @@ use crate::backend::{AdamW, Backend};
 use crate::data::loader::Loader;
 use crate::flops;
 use crate::model::config::ModelConfig;
-use crate::model::llama::{Head, Llama, Workspace};
-use crate::model::params::ParamStore;
+use crate::model::llama::{Llama, Workspace};
 use crate::model::rope::RopePrecision;
 use crate::parallel::comm::{Comm, ReduceOp};
 use crate::parallel::topology::Topology;
-use crate::parallel::zero::ShardedAdamW;
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::config::RunConfig;
 use crate::train::data::{TokenStream, load_token_file, tokenize_text_file};
+use crate::train::optim::ShardedAdamW;
 use crate::train::schedule::learning_rate;
+use crate::train::step::{GlobalBatch, forward_backward_batch};
 
 /// One line of `metrics.jsonl` (and of stdout).
 #[derive(Debug, Serialize)]
@@ -88,53 +88,6 @@ fn config_hash(cfg: &RunConfig) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// Global L2 norm of all gradients.
-pub fn global_grad_norm<B: Backend>(b: &B, grads: &ParamStore<B>) -> f64 {
-    grads
-        .bufs
-        .iter()
-        .map(|g| b.sum_squares(g))
-        .sum::<f64>()
-        .sqrt()
-}
-
-/// Clip factor for a global norm (`max_norm` 0 = no clipping), as torch's clip_grad_norm_.
-pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
-    if max_norm > 0.0 && norm > max_norm {
-        max_norm / (norm + 1e-6)
-    } else {
-        1.0
-    }
-}
-
-/// One optimizer step over all parameters. Norm weights are not weight-decayed.
-pub fn adamw_step<B: Backend>(
-    b: &B,
-    params: &mut ParamStore<B>,
-    grads: &ParamStore<B>,
-    m: &mut ParamStore<B>,
-    v: &mut ParamStore<B>,
-    hp: AdamW,
-) {
-    for i in 0..params.bufs.len() {
-        let wd = if params.specs[i].is_norm {
-            0.0
-        } else {
-            hp.weight_decay
-        };
-        b.adamw(
-            &mut params.bufs[i],
-            &grads.bufs[i],
-            &mut m.bufs[i],
-            &mut v.bufs[i],
-            &AdamW {
-                weight_decay: wd,
-                ..hp
-            },
-        );
-    }
 }
 
 /// Every rank writes its shards of the checkpoint (`checkpoint::save`).
@@ -452,41 +405,19 @@ pub fn train_on<B: Backend>(
         let batch: Vec<(Vec<u32>, Vec<i32>)> = (0..per_step)
             .map(|_| source.next(&mut st))
             .collect::<Result<_>>()?;
-        let n_targets = batch
-            .iter()
-            .map(|(_, t)| t.iter().filter(|&&x| x >= 0).count())
-            .sum::<usize>()
-            .max(1) as f64;
-        let mut loss_sum = 0.0;
-        for (ids, targets) in batch.iter().skip(topo.dp_rank).step_by(layout.dp) {
-            let s = crate::data::loader::Sample {
-                ids: ids.clone(),
-                targets: targets.clone(),
-                positions: (0..seq as u64).collect(),
-            };
-            let mine = if layout.cp > 1 {
-                crate::data::loader::zigzag_slice(&s, layout.cp, topo.cp_rank)?
-            } else {
-                s
-            };
-            loss_sum += model.forward_backward_rank(
-                b,
-                topo,
-                &mut ws,
-                &mine.ids,
-                &mine.positions,
-                Head::Loss {
-                    targets: &mine.targets,
-                    grad_scale: 1.0 / n_targets,
-                },
-                Some(&mut grads),
-            );
-        }
+        let loss = forward_backward_batch(
+            b,
+            topo,
+            &model,
+            &mut ws,
+            GlobalBatch {
+                seqs: &batch,
+                pos0: 0,
+            },
+            Some(&mut grads),
+        )?;
         b.check()
             .with_context(|| format!("step {}: forward and backward", st.step + 1))?;
-        let mut ls = [loss_sum];
-        topo.dpcp.all_reduce(&mut ls, ReduceOp::Sum);
-        let loss = ls[0] / n_targets;
         if !loss.is_finite() {
             bail!(
                 "step {}: loss is {loss}; stopping (last checkpoint is intact)",
@@ -606,39 +537,6 @@ pub fn train_on<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::CpuBackend;
-
-    #[test]
-    fn clipping_follows_torch_clip_grad_norm() {
-        assert_eq!(clip_factor(0.5, 1.0), 1.0);
-        assert_eq!(clip_factor(5.0, 0.0), 1.0, "0 disables clipping");
-        let f = clip_factor(4.0, 1.0);
-        assert!((f - 1.0 / (4.0 + 1e-6)).abs() < 1e-15);
-        // Global norm over all tensors: sqrt(3² + 4²) = 5.
-        let b = CpuBackend::<f64>::new();
-        let cfg = crate::model::config::ModelConfig::from_json_str(
-            r#"{"vocab_size": 4, "hidden_size": 4, "intermediate_size": 4, "num_hidden_layers": 1,
-                "num_attention_heads": 1, "num_key_value_heads": 1}"#,
-            "t",
-        )
-        .unwrap();
-        let mut g = ParamStore::zeros(&b, &cfg);
-        g.bufs[0] = b.upload_f64(
-            &[3.0; 16]
-                .iter()
-                .enumerate()
-                .map(|(i, v)| if i == 0 { *v } else { 0.0 })
-                .collect::<Vec<_>>(),
-        );
-        let last = g.bufs.len() - 1;
-        let n = g.specs[last].numel();
-        g.bufs[last] = b.upload_f64(
-            &(0..n)
-                .map(|i| if i == 1 { 4.0 } else { 0.0 })
-                .collect::<Vec<_>>(),
-        );
-        assert!((global_grad_norm(&b, &g) - 5.0).abs() < 1e-12);
-    }
 
     #[test]
     fn metrics_after_the_checkpoint_are_dropped_on_resume() {
