@@ -122,6 +122,9 @@ pub fn save<B: Backend>(
     keep: usize,
 ) -> Result<PathBuf> {
     let lead = topo.world_rank == 0;
+    // The records are this checkpoint's: a state read from an older one (a resumed run) lists
+    // that one's files, which need not exist here (another layout's shards).
+    state.files.clear();
     let name = step_name(state.step);
     let fin = root.join(&name);
     let tmp = AtomicDir::temp_path(&fin)?;
@@ -502,4 +505,228 @@ pub fn load<B: Backend>(
     let mut opt = ShardedAdamW::new(b, topo, &params);
     opt.set_state(b, &master, &m, &v);
     Ok((Llama::new(cfg, precision, params)?, opt))
+}
+
+#[cfg(test)]
+mod tests {
+    //! A checkpoint written after one optimizer step holds what AdamW's first step gives by its
+    //! formula (m = (1 − β1)·g, v = (1 − β2)·g², p − lr·g/(|g| + ε)); it reloads on its own layout
+    //! and on another one; damage is found and the newest intact checkpoint is used.
+    use super::*;
+    use crate::backend::AdamW;
+    use crate::backend::cpu::CpuBackend;
+    use crate::model::params::Split;
+    use crate::parallel::any::AnyComm;
+    use crate::parallel::thread::ThreadComm;
+    use crate::util::gradcheck::test_values;
+
+    type B = CpuBackend<f32>;
+    const LR: f64 = 1e-2;
+
+    fn cfg() -> ModelConfig {
+        ModelConfig::from_json_str(
+            r#"{"vocab_size": 8, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 1,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.3}"#,
+            "tiny",
+        )
+        .unwrap()
+    }
+
+    fn state(step: u64) -> TrainState {
+        TrainState {
+            step,
+            data_position: 3 * step,
+            loader: None,
+            tokens_seen: 100 * step,
+            seed: 5,
+            config_hash: "h".into(),
+            files: Default::default(),
+            layout: None,
+        }
+    }
+
+    /// Full weights and the full gradient (values exact in f32, and halves of them too).
+    fn host() -> (TensorMap, TensorMap) {
+        let b = B::new();
+        let w = ParamStore::init_random(&b, &cfg(), 2).to_host(&b);
+        let g = w
+            .iter()
+            .enumerate()
+            .map(|(i, (k, t))| {
+                let v = test_values(t.data.len(), 40 + i as u64);
+                let data = v
+                    .iter()
+                    .map(|x| (*x as f32 * 64.0).round() / 64.0)
+                    .collect();
+                (k.clone(), HostTensor::new(t.shape.clone(), data))
+            })
+            .collect();
+        (w, g)
+    }
+
+    /// One optimizer step on `world` ranks laid out (tp, cp = 1), each DP rank holding 1 / dp of
+    /// the gradient, then a checkpoint in `root`.
+    fn step_and_save(root: &Path, tp: usize, world: usize) -> PathBuf {
+        let (w, g) = host();
+        let dirs = ThreadComm::run(world, |comm: AnyComm| {
+            let b = B::new();
+            let topo = Topology::new(&comm, tp, 1).unwrap();
+            let shard = topo.shard();
+            let mut params = ParamStore::from_host_shard(&b, &cfg(), &w, "w", shard).unwrap();
+            let mut grads = ParamStore::from_host_shard(&b, &cfg(), &g, "g", shard).unwrap();
+            // Replicated weights' gradients are partial on each TP rank too (sequence shards).
+            for (s, buf) in grads.specs.iter().zip(&mut grads.bufs) {
+                let tps = if s.split == Split::Replicated { tp } else { 1 };
+                b.scale(buf, 1.0 / (topo.layout.dp * tps) as f64);
+            }
+            let mut opt = ShardedAdamW::new(&b, &topo, &params);
+            let hp = AdamW {
+                lr: LR,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                step: 1,
+                grad_scale: 1.0,
+            };
+            opt.step(&b, &topo, &mut params, &mut grads, hp, 0.0);
+            save(&b, &topo, root, &cfg(), &params, &opt, state(1), &[], 3).unwrap()
+        });
+        dirs[0].clone()
+    }
+
+    fn assert_close(got: &TensorMap, want: &TensorMap, what: &str) {
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{what}"
+        );
+        for (k, t) in want {
+            assert_eq!(got[k].shape, t.shape, "{what}: {k}");
+            for (a, b) in got[k].data.iter().zip(&t.data) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                    "{what}: {k}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_holds_adamw_s_first_step_and_reloads_on_any_layout() {
+        let (w, g) = host();
+        // AdamW's first step by its formula.
+        let map = |f: &dyn Fn(f64, f64) -> f64, prefix: &str| -> TensorMap {
+            w.iter()
+                .map(|(k, t)| {
+                    let d = t
+                        .data
+                        .iter()
+                        .zip(&g[k].data)
+                        .map(|(&p, &gi)| f(p as f64, gi as f64) as f32)
+                        .collect();
+                    (format!("{prefix}{k}"), HostTensor::new(t.shape.clone(), d))
+                })
+                .collect()
+        };
+        let stepped = |p: f64, g: f64| p - LR * g / (g.abs() + 1e-8);
+        let want_w = map(&stepped, "");
+        let mut want_o = map(&stepped, "master.");
+        want_o.extend(map(&|_, g| 0.1 * g, "m."));
+        want_o.extend(map(&|_, g| 0.05 * g * g, "v."));
+
+        let d = tempfile::tempdir().unwrap();
+        for (tp, world) in [(1, 1), (1, 2), (2, 2), (1, 3)] {
+            let root = d.path().join(format!("tp{tp}-w{world}"));
+            let dir = step_and_save(&root, tp, world);
+            assert_eq!(dir, root.join("step-00000001"));
+            let st = verify(&dir).unwrap();
+            let dp = world / tp;
+            assert_eq!(st.layout, Some(ShardLayout { tp, cp: 1, dp }));
+            assert_eq!((st.step, st.data_position, st.tokens_seen), (1, 3, 100));
+            let (c, weights, optim) = load_full(&dir).unwrap();
+            assert_eq!(c.to_hf_json(), cfg().to_hf_json());
+            let what = format!("tp {tp} world {world}");
+            assert_close(&weights, &want_w, &what);
+            assert_close(&optim, &want_o, &what);
+            // Reloaded on its own layout and on others, then saved again: the same tensors.
+            for (tp2, world2) in [(tp, world), (2, 2), (1, 2), (1, 1)] {
+                let again = d.path().join(format!("again-{tp}-{world}-{tp2}-{world2}"));
+                ThreadComm::run(world2, |comm: AnyComm| {
+                    let b = B::new();
+                    let topo = Topology::new(&comm, tp2, 1).unwrap();
+                    let (model, opt) = load(&b, &topo, &dir, RopePrecision::Exact, &st).unwrap();
+                    save(
+                        &b,
+                        &topo,
+                        &again,
+                        &model.cfg,
+                        &model.params,
+                        &opt,
+                        st.clone(),
+                        &[],
+                        3,
+                    )
+                    .unwrap();
+                });
+                let (_, w2, o2) = load_full(&again.join("step-00000001")).unwrap();
+                let what = format!("{what} reloaded on tp {tp2} world {world2}");
+                assert_close(&w2, &want_w, &what);
+                assert_close(&o2, &want_o, &what);
+            }
+        }
+    }
+
+    #[test]
+    fn damage_is_named_and_the_newest_intact_checkpoint_is_used() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let b = B::new();
+        let topo = Topology::single();
+        let params = ParamStore::init_random(&b, &cfg(), 1);
+        let opt = ShardedAdamW::new(&b, &topo, &params);
+        for step in 1..=3 {
+            save(&b, &topo, root, &cfg(), &params, &opt, state(step), &[], 2).unwrap();
+        }
+        let mut names: Vec<String> = std::fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["latest", "step-00000002", "step-00000003"],
+            "keep 2"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("latest")).unwrap(),
+            "step-00000003"
+        );
+        assert_eq!(find_latest(root).unwrap().unwrap().1.step, 3);
+
+        let newest = root.join("step-00000003");
+        let weights = newest.join(weights_file(0, 1));
+        let mut bytes = std::fs::read(&weights).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&weights, &bytes).unwrap();
+        let e = format!("{:#}", verify(&newest).unwrap_err());
+        assert!(
+            e.contains("weights-tp0-of1.safetensors does not match its SHA-256"),
+            "{e}"
+        );
+        let (dir, st) = find_latest(root).unwrap().unwrap();
+        assert_eq!((dir, st.step), (root.join("step-00000002"), 2));
+
+        std::fs::write(&weights, &bytes[..10]).unwrap();
+        let e = format!("{:#}", verify(&newest).unwrap_err());
+        assert!(e.contains("has 10 bytes") && e.contains("truncated"), "{e}");
+        std::fs::remove_file(&weights).unwrap();
+        let e = format!("{:#}", verify(&newest).unwrap_err());
+        assert!(e.contains("weights-tp0-of1.safetensors is missing"), "{e}");
+
+        // Nothing intact: none.
+        std::fs::remove_file(root.join("step-00000002/state.json")).unwrap();
+        assert!(find_latest(root).unwrap().is_none());
+    }
 }
