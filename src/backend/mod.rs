@@ -57,7 +57,7 @@ pub const TARGET_IGNORE: i32 = -1;
 pub const TARGET_ELSEWHERE: i32 = -2;
 pub use cpu::kernels::NOT_IN_SHARD;
 
-pub trait Backend: Sync {
+pub trait Backend: Sync + 'static {
     /// `'static` so a communicator can recognise its backend's buffers (`parallel::nccl`).
     type Buf: Send + Sync + 'static;
     /// The element type buffers are staged through on the host for communication.

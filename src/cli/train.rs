@@ -10,7 +10,7 @@ use crate::backend::select::BackendKind;
 use crate::model::config::ModelConfig;
 use crate::model::hf::require_model_dir;
 use crate::parallel::any::{World, detect_launch, run_world};
-use crate::parallel::topology::{Layout, Topology};
+use crate::parallel::topology::{Layout, Topology, with_device_collectives};
 use crate::train::config::RunConfig;
 use crate::train::trainer;
 
@@ -108,7 +108,13 @@ fn check_before_world(cfg: &RunConfig, resume: bool) -> Result<()> {
 
 fn run_ranks(world: &World, kind: BackendKind, a: &TrainArgs, cfg: &RunConfig) -> Result<()> {
     let topo = Topology::new(world.comm(), cfg.parallel.tp, cfg.parallel.cp)?;
-    crate::on_backend!(kind, |b| run_on(b, &topo, a, cfg))
+    crate::on_backend!(kind, |b| {
+        let (topo, path) = with_device_collectives(b, topo)?;
+        if topo.world_rank == 0 && topo.layout.world() > 1 {
+            eprintln!("{path}");
+        }
+        run_on(b, &topo, a, cfg)
+    })
 }
 
 fn run_on<B: Backend>(b: &B, topo: &Topology, a: &TrainArgs, cfg: &RunConfig) -> Result<()> {
