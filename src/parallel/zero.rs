@@ -135,15 +135,17 @@ impl Partition {
             }
             return;
         }
-        let mut flat = vec![B::Host::default(); self.slice * self.group];
+        // The flat gradient and this rank's slice are backend buffers: on GPUs with NCCL the
+        // reduce-scatter never leaves the device (`Comm::reduce_scatter_buf`).
+        let mut flat = b.zeros(self.slice * self.group);
         for (i, g) in grads.bufs.iter().enumerate() {
-            let (o, n) = (self.offsets[i], self.sizes[i]);
-            b.read_host(g, 0, &mut flat[o..o + n]);
+            b.copy(g, 0, &mut flat, self.offsets[i], self.sizes[i]);
         }
-        let mut mine = vec![B::Host::default(); self.slice];
-        topo.dpcp.reduce_scatter(&flat, &mut mine);
+        let mut mine = b.zeros(self.slice);
+        topo.dpcp
+            .reduce_scatter_buf(b, &flat, self.slice, &mut mine, false);
         for (s, o) in self.segments.iter().zip(out) {
-            b.write_host(o, 0, &mine[s.at..s.at + s.len]);
+            b.copy(&mine, s.at, o, 0, s.len);
         }
     }
 
@@ -177,15 +179,14 @@ impl Partition {
             }
             return;
         }
-        let mut mine = vec![B::Host::default(); self.slice];
+        let mut mine = b.zeros(self.slice);
         for (k, s) in self.segments.iter().enumerate() {
-            b.read_host(&parts[k], 0, &mut mine[s.at..s.at + s.len]);
+            b.copy(&parts[k], 0, &mut mine, s.at, s.len);
         }
-        let mut flat = vec![B::Host::default(); self.slice * self.group];
-        topo.dpcp.all_gather(&mine, &mut flat);
+        let mut flat = b.zeros(self.slice * self.group);
+        topo.dpcp.all_gather_buf(b, &mine, 0, self.slice, &mut flat);
         for (i, buf) in out.bufs.iter_mut().enumerate() {
-            let (o, n) = (self.offsets[i], self.sizes[i]);
-            b.write_host(buf, 0, &flat[o..o + n]);
+            b.copy(&flat, self.offsets[i], buf, 0, self.sizes[i]);
         }
     }
 }
