@@ -551,19 +551,6 @@ pub fn memory(s: &RankShape<'_>, target: Target, reserve: u64) -> Memory {
                 Some(PHASE_TP),
             );
         }
-        if target == Target::CpuTrain && group > 1 {
-            // parallel/zero.rs step: the flat gradient and this rank's slice, on the host.
-            b.add(
-                cm,
-                "ZeRO staging: flat gradient + slice",
-                format!("[{}] + [{slice}]", slice * group),
-                1,
-                slice * group + slice,
-                dt.grad,
-                host,
-                Some(PHASE_OPT),
-            );
-        }
     } else {
         if full {
             b.add(
@@ -577,18 +564,6 @@ pub fn memory(s: &RankShape<'_>, target: Target, reserve: u64) -> Memory {
                 None,
             );
         }
-        if group > 1 {
-            b.add(
-                cm,
-                "ZeRO all-gather send (bf16 slice)",
-                format!("[{slice}]"),
-                1,
-                slice,
-                dt.weight,
-                dev,
-                None,
-            );
-        }
         b.add(
             "runtime",
             "CUDA context, cuBLASLt workspace, NCCL buffers (assumed)",
@@ -598,6 +573,21 @@ pub fn memory(s: &RankShape<'_>, target: Target, reserve: u64) -> Memory {
             1,
             dev,
             None,
+        );
+    }
+
+    // parallel/zero.rs step: the flat gradient and this rank's slice, backend buffers for the
+    // reduce-scatter and the all-gather (on the device with NCCL), during the optimizer step.
+    if (target == Target::CpuTrain || !target.is_cpu()) && group > 1 {
+        b.add(
+            cm,
+            "ZeRO flat gradient + slice",
+            format!("[{}] + [{slice}]", slice * group),
+            1,
+            slice * group + slice,
+            dt.grad,
+            dev,
+            Some(PHASE_OPT),
         );
     }
 
