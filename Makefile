@@ -62,6 +62,7 @@ demo: build
 
 test: test-deps
 	$(CARGO) fmt --all -- --check
+	python3 scripts/check-import-cycles.py src
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) nextest run --no-fail-fast
 
