@@ -10,7 +10,8 @@ use crate::backend::select::BackendKind;
 use crate::model::config::ModelConfig;
 use crate::model::hf::require_model_dir;
 use crate::parallel::any::{World, detect_launch, run_world};
-use crate::parallel::topology::{Layout, Topology, with_device_collectives};
+use crate::parallel::device_comm::with_device_collectives;
+use crate::parallel::topology::{Layout, Topology};
 use crate::train::config::RunConfig;
 use crate::train::trainer;
 

@@ -7,6 +7,7 @@
 pub mod any;
 pub mod comm;
 pub mod context;
+pub mod device_comm;
 pub mod local_rank;
 pub mod loopback;
 #[cfg(feature = "mpi")]
