@@ -10,7 +10,7 @@
 //! weights; an out-of-memory through the command line (one line, naming the buffer); one
 //! Llama-3.1-8B decoder layer at the per-rank shapes of TP 8 (4 query heads, 1 KV head, FFN 1792,
 //! hidden 4096, head_dim 128) over `--layer-tokens` tokens: time of forward+backward, peak memory,
-//! MFU (DESIGN.md: causal FLOPs against 989 TFLOP/s), beside the PyTorch peer's numbers
+//! MFU (crate::flops: causal model FLOPs against the dense bf16 peak), beside the PyTorch peer's numbers
 //! (`--peer`, from bench/gpu/layer_torch.py) and their ratio; and one rank of the 4M run.
 //!
 //! Output: `--out DIR/gpu-check.json` as {"device","command","date","rows":[{"name","value","unit",
@@ -543,12 +543,11 @@ mod imp {
         let reps = if first > 5000.0 { 1 } else { 3 };
         let ms = time_ms(g, 0, reps, &mut pass);
         let peak = g.peak_bytes() - base.min(g.peak_bytes());
-        // Causal FLOPs (DESIGN.md): 6·N per token + 6·heads·head_dim·S per token.
+        // Causal model FLOPs (crate::flops) of this one TP-8 layer.
         let (h, hd, nq, nkv, ffn) = (4096.0, 128.0, 4.0, 1.0, 1792.0);
         let layer_params = h * (nq + 2.0 * nkv) * hd + nq * hd * h + 3.0 * h * ffn;
-        let tf = t as f64;
-        let flops = tf * (6.0 * layer_params + 6.0 * nq * hd * tf);
-        let mfu = flops / (ms / 1e3) / 989e12;
+        let flops = t as f64 * crate::flops::causal_flops_per_token(layer_params, 4 * 128, t, 1);
+        let mfu = crate::flops::mfu(flops, ms / 1e3, 1, crate::flops::H100_SXM_BF16_DENSE);
         // Attention alone at the same shape (the simple kernel), forward + backward.
         let shape = AttnShape {
             q_len: t,
@@ -663,7 +662,7 @@ mod imp {
     /// elementwise pass). With two layer counts the step time and peak memory are extrapolated
     /// linearly to 32 layers (the layers are identical; embedding, head and loss are the
     /// intercept). MFU (DESIGN.md): per token 6·N + 6·heads·head_dim·S·layers, N this rank's
-    /// parameters, S = 4,194,304, against 989 TFLOP/s.
+    /// matmul parameters, S = 4,194,304, against the dense bf16 peak (crate::flops).
     fn rank4m(rep: &mut Report, layers: &[usize]) -> Result<()> {
         use crate::data::loader::zigzag_chunks;
         use crate::parallel::loopback::loopback_topology;
@@ -703,7 +702,8 @@ mod imp {
             g.inner().reset_peak();
             let base = g.bytes_in_use();
             let params = ParamStore::init_random_shard(&g, &cfg, 1, topo.shard());
-            let n_params: usize = params.bufs.iter().map(|b| g.len(b)).sum();
+            // This rank's matmul parameters (crate::flops' N; every matmul is split over TP).
+            let n_params = (crate::flops::matmul_params(&cfg) / tp as u64) as usize;
             let model = Llama::new(cfg.clone(), RopePrecision::Exact, params)?;
             let mut grads = model.params.zeros_like(&g);
             let mut ws = Workspace::for_rank(&g, &cfg, &topo, t, true, 4096);
@@ -759,8 +759,9 @@ mod imp {
                 None,
             );
             let peak = (g.peak_bytes() - base.min(g.peak_bytes())) as f64 / (1u64 << 30) as f64;
+            // Model FLOPs of this rank (crate::flops): its matmul parameters and its 4 heads.
             let flops =
-                t as f64 * (6.0 * n_params as f64 + 6.0 * 4.0 * 128.0 * seq as f64 * n as f64);
+                t as f64 * crate::flops::causal_flops_per_token(n_params as f64, 4 * 128, seq, n);
             rep.check(
                 &format!(
                     "rank4m {n} layers: loss finite ({:.4} per token)",
@@ -780,7 +781,7 @@ mod imp {
             rep.metric(&format!("rank4m_peak_L{n}: peak memory"), peak, "GiB", None);
             rep.metric(
                 &format!("rank4m_mfu_L{n}: MFU (causal FLOPs / 989 TFLOP/s)"),
-                flops / secs / 989e12,
+                crate::flops::mfu(flops, secs, 1, crate::flops::H100_SXM_BF16_DENSE),
                 "ratio",
                 None,
             );
@@ -841,8 +842,8 @@ mod imp {
                 None,
             );
             rep.metric(
-                &format!("rank4m_mfu: 32 layers, {from} (N = {np:.3e} parameters per rank)"),
-                flops / secs / 989e12,
+                &format!("rank4m_mfu: 32 layers, {from} (N = {np:.3e} matmul parameters per rank)"),
+                crate::flops::mfu(flops, secs, 1, crate::flops::H100_SXM_BF16_DENSE),
                 "ratio",
                 None,
             );

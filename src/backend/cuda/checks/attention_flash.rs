@@ -318,7 +318,9 @@ fn attn_bench_shape(
         causal: true,
     };
     let sc = 1.0 / (d as f64).sqrt();
-    let fwd_flops = 4.0 * (s as f64).powi(2) * d as f64 * nq as f64 / 2.0;
+    // The kernel-benchmark convention (crate::flops): backward 2.5× forward.
+    let af = crate::flops::attention_kernel_flops(s, s, nq, d, true);
+    let fwd_flops = af.forward;
     let mut times = vec![];
     for deterministic in [false, true] {
         // The deterministic backward only at the middle lengths (time).
@@ -367,7 +369,7 @@ fn attn_bench_shape(
                     &q, &k, &v, &out, &dout, &lse, &shape, sc, &mut dq, &mut dk, &mut dv,
                 )
             });
-            times.push(("attn_bwd_deterministic_causal", ms, 2.5 * fwd_flops));
+            times.push(("attn_bwd_deterministic_causal", ms, af.backward));
             continue;
         }
         let ms_f = time_ms(g, 1, reps, || {
@@ -385,8 +387,8 @@ fn attn_bench_shape(
             );
         });
         times.push(("attn_fwd_causal", ms_f, fwd_flops));
-        times.push(("attn_bwd_causal", ms_b, 2.5 * fwd_flops));
-        times.push(("attn_fwd_bwd_causal", ms_fb, 3.5 * fwd_flops));
+        times.push(("attn_bwd_causal", ms_b, af.backward));
+        times.push(("attn_fwd_bwd_causal", ms_fb, af.forward_backward()));
     }
     g.set_attention_options(saved);
     for (what, ms, flops) in times {
@@ -413,7 +415,7 @@ fn attn_bench_shape(
             sink.metric(&format!("{name} / sdpa_cudnn"), tf / x, "ratio", None);
         }
         // DESIGN.md: a rate above the dense peak is a bug (of the timing or the count).
-        if tf > 989.0 {
+        if tf > crate::flops::H100_SXM_BF16_DENSE / 1e12 {
             sink.fail(
                 &name,
                 &format!("{tf:.0} TFLOP/s is above the 989 TFLOP/s peak"),
