@@ -17,7 +17,7 @@ use crate::backend::timed::PhaseReport;
 pub const RATES_FILE: &str = "bench/rates.toml";
 
 /// One device's rates (a section of bench/rates.toml).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceRates {
     pub name: String,

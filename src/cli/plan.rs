@@ -37,6 +37,11 @@ pub struct PlanArgs {
     /// Model FLOP utilisation of the compute (DESIGN.md accounting, dense bf16 peak).
     #[arg(long, default_value_t = 0.4)]
     pub mfu: f64,
+    /// Compute time from measured kernel rates instead of `--mfu`: a section of bench/rates.toml
+    /// (e.g. h200). The rank's GEMM and attention work over the measured TFLOP/s; elementwise
+    /// kernels are not in it.
+    #[arg(long)]
+    pub rates: Option<String>,
     /// Print one JSON object instead of the tables.
     #[arg(long)]
     pub json: bool,
@@ -152,6 +157,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
     hw.nvlink_bw = a.nvlink_gbs * 1e9;
     hw.ib_bw = a.ib_gbs * 1e9;
     hw.reserve = (a.reserve_gib * GIB) as u64;
+    if let Some(key) = &a.rates {
+        hw.rates = Some(crate::rates::device(None, key).context("--rates")?);
+    }
     let run = RunShape {
         seq_len: runcfg.train.seq_len,
         global_batch: runcfg.sequences_per_step(),
@@ -257,13 +265,22 @@ pub fn run(a: PlanArgs) -> Result<()> {
         if run.recompute { "on" } else { "off" },
         run.ce_chunk
     );
+    let compute_at = match (&hw.rates, &a.rates) {
+        (Some(r), Some(key)) => format!(
+            "compute at measured kernel rates (bench/rates.toml [{key}]: GEMM {:.0}, attention \
+             fwd {:.0} / bwd {:.0} TFLOP/s at the longest length)",
+            r.gemm_tflops,
+            r.attention_tflops(false, f64::MAX),
+            r.attention_tflops(true, f64::MAX)
+        ),
+        _ => format!("MFU {:.2} of the compute", a.mfu),
+    };
     println!(
-        "hardware  {} × {} ({:.1} GiB each, {:.0} TFLOP/s dense bf16), MFU {:.2} of the compute",
+        "hardware  {} × {} ({:.1} GiB each, {:.0} TFLOP/s dense bf16), {compute_at}",
         a.gpus,
         hw.name,
         gib(hw.mem_bytes),
         hw.peak_flops / 1e12,
-        a.mfu
     );
     let fpt = flops::model_flops_per_token(&cfg, run.seq_len);
     let extra = if run.recompute {

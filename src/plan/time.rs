@@ -32,6 +32,9 @@ pub struct Hardware {
     pub alpha_ib: f64,
     /// CUDA context, library workspaces, NCCL buffers, allocator slack (bytes).
     pub reserve: u64,
+    /// Measured kernel rates (`plan --rates DEVICE`, bench/rates.toml): compute time from the
+    /// rank's GEMM and attention work over them instead of the model FLOPs at a stated MFU.
+    pub rates: Option<crate::rates::DeviceRates>,
 }
 
 impl Hardware {
@@ -56,6 +59,7 @@ impl Hardware {
             alpha_nvlink: 10e-6,
             alpha_ib: 20e-6,
             reserve: 3 << 30,
+            rates: None,
         })
     }
 }
@@ -78,6 +82,55 @@ pub struct RingInfo {
     /// Communication / compute of the worse direction (< 1: the ring hides).
     pub ratio: f64,
     pub hides: bool,
+}
+
+/// The tensor-core work of one rank for one sequence of its layout: what `Timed` counts when
+/// the pass runs (tested against it), and what the kernel rates turn into time.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct RankWork {
+    /// GEMMs: layers forward and backward (2 + 4 FLOPs per matmul parameter and token), the
+    /// LM head, and the recomputed layers' forward.
+    pub gemm_flops: f64,
+    /// Attention forward calls (every layer, and again the recomputed ones) and backward calls,
+    /// by the kernel convention (`flops::attention_kernel_flops_of_pairs`: backward 2.5×).
+    pub attn_fwd_flops: f64,
+    pub attn_bwd_flops: f64,
+    /// The sequence length the attention rates are looked up at (the rank's local tokens).
+    pub attn_len: usize,
+}
+
+/// [`RankWork`] of `layout` for one sequence of `run`.
+pub fn rank_work(cfg: &ModelConfig, run: &RunShape, layout: Layout) -> RankWork {
+    let Layout { tp, cp, .. } = layout;
+    let t = run.seq_len / cp;
+    let l = cfg.num_hidden_layers as f64;
+    let p_layer = flops::layer_matmul_params(cfg) as f64 / tp as f64;
+    let head = (cfg.vocab_size * cfg.hidden_size) as f64 / tp as f64;
+    let recomputed = if run.recompute { l - 1.0 } else { 0.0 };
+    let gemm_flops = t as f64 * (6.0 * (l * p_layer + head) + 2.0 * recomputed * p_layer);
+    // Visible (query, key) pairs of one layer on one rank: the own block causally (t(t+1)/2 with
+    // the zigzag's virtual positions), and each of the cp-1 other blocks t²/2 (half of the
+    // queries against the whole block, or all of them against half of it).
+    let t2 = (t * t) as f64;
+    let pairs = t2 / 2.0 + t as f64 / 2.0 + (cp - 1) as f64 * t2 / 2.0;
+    let k =
+        flops::attention_kernel_flops_of_pairs(pairs, cfg.num_attention_heads / tp, cfg.head_dim);
+    RankWork {
+        gemm_flops,
+        attn_fwd_flops: (l + recomputed) * k.forward,
+        attn_bwd_flops: l * k.backward,
+        attn_len: t,
+    }
+}
+
+impl RankWork {
+    /// Seconds of this work at measured kernel rates.
+    pub fn seconds(&self, r: &crate::rates::DeviceRates) -> f64 {
+        let len = self.attn_len as f64;
+        self.gemm_flops / (r.gemm_tflops * 1e12)
+            + self.attn_fwd_flops / (r.attention_tflops(false, len) * 1e12)
+            + self.attn_bwd_flops / (r.attention_tflops(true, len) * 1e12)
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -122,8 +175,12 @@ pub fn step_time(
     } else {
         0.0
     };
-    let compute_s = model_flops / (gpus * rate);
     let seqs = run.global_batch / dp;
+    // At the stated MFU, or the rank's GEMM and attention work at measured kernel rates.
+    let compute_s = match &hw.rates {
+        None => model_flops / (gpus * rate),
+        Some(r) => seqs as f64 * rank_work(cfg, run, layout).seconds(r),
+    };
     let l = cfg.num_hidden_layers;
     let (t, h, hd) = (s / cp, cfg.hidden_size, cfg.head_dim);
     let nq = cfg.num_attention_heads / tp;
@@ -215,8 +272,105 @@ pub fn step_time(
         step_s,
         tokens_per_s: tokens / step_s,
         mfu: model_flops / (step_s * gpus * hw.peak_flops),
-        hfu_compute: mfu * (model_flops + hw_extra) / model_flops,
+        hfu_compute: (model_flops + hw_extra) / (compute_s * gpus * hw.peak_flops),
         ring,
         seqs_per_rank: seqs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::timed::Timed;
+    use crate::data::loader::{Sample, zigzag_slice};
+    use crate::model::llama::{Head, Llama, Workspace};
+    use crate::model::params::ParamStore;
+    use crate::model::rope::RopePrecision;
+    use crate::parallel::loopback::loopback_topology;
+
+    /// The work the time model charges a rank equals what that rank's pass really does, as
+    /// `Timed` counts it call by call (GEMM shapes, attention pairs) on a loopback rank.
+    #[test]
+    fn rank_work_is_what_a_rank_pass_does() {
+        let cfg = ModelConfig::from_json_str(
+            r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512}"#,
+            "t",
+        )
+        .unwrap();
+        let seq = 64;
+        for (tp, cp) in [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)] {
+            for recompute in [false, true] {
+                let layout = Layout { tp, cp, dp: 1 };
+                let topo = loopback_topology(layout, 0, None);
+                let b = Timed::on_host(CpuBackend::<f32>::new());
+                let params = ParamStore::init_random_shard(&b, &cfg, 1, topo.shard());
+                let model = Llama::new(cfg.clone(), RopePrecision::Exact, params).unwrap();
+                let mut ws = Workspace::for_rank(&b, &cfg, &topo, seq / cp, recompute, 16);
+                let mut g = model.params.zeros_like(&b);
+                let s = Sample {
+                    ids: (0..seq).map(|i| (i * 5 % 64) as u32).collect(),
+                    targets: (0..seq).map(|i| (i * 3 % 64) as i32).collect(),
+                    positions: (0..seq as u64).collect(),
+                };
+                let s = zigzag_slice(&s, cp, 0).unwrap();
+                b.reset();
+                model.forward_backward_rank(
+                    &b,
+                    &topo,
+                    &mut ws,
+                    &s.ids,
+                    &s.positions,
+                    Head::Loss {
+                        targets: &s.targets,
+                        grad_scale: 1.0 / seq as f64,
+                    },
+                    Some(&mut g),
+                );
+                let r = b.report();
+                let got = |name: &str| r.get(name).map_or(0.0, |p| p.flops);
+                let run = RunShape {
+                    seq_len: seq,
+                    global_batch: 1,
+                    steps: 1,
+                    recompute,
+                    ce_chunk: 16,
+                };
+                let w = rank_work(&cfg, &run, layout);
+                let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
+                let what = format!("tp {tp} cp {cp} recompute {recompute}");
+                assert!(close(w.gemm_flops, got("gemm")), "{what}: gemm {w:?}");
+                let fwd = got("attention fwd") + got("attention fwd (recompute)");
+                assert!(close(w.attn_fwd_flops, fwd), "{what}: fwd {fwd} {w:?}");
+                assert!(
+                    close(w.attn_bwd_flops, got("attention bwd")),
+                    "{what}: bwd {w:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rates_turn_work_into_time() {
+        let r = crate::rates::device(
+            Some(std::path::Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/bench/rates.toml"
+            ))),
+            "h200",
+        )
+        .unwrap();
+        let w = RankWork {
+            gemm_flops: 2e15,
+            attn_fwd_flops: 1e15,
+            attn_bwd_flops: 3e15,
+            attn_len: 131072,
+        };
+        let want = 2e15 / (r.gemm_tflops * 1e12)
+            + 1e15 / (r.attention_tflops(false, 131072.0) * 1e12)
+            + 3e15 / (r.attention_tflops(true, 131072.0) * 1e12);
+        assert!((w.seconds(&r) - want).abs() < 1e-12 * want);
     }
 }
