@@ -389,6 +389,77 @@ mod tests {
         }
     }
 
+    /// A whole training step of tp 2 × cp 2 × dp 2 (8 thread ranks): forward, backward and the
+    /// ZeRO-1 optimizer step. Every tensor-sized transfer — TP pairs, CP ring, the gradient
+    /// reduce-scatter and the weight all-gather — goes through the buffer collectives (what the
+    /// NCCL group implements); the host collectives left are scalars and per-row statistics.
+    #[test]
+    fn a_whole_step_moves_tensors_only_through_the_buffer_collectives() {
+        use crate::backend::AdamW;
+        use crate::train::optim::ShardedAdamW;
+        let cfg = tiny();
+        let (tp, cp, dp, len, ce_chunk) = (2, 2, 2, 32, 8);
+        let logs: Vec<Vec<CommCall>> = ThreadComm::run(tp * cp * dp, |world: AnyComm| {
+            let log: CommLog = Arc::default();
+            let topo = recording_topology(Topology::new(&world, tp, cp).unwrap(), &log);
+            let b = CpuBackend::<f32>::new();
+            let params = ParamStore::init_random_shard(&b, &cfg, 3, topo.shard());
+            let mut model = Llama::new(cfg.clone(), RopePrecision::Exact, params).unwrap();
+            let mut opt = ShardedAdamW::new(&b, &topo, &model.params);
+            let mut ws = Workspace::for_rank(&b, &cfg, &topo, len / cp, true, ce_chunk);
+            let mut g = model.params.zeros_like(&b);
+            let s = Sample {
+                ids: (0..len)
+                    .map(|i| ((i * 7 + topo.dp_rank) % 64) as u32)
+                    .collect(),
+                targets: (0..len).map(|i| ((i * 5 + 1) % 64) as i32).collect(),
+                positions: (0..len as u64).collect(),
+            };
+            let s = zigzag_slice(&s, cp, topo.cp_rank).unwrap();
+            model.forward_backward_rank(
+                &b,
+                &topo,
+                &mut ws,
+                &s.ids,
+                &s.positions,
+                Head::Loss {
+                    targets: &s.targets,
+                    grad_scale: 1.0 / len as f64,
+                },
+                Some(&mut g),
+            );
+            let hp = AdamW {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                step: 1,
+                grad_scale: 1.0,
+            };
+            opt.step(&b, &topo, &mut model.params, &mut g, hp, 1.0);
+            log.lock().unwrap().clone()
+        });
+        for calls in logs {
+            for group in ["dpcp"] {
+                for op in ["reduce_scatter", "all_gather"] {
+                    assert!(
+                        calls.iter().any(|c| c.group == group && c.op == op),
+                        "no {op} over {group}: {calls:?}"
+                    );
+                }
+            }
+            for c in calls.iter().filter(|c| c.op.starts_with("host")) {
+                let stats =
+                    c.group == "tp" && c.op == "host all_gather" && c.elems <= 3 * ce_chunk * tp;
+                assert!(
+                    stats || c.elems <= 2,
+                    "a tensor went through a host collective: {c:?}"
+                );
+            }
+        }
+    }
+
     /// The loopback's buffer collectives copy within the backend, with the real sizes.
     #[test]
     fn loopback_buffer_collectives_are_local_copies() {
