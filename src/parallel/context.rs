@@ -121,38 +121,119 @@ pub struct RingScratch<B: Backend> {
     dv_h: B::Buf,
 }
 
+/// What a ring buffer holds, for the memory model's bytes per element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingElem {
+    /// Activations (K/V blocks, query and output rows).
+    Act,
+    /// Partial results and accumulators merged in higher precision.
+    Acc,
+    /// Softmax statistics (LSE).
+    Stat,
+}
+
+/// One row of the ring's buffer table: buffers `names`, each of `dims` (symbolic, numeric).
+pub struct RingBuffer {
+    pub names: &'static [&'static str],
+    /// What the memory model prints for the row.
+    pub label: &'static str,
+    pub dims: Vec<(&'static str, usize)>,
+    pub elem: RingElem,
+}
+
+impl RingBuffer {
+    pub fn elems(&self) -> usize {
+        self.dims.iter().map(|&(_, n)| n).product()
+    }
+}
+
+/// Every buffer of [`RingScratch`] (cp > 1): the one table its allocation and `plan`'s memory
+/// model both read.
+pub fn ring_buffers(s: &RingShape) -> Vec<RingBuffer> {
+    let (t, c, qw, kvw, nq) = (s.t, s.t / 2, s.qw(), s.kvw(), s.n_q);
+    let row = |names, label, dims: &[(&'static str, usize)], elem| RingBuffer {
+        names,
+        label,
+        dims: dims.to_vec(),
+        elem,
+    };
+    let tkv = [("t", t), ("kv/tp·d", kvw)];
+    let ckv = [("t/2", c), ("kv/tp·d", kvw)];
+    let tq = [("t", t), ("heads/tp·d", qw)];
+    let cq = [("t/2", c), ("heads/tp·d", qw)];
+    use RingElem::{Acc, Act, Stat};
+    vec![
+        row(
+            &["k_cur", "v_cur", "k_next", "v_next"],
+            "k_cur, v_cur, k_next, v_next (ring K/V: current + in flight)",
+            &tkv,
+            Act,
+        ),
+        row(
+            &["dk_acc", "dv_acc", "dk_in", "dv_in"],
+            "dk_acc, dv_acc, dk_in, dv_in (ring dK/dV: accumulator + in flight)",
+            &tkv,
+            Acc,
+        ),
+        row(&["kh", "vh"], "kh, vh (first chunk)", &ckv, Act),
+        row(
+            &["qh", "oh", "doh"],
+            "qh, oh, doh (second query chunk)",
+            &cq,
+            Act,
+        ),
+        row(
+            &["lseh", "lse_h"],
+            "lseh, lse_h",
+            &[("heads/tp · t/2", nq * c)],
+            Stat,
+        ),
+        row(&["lse_f"], "lse_f", &[("heads/tp · t", nq * t)], Stat),
+        row(&["out_f", "dq_f"], "out_f, dq_f (step partials)", &tq, Acc),
+        row(&["out_h", "dq_h"], "out_h, dq_h (step partials)", &cq, Acc),
+        row(&["dk_f", "dv_f"], "dk_f, dv_f (step partials)", &tkv, Acc),
+        row(&["dk_h", "dv_h"], "dk_h, dv_h (step partials)", &ckv, Acc),
+    ]
+}
+
 impl<B: Backend> RingScratch<B> {
     pub fn new(b: &B, s: &RingShape, cp: usize) -> Option<Self> {
         if cp == 1 {
             return None;
         }
-        let (t, c) = (s.t, s.t / 2);
-        let kv = || b.zeros(t * s.kvw());
+        let table = ring_buffers(s);
+        let z = |name: &str| {
+            let r = table
+                .iter()
+                .find(|r| r.names.contains(&name))
+                .unwrap_or_else(|| panic!("ring buffer {name} is not in ring_buffers"));
+            b.zeros(r.elems())
+        };
         Some(RingScratch {
-            k_cur: kv(),
-            v_cur: kv(),
-            k_next: kv(),
-            v_next: kv(),
-            dk_acc: kv(),
-            dv_acc: kv(),
-            dk_in: kv(),
-            dv_in: kv(),
-            kh: b.zeros(c * s.kvw()),
-            vh: b.zeros(c * s.kvw()),
-            qh: b.zeros(c * s.qw()),
-            oh: b.zeros(c * s.qw()),
-            doh: b.zeros(c * s.qw()),
-            lseh: b.zeros(c * s.n_q),
-            out_f: b.zeros(t * s.qw()),
-            lse_f: b.zeros(t * s.n_q),
-            out_h: b.zeros(c * s.qw()),
-            lse_h: b.zeros(c * s.n_q),
-            dq_f: b.zeros(t * s.qw()),
-            dq_h: b.zeros(c * s.qw()),
-            dk_f: kv(),
-            dv_f: kv(),
-            dk_h: b.zeros(c * s.kvw()),
-            dv_h: b.zeros(c * s.kvw()),
+            k_cur: z("k_cur"),
+            v_cur: z("v_cur"),
+            k_next: z("k_next"),
+            v_next: z("v_next"),
+            dk_acc: z("dk_acc"),
+            dv_acc: z("dv_acc"),
+            dk_in: z("dk_in"),
+            dv_in: z("dv_in"),
+            kh: z("kh"),
+            vh: z("vh"),
+            qh: z("qh"),
+            oh: z("oh"),
+            doh: z("doh"),
+            lseh: z("lseh"),
+            out_f: z("out_f"),
+            lse_f: z("lse_f"),
+            out_h: z("out_h"),
+            lse_h: z("lse_h"),
+            dq_f: z("dq_f"),
+            dq_h: z("dq_h"),
+            dk_f: z("dk_f"),
+            dv_f: z("dv_f"),
+            dk_h: z("dk_h"),
+            dv_h: z("dv_h"),
         })
     }
 }

@@ -292,9 +292,8 @@ pub fn memory(s: &RankShape<'_>, target: Target, reserve: u64) -> Memory {
     let (l, h, hd) = (cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim);
     let t = s.seq_len / cp;
     let ts = t / tp;
-    let c = t / 2;
     let (nq, nkv) = (cfg.num_attention_heads / tp, cfg.num_key_value_heads / tp);
-    let (qw, kvw) = (nq * hd, nkv * hd);
+    let kvw = nkv * hd;
     let n_r = params_per_rank(cfg, tp);
     let group = (dp * cp) as u64;
     let slice = n_r.div_ceil(group);
@@ -410,114 +409,40 @@ pub fn memory(s: &RankShape<'_>, target: Target, reserve: u64) -> Memory {
     }
     let th = sh(&["t", "hidden"], &[t, h]);
     let tsh = sh(&["ts", "hidden"], &[ts, h]);
-    let tq = sh(&["t", "heads/tp·d"], &[t, qw]);
-    let tkv = sh(&["t", "kv/tp·d"], &[t, kvw]);
 
-    // RingScratch::new (parallel/context.rs), cp > 1 only.
+    // RingScratch::new (parallel/context.rs), cp > 1 only: its own table.
     if ring {
-        let rs = "ring scratch";
-        let ckv = sh(&["t/2", "kv/tp·d"], &[c, kvw]);
-        let cq = sh(&["t/2", "heads/tp·d"], &[c, qw]);
-        b.add(
-            rs,
-            "k_cur, v_cur, k_next, v_next (ring K/V: current + in flight)",
-            format!("4 × {tkv}"),
-            4,
-            u(t * kvw),
-            dt.act,
-            dev,
-            None,
-        );
-        b.add(
-            rs,
-            "dk_acc, dv_acc, dk_in, dv_in (ring dK/dV: accumulator + in flight)",
-            format!("4 × {tkv}"),
-            4,
-            u(t * kvw),
-            dt.ring_acc,
-            dev,
-            None,
-        );
-        b.add(
-            rs,
-            "kh, vh (first chunk)",
-            format!("2 × {ckv}"),
-            2,
-            u(c * kvw),
-            dt.act,
-            dev,
-            None,
-        );
-        b.add(
-            rs,
-            "qh, oh, doh (second query chunk)",
-            format!("3 × {cq}"),
-            3,
-            u(c * qw),
-            dt.act,
-            dev,
-            None,
-        );
-        b.add(
-            rs,
-            "lseh, lse_h",
-            format!("2 × [heads/tp · t/2] = [{}]", nq * c),
-            2,
-            u(nq * c),
-            dt.stat,
-            dev,
-            None,
-        );
-        b.add(
-            rs,
-            "lse_f",
-            format!("[heads/tp · t] = [{}]", nq * t),
-            1,
-            u(nq * t),
-            dt.stat,
-            dev,
-            None,
-        );
-        b.add(
-            rs,
-            "out_f, dq_f (step partials)",
-            format!("2 × {tq}"),
-            2,
-            u(t * qw),
-            dt.ring_acc,
-            dev,
-            None,
-        );
-        b.add(
-            rs,
-            "out_h, dq_h (step partials)",
-            format!("2 × {cq}"),
-            2,
-            u(c * qw),
-            dt.ring_acc,
-            dev,
-            None,
-        );
-        b.add(
-            rs,
-            "dk_f, dv_f (step partials)",
-            format!("2 × {tkv}"),
-            2,
-            u(t * kvw),
-            dt.ring_acc,
-            dev,
-            None,
-        );
-        b.add(
-            rs,
-            "dk_h, dv_h (step partials)",
-            format!("2 × {ckv}"),
-            2,
-            u(c * kvw),
-            dt.ring_acc,
-            dev,
-            None,
-        );
+        let ring_shape = crate::parallel::context::RingShape {
+            t,
+            n_q: nq,
+            n_kv: nkv,
+            head_dim: hd,
+        };
+        for r in crate::parallel::context::ring_buffers(&ring_shape) {
+            use crate::parallel::context::RingElem;
+            let n = r.names.len();
+            let (sym, num): (Vec<&str>, Vec<usize>) = r.dims.iter().copied().unzip();
+            let shape = if n > 1 {
+                format!("{n} × {}", sh(&sym, &num))
+            } else {
+                sh(&sym, &num)
+            };
+            let elem_bytes = match r.elem {
+                RingElem::Act => dt.act,
+                RingElem::Acc => dt.ring_acc,
+                RingElem::Stat => dt.stat,
+            };
+            b.add(
+                "ring scratch",
+                r.label,
+                shape,
+                n as u64,
+                u(r.elems()),
+                elem_bytes,
+                dev,
+                None,
+            );
+        }
     }
 
     // Communication buffers. The ring's blocks are backend buffers (ring scratch above); the
