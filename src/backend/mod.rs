@@ -72,6 +72,11 @@ pub trait Backend: Sync + 'static {
 
     // ---- memory -------------------------------------------------------------------------------
     fn zeros(&self, n: usize) -> Self::Buf;
+    /// `zeros`, for a buffer the caller names (e.g. the workspace's "gate"): a backend that can
+    /// fail to allocate (CUDA) names it, with its size, in the error `check` returns.
+    fn zeros_named(&self, n: usize, _name: &str) -> Self::Buf {
+        self.zeros(n)
+    }
     fn len(&self, b: &Self::Buf) -> usize;
     fn upload(&self, host: &[f32]) -> Self::Buf;
     fn download(&self, b: &Self::Buf) -> Vec<f32>;

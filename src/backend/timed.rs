@@ -263,6 +263,11 @@ impl<B: Backend> Backend for Timed<B> {
     fn zeros(&self, n: usize) -> B::Buf {
         self.timed("allocation", 0.0, n as f64, || self.inner.zeros(n))
     }
+    fn zeros_named(&self, n: usize, name: &str) -> B::Buf {
+        self.timed("allocation", 0.0, n as f64, || {
+            self.inner.zeros_named(n, name)
+        })
+    }
     fn len(&self, b: &B::Buf) -> usize {
         self.inner.len(b)
     }

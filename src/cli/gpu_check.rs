@@ -294,7 +294,8 @@ mod imp {
 
     /// An out-of-memory through the command line: `forward --backend cuda` on a tiny model with
     /// ULTRALONG_CUDA_MEM_LIMIT just above the cuBLASLt workspace fails with exit 1 and one line,
-    /// `error: ...out of memory...` naming the model code's source line of the buffer.
+    /// `error: ...out of memory...` naming the buffer (its workspace or ring name, or else the
+    /// model code's source line that asked for it).
     fn cli_oom_check() -> checks::Rows {
         let run = || -> Result<(bool, String)> {
             let exe = std::env::current_exe()?;
@@ -335,7 +336,7 @@ mod imp {
                 && err.lines().count() == 1
                 && err.starts_with("error: ")
                 && err.contains("out of memory")
-                && err.contains("src/");
+                && err.contains("buffer");
             Ok((ok, err))
         };
         let (ok, msg) = run().unwrap_or_else(|e| (false, format!("{e:#}")));

@@ -393,15 +393,16 @@ impl WorkspaceTable {
 
     fn alloc<B: Backend>(&self, b: &B, name: &str) -> B::Buf {
         let r = self.row(name);
-        b.zeros(
-            r.unwrap_or_else(|| panic!("workspace buffer {name} is not in workspace_buffers"))
-                .elems(),
-        )
+        let n = r
+            .unwrap_or_else(|| panic!("workspace buffer {name} is not in workspace_buffers"))
+            .elems();
+        b.zeros_named(n, &format!("workspace {name}"))
     }
 
     /// A buffer that exists only for some layouts (tp > 1).
     fn alloc_opt<B: Backend>(&self, b: &B, name: &str) -> Option<B::Buf> {
-        self.row(name).map(|r| b.zeros(r.elems()))
+        self.row(name)
+            .map(|r| b.zeros_named(r.elems(), &format!("workspace {name}")))
     }
 }
 

@@ -207,7 +207,7 @@ impl<B: Backend> RingScratch<B> {
                 .iter()
                 .find(|r| r.names.contains(&name))
                 .unwrap_or_else(|| panic!("ring buffer {name} is not in ring_buffers"));
-            b.zeros(r.elems())
+            b.zeros_named(r.elems(), &format!("ring scratch {name}"))
         };
         Some(RingScratch {
             k_cur: z("k_cur"),

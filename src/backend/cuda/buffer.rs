@@ -128,6 +128,24 @@ impl CudaBackend {
         })
     }
 
+    /// `zeros_dtype` for a buffer named by the caller (named in an out-of-memory).
+    pub fn zeros_named_dtype(&self, n: usize, dtype: DType, name: &str) -> CudaBuf {
+        let b = self
+            .try_alloc(n, dtype, &format!("buffer {name}"))
+            .unwrap_or_else(|e| {
+                self.fail(|| format!("{e:#}"));
+                CudaBuf {
+                    ptr: 0,
+                    len: n,
+                    dtype,
+                    class: 0,
+                    pool: self.pool.clone(),
+                }
+            });
+        self.memset_zero(b.ptr, b.bytes());
+        b
+    }
+
     #[track_caller]
     pub fn zeros_dtype(&self, n: usize, dtype: DType) -> CudaBuf {
         let b = self.alloc(n, dtype);

@@ -224,6 +224,9 @@ impl Backend for CudaBackend {
     fn zeros(&self, n: usize) -> CudaBuf {
         self.zeros_dtype(n, self.storage)
     }
+    fn zeros_named(&self, n: usize, name: &str) -> CudaBuf {
+        self.zeros_named_dtype(n, self.storage, name)
+    }
     fn len(&self, b: &CudaBuf) -> usize {
         b.len
     }
