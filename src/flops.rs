@@ -2,7 +2,7 @@
 //! and `plan` predicts), the attention-kernel FLOPs that the kernel benchmarks report (`bench`,
 //! `gpu-check`, bench/gpu/attn_torch.py), and the GPU peaks they are divided by.
 //!
-//! **Model FLOPs (DESIGN.md "Performance accounting").** Per trained token, causal:
+//! **Model FLOPs (docs/RECIPE.md §7, and docs/ARCHITECTURE.md).** Per trained token, causal:
 //!
 //! ```text
 //! 6·N + 6·q·S·L        N = matmul parameters, q = heads × head_dim, S = sequence length, L = layers
@@ -14,7 +14,7 @@
 //! counted: the input embedding, which is a row gather (no arithmetic; it is 6.5% of Llama-3.1-8B's
 //! parameters, so counting it would inflate MFU by that much), and the RMSNorm gains (one multiply
 //! per element, 3·10⁻⁵ of N). This is Kaplan et al.'s non-embedding N with the un-embedding
-//! counted, and PAPER.md's N ≈ 7.5e9 for Llama-3.1-8B.
+//! counted, and docs/RECIPE.md §7's N ≈ 7.5e9 for Llama-3.1-8B.
 //!
 //! The attention term: per token and layer the forward multiplies the query by the S keys (2·q·S)
 //! and the probabilities by the S values (2·q·S); causal masking halves it (2·q·S); the backward
@@ -97,7 +97,7 @@ pub fn causal_flops_per_token(n_matmul: f64, attn_width: usize, seq: usize, laye
     6.0 * n_matmul + 6.0 * attn_width as f64 * seq as f64 * layers as f64
 }
 
-/// Model training FLOPs per token of `cfg` at sequence length `seq` (DESIGN.md, causal).
+/// Model training FLOPs per token of `cfg` at sequence length `seq` (the causal count of this module's comment).
 pub fn model_flops_per_token(cfg: &ModelConfig, seq: usize) -> f64 {
     causal_flops_per_token(
         matmul_params(cfg) as f64,
@@ -190,7 +190,7 @@ mod tests {
             cfg.n_params() as u64 - 525_336_576 - 65 * 4096,
             matmul_params(&cfg)
         );
-        // PAPER.md: N ≈ 7.5e9.
+        // docs/RECIPE.md §7: N ≈ 7.5e9.
         assert!((n as f64 / 7.5e9 - 1.0).abs() < 0.001);
     }
 
@@ -211,7 +211,7 @@ mod tests {
         }
         // At S = 1M by hand: 45,027,950,592 + 824,633,720,832 = 869,661,671,424.
         assert_eq!(model_flops_per_token(&cfg, 1 << 20), 869_661_671_424.0);
-        // PAPER.md: one billion tokens at 4M ≈ 3.3e21 FLOP, ~2,350 H100-hours at 40% MFU.
+        // docs/RECIPE.md §7: one billion tokens at 4M ≈ 3.3e21 FLOP, ~2,350 H100-hours at 40% MFU.
         let total = 1e9 * model_flops_per_token(&cfg, 1 << 22);
         let hours = total / (H100_SXM_BF16_DENSE * 0.4) / 3600.0;
         assert!((total / 3.3e21 - 1.0).abs() < 0.02, "{total:e}");

@@ -229,7 +229,7 @@ fn plan_finds_the_papers_layouts_on_80gb_h100s() {
         // GPU-hours per 1B tokens: at least what the FLOPs need at the stated MFU (RECIPE.md: 4M
         // ~2,350 H100-hours at 40%), and not much more (exposed communication is small).
         let flops = v["flops_per_token"]["model"].as_f64().unwrap();
-        // DESIGN.md's count by hand: 6·N + 6·(32·128)·S·32 with N = 32 layers × 218,103,808
+        // docs/ARCHITECTURE.md's count by hand: 6·N + 6·(32·128)·S·32 with N = 32 layers × 218,103,808
         // matmul weights + the 525,336,576 of the LM head = 7,504,658,432.
         let s = v["run"]["seq_len"].as_f64().unwrap();
         assert_eq!(

@@ -260,7 +260,7 @@ pub trait Backend: Sync + 'static {
 
     /// Merge a ring step's attention result (`out_b [rows, heads, d]`, `lse_b [heads, rows]`)
     /// into rows `row0 .. row0+rows` of the running `out [q_len, heads, d]`, `lse [heads, q_len]`
-    /// with the overflow-free log-sum-exp form (DESIGN.md).
+    /// with the overflow-free log-sum-exp form (docs/ARCHITECTURE.md).
     #[allow(clippy::too_many_arguments)]
     fn attention_merge(
         &self,

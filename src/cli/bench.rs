@@ -162,7 +162,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let opt = median(opt_ms);
     let (attn_f, attn_b) = (median(af), median(ab));
     let layers = cfg.num_hidden_layers as f64;
-    // Model FLOP/s by DESIGN.md's count (what `train` reports as TFLOP/s, recompute not counted)
+    // Model FLOP/s by docs/ARCHITECTURE.md's count (what `train` reports as TFLOP/s, recompute not counted)
     // and the attention kernels' by the benchmark convention (backward 2.5× forward).
     let model_flops = flops::model_flops_per_token(&cfg, t) * t as f64;
     let attn = flops::attention_kernel_flops(t, t, shape.n_q_heads, shape.head_dim, true);

@@ -662,7 +662,7 @@ mod imp {
     /// the optimizer is left out (ZeRO-1 over DP × CP holds 1/32 of the moments per rank, a small
     /// elementwise pass). With two layer counts the step time and peak memory are extrapolated
     /// linearly to 32 layers (the layers are identical; embedding, head and loss are the
-    /// intercept). MFU (DESIGN.md): per token 6·N + 6·heads·head_dim·S·layers, N this rank's
+    /// intercept). MFU (docs/ARCHITECTURE.md): per token 6·N + 6·heads·head_dim·S·layers, N this rank's
     /// matmul parameters, S = 4,194,304, against the dense bf16 peak (crate::flops).
     fn rank4m(rep: &mut Report, layers: &[usize]) -> Result<()> {
         use crate::data::loader::zigzag_chunks;

@@ -1,4 +1,4 @@
-//! Subcommands, one file each; `Cli` is the whole command line (DESIGN.md "The CLI").
+//! Subcommands, one file each; `Cli` is the whole command line (docs/ARCHITECTURE.md "The CLI").
 
 pub mod bench;
 pub mod bench_phases;

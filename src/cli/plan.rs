@@ -34,7 +34,7 @@ pub struct PlanArgs {
     /// h100-80g or h200-141g.
     #[arg(long, default_value = "h100-80g")]
     pub gpu: String,
-    /// Model FLOP utilisation of the compute (DESIGN.md accounting, dense bf16 peak).
+    /// Model FLOP utilisation of the compute (docs/ARCHITECTURE.md accounting, dense bf16 peak).
     #[arg(long, default_value_t = 0.4)]
     pub mfu: f64,
     /// Compute time from measured kernel rates instead of `--mfu`: a section of bench/rates.toml
@@ -385,7 +385,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
 fn assumptions(a: &PlanArgs, hw: &Hardware) -> Vec<String> {
     vec![
         format!(
-            "compute at MFU {:.2} of {:.0} TFLOP/s dense bf16 (DESIGN.md), counting model FLOPs 6N + 6qSL per token; full recompute's second forward is not counted by MFU (the hardware FLOP utilisation is reported)",
+            "compute at MFU {:.2} of {:.0} TFLOP/s dense bf16 (docs/RECIPE.md §7), counting model FLOPs 6N + 6qSL per token; full recompute's second forward is not counted by MFU (the hardware FLOP utilisation is reported)",
             a.mfu,
             hw.peak_flops / 1e12
         ),

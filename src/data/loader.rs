@@ -1,6 +1,6 @@
 //! The training loader: whole packed sequences of a `prepare`d dataset in a deterministic
 //! shuffled order per epoch, resumable from a two-number state, and each sequence's slice for a
-//! context-parallel rank in the zigzag layout (DESIGN.md, "Parallel layout").
+//! context-parallel rank in the zigzag layout (docs/ARCHITECTURE.md, "Parallel layout").
 //!
 //! A dataset directory holds `tokens.bin/.idx` (int32, every sequence `seq_len` tokens, packed so
 //! the token stream continues from one stored sequence into the next) and, for SFT,
@@ -207,7 +207,7 @@ pub fn zigzag_chunks(seq_len: usize, cp: usize, rank: usize) -> [(usize, usize);
     [(rank * c, c), ((2 * cp - 1 - rank) * c, c)]
 }
 
-/// The zigzag context-parallel layout (DESIGN.md): the sequence is split into 2*cp equal chunks, rank r holds
+/// The zigzag context-parallel layout (docs/ARCHITECTURE.md): the sequence is split into 2*cp equal chunks, rank r holds
 /// chunks r and 2*cp-1-r (in that order). Returns rank r's slice of ids/targets/positions (positions are the
 /// GLOBAL token indices). Error if seq_len is not divisible by 2*cp.
 pub fn zigzag_slice(s: &Sample, cp: usize, rank: usize) -> Result<Sample> {

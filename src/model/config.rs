@@ -343,7 +343,7 @@ impl ModelConfig {
     }
 }
 
-/// A new RoPE scaling for a run, e.g. YaRN for the one-step context extension (PAPER.md): a run
+/// A new RoPE scaling for a run, e.g. YaRN for the one-step context extension (docs/RECIPE.md §3): a run
 /// config's `[model.rope_scaling]`, HF's key names. Built by the same code as a config.json's
 /// rope object ([`ModelConfig::with_rope_override`]).
 #[derive(Clone, Debug, Deserialize, Serialize)]

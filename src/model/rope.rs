@@ -4,7 +4,7 @@
 //! error-free product, reduced mod 2π before cos/sin, so a table entry at position 4M is right to
 //! ~1e-15 rad. `Fp32` repeats the float32 arithmetic of HF transformers / Megatron step by step
 //! (inv_freq built in f32, one f32 product per angle), which at position 4M is off by up to ~0.1 rad
-//! (PAPER.md, YaRN section): the switch exists to match checkpoints trained that way.
+//! (docs/RECIPE.md §3): the switch exists to match checkpoints trained that way.
 
 use std::f64::consts::PI;
 use std::fmt;

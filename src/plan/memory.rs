@@ -40,7 +40,7 @@ pub struct Dtypes {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Target {
-    /// The CUDA backend as DESIGN.md specifies it: bf16 weights, activations and gradients, fp32
+    /// The CUDA backend as docs/ARCHITECTURE.md specifies it: bf16 weights, activations and gradients, fp32
     /// master weights and moments sharded ZeRO-1 over DP × CP; communication buffers on the device
     /// (NCCL); a runtime reserve.
     Cuda,

@@ -10,11 +10,11 @@
 //! phases (RoPE table rebuild, checkpoint save, the benchmark's attention profile). It is
 //! parameterised by the bytes per element of each class of buffer ([`Dtypes`]): with bf16
 //! activations, weights and gradients and fp32 master weights and Adam moments it is the CUDA
-//! projection (DESIGN.md "Numerics"); with f32 everywhere and the CPU backend's buffer list it
+//! projection (docs/ARCHITECTURE.md "Numerics"); with f32 everywhere and the CPU backend's buffer list it
 //! predicts what `ultralong bench train` measures (tests/plan_cli.rs checks it against measured
 //! peaks, and the workspace byte for byte).
 //!
-//! **FLOPs.** `crate::flops`: DESIGN.md's causal model count (`6·N + 6·q·S·L` per token), which
+//! **FLOPs.** `crate::flops`: docs/ARCHITECTURE.md's causal model count (`6·N + 6·q·S·L` per token), which
 //! the stated MFU is defined on; full recompute makes the hardware run the forward of layers
 //! `0..L-1` a second time (about 4/3 ×), which the stated MFU does not count (hardware FLOP
 //! utilisation = MFU × hardware / model FLOPs). The CP ring's attention time uses the

@@ -41,7 +41,7 @@ pub struct StepMetrics {
     pub tokens: u64,
     pub tokens_per_s: f64,
     pub step_ms: f64,
-    /// Model TFLOP/s per rank by DESIGN.md's causal count (`flops::model_flops_per_token`;
+    /// Model TFLOP/s per rank by docs/ARCHITECTURE.md's causal count (`flops::model_flops_per_token`;
     /// recompute not counted).
     pub tflops_per_rank: f64,
     /// `tflops_per_rank / log.peak_tflops`.

@@ -369,7 +369,7 @@ pub fn cross_entropy_grad<T: Real>(
 }
 
 /// Merge one ring step's attention result into the running one, per row and head, with the
-/// overflow-free form (DESIGN.md): `out −= σ(lse_b − lse)·(out − out_b)`,
+/// overflow-free form (docs/ARCHITECTURE.md): `out −= σ(lse_b − lse)·(out − out_b)`,
 /// `lse ← max + ln(1 + exp(min − max))`. Neither exponent can overflow, whatever the logits'
 /// scale; a side with lse = −∞ (no visible key) contributes nothing. `out [q_len, heads, d]` rows
 /// `row0 .. row0 + rows` against `out_b [rows, heads, d]`; `lse [heads, q_len]`, `lse_b [heads, rows]`.

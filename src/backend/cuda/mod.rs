@@ -8,7 +8,7 @@
 //! `embedding`, `cross_entropy`, `adamw`, `attention_simple`, `attention_flash` — and `gemm`
 //! (cuBLASLt). This file holds the backend itself and the `Backend` impl, one launcher per op.
 //!
-//! Numerics (DESIGN.md): every buffer carries its element type (`DType`). GEMMs always take bf16
+//! Numerics (docs/ARCHITECTURE.md): every buffer carries its element type (`DType`). GEMMs always take bf16
 //! operands with fp32 accumulation (an fp32 operand is rounded to bf16 into pooled scratch first);
 //! every other kernel computes in fp32 (f64 for reductions) whatever the storage. `storage` picks
 //! the type of the buffers the model code allocates through the trait (`zeros`, `upload`): `F32`

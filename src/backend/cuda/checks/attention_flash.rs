@@ -414,7 +414,7 @@ fn attn_bench_shape(
         if let Some(x) = cu {
             sink.metric(&format!("{name} / sdpa_cudnn"), tf / x, "ratio", None);
         }
-        // DESIGN.md: a rate above the dense peak is a bug (of the timing or the count).
+        // docs/ARCHITECTURE.md: a rate above the dense peak is a bug (of the timing or the count).
         if tf > crate::flops::H100_SXM_BF16_DENSE / 1e12 {
             sink.fail(
                 &name,
