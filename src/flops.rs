@@ -33,6 +33,7 @@
 //! sparsity). Any reported TFLOP/s above the peak is a bug.
 
 use crate::model::config::ModelConfig;
+use crate::model::hsa::config::HsaConfig;
 
 /// One GPU model's dense bf16 peak.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -105,6 +106,52 @@ pub fn model_flops_per_token(cfg: &ModelConfig, seq: usize) -> f64 {
         seq,
         cfg.num_hidden_layers,
     )
+}
+
+/// Model training FLOPs per token of the HSA model (docs/HSA.md) at sequence length `seq`, by
+/// the same convention (6 per matmul weight; attention 2 products × 2 FLOPs forward per visible
+/// (query, key) pair and query width, the backward 2× the forward):
+///
+/// ```text
+/// 6·N + 12·q·(Σ_swa k̄_W) + G_u·12·q·K·S + G_u·6·d_r·C̄
+/// ```
+///
+/// `N`: every matmul weight of the layout but the embedding (SWA, chunking, retrieval and HSA
+/// projections, the LM head). k̄_W: keys a token sees in a window-W layer, averaged over the
+/// sequence (min(t, W) + 1). Each of the `G_u` HSA blocks attends to K = min(chunk_topk, C)
+/// chunks of S keys (counted in full: an upper bound near the sequence start), and its retrieval
+/// scores the C̄ = visible chunks on average (≈ C/2) landmarks of width d_r, forward and backward.
+pub fn hsa_flops_per_token(cfg: &HsaConfig, seq: usize) -> f64 {
+    let layout = crate::model::hsa::params::Layout::new(cfg);
+    let n: f64 = layout
+        .specs
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| *i != layout.embed && s.shape.len() == 2)
+        .map(|(_, s)| s.numel() as f64)
+        .sum();
+    let q = (cfg.base.num_attention_heads * cfg.head_dim()) as f64;
+    let keys = |w: usize| -> f64 {
+        let t = seq as f64;
+        let w = w as f64;
+        // Σ_{t<seq} (min(t, W) + 1) / seq.
+        if t <= w {
+            (t + 1.0) / 2.0
+        } else {
+            ((w + 1.0) * (w + 2.0) / 2.0 + (t - w - 1.0) * (w + 1.0)) / t
+        }
+    };
+    let groups = cfg.num_upper_groups as f64;
+    let mut swa = (cfg.num_lower_layers + cfg.num_upper_layers) as f64 * keys(cfg.sliding_window);
+    if !cfg.hsa_only {
+        swa += groups * keys(cfg.hsa_sliding_window);
+    }
+    let chunks = seq / cfg.chunk_size;
+    let topk = cfg.chunk_topk.min(chunks) as f64;
+    6.0 * n
+        + 12.0 * q * swa
+        + groups * 12.0 * q * topk * cfg.chunk_size as f64
+        + groups * 6.0 * cfg.retrieval_dim as f64 * chunks as f64 / 2.0
 }
 
 /// What full activation recompute adds per token (hardware, not model, FLOPs): the forward of
@@ -246,6 +293,27 @@ mod tests {
         // forward over S tokens (backward 2×): less than the kernel's 3.5× by the recomputed P.
         let model_attn = 6.0 * 4096.0 * 8192.0 * 8192.0;
         assert_eq!(model_attn, 3.0 * causal.forward);
+    }
+
+    /// Counted by hand: N = 3 SWA layers × 1920 + chunking 384 + 2 retrieval × 128 + 2 HSA
+    /// blocks × 1664 + LM head 256 = 9984; window-5 keys over 16 tokens (1+…+6 + 10·6)/16 =
+    /// 5.0625 per layer; 2 blocks × 2 chunks × 4 keys; 2 × 4 chunks / 2 landmarks of 8.
+    #[test]
+    fn hsa_count_by_hand() {
+        let cfg = HsaConfig::from_json_str(
+            r#"{"architectures": ["DRTForCausalLM"], "vocab_size": 16, "hidden_size": 16,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_kv_heads": 2,
+            "intermediate_size": 24, "num_lower_layers": 1, "num_upper_layers": 2,
+            "num_upper_groups": 2, "sliding_window": 5, "chunk_size": 4, "chunk_topk": 2,
+            "retrieval_dim": 8, "encoder_layers": 0}"#,
+            "hand",
+        )
+        .unwrap();
+        let want = 6.0 * 9984.0
+            + 12.0 * 16.0 * 3.0 * 5.0625
+            + 2.0 * 12.0 * 16.0 * 2.0 * 4.0
+            + 2.0 * 6.0 * 8.0 * 2.0;
+        assert_eq!(hsa_flops_per_token(&cfg, 16), want);
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
     let dir = resolve_checkpoint(&a.checkpoint)?;
     // The full tensors, gathered from every rank's shard of the checkpoint.
     let (cfg, weights, _) = checkpoint::load_full(&dir)?;
-    save_hf_dir(&a.out, &cfg, &weights, dtype, Some(&dir))?;
+    save_hf_dir(&a.out, cfg.to_hf_json(), &weights, dtype, Some(&dir))?;
     eprintln!(
         "exported {} to {} ({dtype})",
         dir.display(),

@@ -11,14 +11,13 @@ use tokenizers::{AddedToken, Tokenizer};
 
 use crate::backend::cpu::CpuBackend;
 use crate::io::DType;
-use crate::model::config::ModelConfig;
-use crate::model::llama::Llama;
-use crate::model::params::ParamStore;
-use crate::model::rope::RopePrecision;
+use crate::model::arch::ArchConfig;
+use crate::model::hf::save_hf_dir;
 
 #[derive(Args, Debug)]
 pub struct InitArgs {
-    /// A Hugging Face config.json of the Llama 3.x family.
+    /// A Hugging Face config.json: the Llama 3.x family, or the HSA model
+    /// (`architectures: ["DRTForCausalLM"]`, docs/HSA.md).
     #[arg(long)]
     pub config: PathBuf,
     #[arg(long, default_value_t = 0)]
@@ -79,12 +78,11 @@ pub fn train_bpe_tokenizer(text: &Path, vocab_size: usize, out: &Path) -> Result
 }
 
 pub fn run(a: InitArgs) -> Result<()> {
-    let cfg = ModelConfig::from_file(&a.config)?;
+    let arch = ArchConfig::from_file(&a.config)?;
     let dtype: DType = a.dtype.parse()?;
     let b = CpuBackend::<f32>::new();
-    let params = ParamStore::init_random(&b, &cfg, a.seed);
-    let model = Llama::new(cfg.clone(), RopePrecision::Exact, params)?;
-    model.save(&b, &a.out, dtype, None)?;
+    let params = arch.init_random(&b, a.seed);
+    save_hf_dir(&a.out, arch.to_hf_json(), &params.to_host(&b), dtype, None)?;
     if let Some(t) = &a.tokenizer {
         if t.is_dir() {
             crate::io::copy_tokenizer_files(t, &a.out)?;
@@ -93,12 +91,14 @@ pub fn run(a: InitArgs) -> Result<()> {
                 .with_context(|| format!("cannot copy {}", t.display()))?;
         }
     }
+    let cfg = arch.base();
     if let Some(text) = &a.train_tokenizer {
         train_bpe_tokenizer(text, cfg.vocab_size, &a.out.join("tokenizer.json"))?;
     }
     eprintln!(
-        "initialised {} parameters ({} layers, hidden {}) in {}",
-        model.params.numel(),
+        "initialised {} parameters ({}, {} layers, hidden {}) in {}",
+        params.numel(),
+        arch.name(),
         cfg.num_hidden_layers,
         cfg.hidden_size,
         a.out.display()

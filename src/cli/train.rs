@@ -5,14 +5,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::backend::Backend;
 use crate::backend::select::BackendKind;
-use crate::model::config::ModelConfig;
+use crate::model::arch::ArchConfig;
 use crate::model::hf::require_model_dir;
 use crate::parallel::any::{World, detect_launch, run_world};
 use crate::parallel::device_comm::with_device_collectives;
 use crate::parallel::topology::{Layout, Topology};
 use crate::train::config::RunConfig;
+use crate::train::model::{HSA_NOT_ON_CUDA, ModelBackend};
 use crate::train::trainer;
 
 #[derive(Args, Debug)]
@@ -59,7 +59,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         ("train.backend", &cfg.train.backend),
         ("train.precision", &cfg.train.precision),
     )?;
-    check_before_world(&cfg, a.resume)?;
+    check_before_world(&cfg, a.resume, kind)?;
     run_world(|world| run_ranks(world, kind, &a, &cfg))
 }
 
@@ -67,7 +67,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 /// the world starts and before anything is created: an error is then printed once (by rank 0,
 /// `report_error`), not once per rank, and no empty `train.out_dir` is left behind. The trainer
 /// checks the layout again in the world (its other callers start there).
-fn check_before_world(cfg: &RunConfig, resume: bool) -> Result<()> {
+fn check_before_world(cfg: &RunConfig, resume: bool, kind: BackendKind) -> Result<()> {
     for (key, path) in [
         ("data.dataset", &cfg.data.dataset),
         ("data.text", &cfg.data.text),
@@ -98,10 +98,35 @@ fn check_before_world(cfg: &RunConfig, resume: bool) -> Result<()> {
     // The starting model, unless a resume finds checkpoints (they carry the model).
     if !(resume && cfg.checkpoint_dir().is_dir()) {
         require_model_dir(&cfg.model.path, "model.path")?;
-        let model = ModelConfig::from_file(&cfg.model.path.join("config.json"))?;
-        if let Some(l) = &layout {
-            l.check_model(&model)
-                .context("the model and the layout (parallel.tp, --tp)")?;
+        match ArchConfig::from_file(&cfg.model.path.join("config.json"))? {
+            ArchConfig::Llama(model) => {
+                if let Some(l) = &layout {
+                    l.check_model(&model)
+                        .context("the model and the layout (parallel.tp, --tp)")?;
+                }
+            }
+            ArchConfig::Hsa(h) => {
+                if kind == BackendKind::Cuda {
+                    bail!("{HSA_NOT_ON_CUDA}");
+                }
+                if cfg.parallel.tp != 1 || cfg.parallel.cp != 1 {
+                    bail!(
+                        "the HSA model trains with data parallelism only for now: parallel.tp = \
+                         {} and parallel.cp = {} must be 1",
+                        cfg.parallel.tp,
+                        cfg.parallel.cp
+                    );
+                }
+                if !cfg.train.seq_len.is_multiple_of(h.chunk_size) {
+                    bail!(
+                        "train.seq_len = {} must be a multiple of the HSA model's chunk_size {} \
+                         ({})",
+                        cfg.train.seq_len,
+                        h.chunk_size,
+                        cfg.model.path.join("config.json").display()
+                    );
+                }
+            }
         }
     }
     Ok(())
@@ -118,7 +143,7 @@ fn run_ranks(world: &World, kind: BackendKind, a: &TrainArgs, cfg: &RunConfig) -
     })
 }
 
-fn run_on<B: Backend>(b: &B, topo: &Topology, a: &TrainArgs, cfg: &RunConfig) -> Result<()> {
+fn run_on<B: ModelBackend>(b: &B, topo: &Topology, a: &TrainArgs, cfg: &RunConfig) -> Result<()> {
     let s = trainer::train_on(
         b,
         topo,

@@ -46,7 +46,7 @@ impl<B: Backend> Llama<B> {
     ) -> Result<()> {
         save_hf_dir(
             dir,
-            &self.cfg,
+            self.cfg.to_hf_json(),
             &self.params.to_host(b),
             dtype,
             tokenizer_from,
@@ -54,18 +54,18 @@ impl<B: Backend> Llama<B> {
     }
 }
 
-/// Write a Hugging Face directory: config.json of `cfg`, the tensors of `map` in `dtype`, and the
-/// tokenizer files of `tokenizer_from` (if any).
+/// Write a Hugging Face directory: `config` as config.json (`ArchConfig::to_hf_json`), the
+/// tensors of `map` in `dtype`, and the tokenizer files of `tokenizer_from` (if any).
 pub fn save_hf_dir(
     dir: &Path,
-    cfg: &ModelConfig,
+    config: serde_json::Value,
     map: &io::TensorMap,
     dtype: DType,
     tokenizer_from: Option<&Path>,
 ) -> Result<()> {
     {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut cfg = cfg.to_hf_json();
+        let mut cfg = config;
         // The dtype the weights are stored in (transformers 4.x `torch_dtype`, 5.x `dtype`).
         let name = match dtype {
             DType::F32 => "float32",

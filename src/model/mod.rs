@@ -1,5 +1,7 @@
-//! The Llama-3.x model: HF config, RoPE (all rope types, f64), parameters, layer forward/backward.
+//! The models: the Llama-3.x decoder (HF config, RoPE of every rope type in f64, parameters, layer
+//! forward/backward, inference) and the HSA variant (`hsa`); `arch` tells them apart by config.json.
 
+pub mod arch;
 pub mod config;
 pub mod hf;
 pub mod hsa;

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::backend::Backend;
 use crate::io::{HostTensor, MappedTensors, TensorMap};
+use crate::model::arch::ArchConfig;
 use crate::model::config::ModelConfig;
 use crate::util::rng;
 
@@ -236,8 +237,25 @@ impl<B: Backend> ParamStore<B> {
         source: &str,
         shard: Shard,
     ) -> Result<Self> {
-        check_host_map(cfg, map, source)?;
-        let full = param_specs(cfg);
+        Self::from_host_specs(b, &ArchConfig::Llama(cfg.clone()), map, source, shard)
+    }
+
+    /// The `shard` of a full host map holding every tensor of `arch` with its full shape (and
+    /// nothing else but a tolerated extra, such as a tied LM head).
+    pub fn from_host_specs(
+        b: &B,
+        arch: &ArchConfig,
+        map: &TensorMap,
+        source: &str,
+        shard: Shard,
+    ) -> Result<Self> {
+        let full = arch.param_specs();
+        check_tensor_names(
+            &full,
+            arch.tolerated_extra(),
+            map.iter().map(|(k, t)| (k.as_str(), t.shape.as_slice())),
+            source,
+        )?;
         let specs: Vec<ParamSpec> = full.iter().map(|s| s.sharded(shard)).collect();
         let bufs = specs
             .iter()
@@ -256,12 +274,24 @@ impl<B: Backend> ParamStore<B> {
         source: &str,
         shard: Shard,
     ) -> Result<Self> {
+        Self::from_mapped_specs(b, &ArchConfig::Llama(cfg.clone()), files, source, shard)
+    }
+
+    /// [`Self::from_mapped_shard`] for either architecture.
+    pub fn from_mapped_specs(
+        b: &B,
+        arch: &ArchConfig,
+        files: &MappedTensors,
+        source: &str,
+        shard: Shard,
+    ) -> Result<Self> {
+        let full = arch.param_specs();
         check_tensor_names(
-            cfg,
+            &full,
+            arch.tolerated_extra(),
             files.names().filter_map(|n| Some((n, files.shape(n)?))),
             source,
         )?;
-        let full = param_specs(cfg);
         let specs: Vec<ParamSpec> = full.iter().map(|s| s.sharded(shard)).collect();
         let bufs = specs
             .iter()
@@ -347,48 +377,36 @@ impl<B: Backend> ParamStore<B> {
     }
 }
 
-/// Every tensor of `cfg` must be in `map` with its full shape, and nothing else (a tied LM head may
-/// be present), so a wrong config is caught.
-fn check_host_map(cfg: &ModelConfig, map: &TensorMap, source: &str) -> Result<()> {
-    check_tensor_names(
-        cfg,
-        map.iter().map(|(k, t)| (k.as_str(), t.shape.as_slice())),
-        source,
-    )
-}
-
-/// [`check_host_map`] over (name, shape) pairs, whatever holds the tensors.
+/// Every tensor of `specs` must be held with its full shape, and nothing else but the names of
+/// `tolerated` (a tied LM head), so a wrong config is caught.
 fn check_tensor_names<'a>(
-    cfg: &ModelConfig,
+    specs: &[ParamSpec],
+    tolerated: &[&str],
     held: impl Iterator<Item = (&'a str, &'a [usize])>,
     source: &str,
 ) -> Result<()> {
     let held: std::collections::BTreeMap<&str, &[usize]> = held.collect();
-    let specs = param_specs(cfg);
-    for s in &specs {
+    for s in specs {
         let shape = held.get(s.name.as_str()).with_context(|| {
             format!(
                 "{source}: tensor `{}` is missing (expected shape {:?})",
-                s.name, s.shape
+                s.name, s.full_shape
             )
         })?;
-        if *shape != s.shape.as_slice() {
+        if *shape != s.full_shape.as_slice() {
             bail!(
                 "{source}: tensor `{}` has shape {:?}; the config implies {:?}",
                 s.name,
                 shape,
-                s.shape
+                s.full_shape
             );
         }
     }
-    let mut extra: Vec<&str> = held
+    let extra: Vec<&str> = held
         .keys()
         .copied()
-        .filter(|k| !specs.iter().any(|s| s.name == *k))
+        .filter(|k| !specs.iter().any(|s| s.name == *k) && !tolerated.contains(k))
         .collect();
-    if cfg.tie_word_embeddings {
-        extra.retain(|k| *k != "lm_head.weight");
-    }
     if let Some(k) = extra.first() {
         bail!(
             "{source}: unexpected tensor `{k}` for this config ({} unexpected in all)",

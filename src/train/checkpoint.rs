@@ -24,10 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::io::{self, AtomicDir, DType, HostTensor, TensorMap};
-use crate::model::config::ModelConfig;
-use crate::model::llama::Llama;
-use crate::model::params::{ParamStore, Shard, param_specs};
-use crate::model::rope::RopePrecision;
+use crate::model::arch::ArchConfig;
+use crate::model::params::{ParamStore, Shard};
 use crate::parallel::comm::{Comm, ReduceOp};
 use crate::parallel::topology::Topology;
 use crate::train::optim::ShardedAdamW;
@@ -114,7 +112,7 @@ pub fn save<B: Backend>(
     b: &B,
     topo: &Topology,
     root: &Path,
-    cfg: &ModelConfig,
+    cfg: &ArchConfig,
     params: &ParamStore<B>,
     opt: &ShardedAdamW<B>,
     mut state: TrainState,
@@ -342,15 +340,15 @@ pub fn find_latest(root: &Path) -> Result<Option<(PathBuf, TrainState)>> {
 
 /// The full tensors of a verified checkpoint: model config, weights (HF names) and optimizer state
 /// (`master.`, `m.`, `v.` + HF name), rebuilt from every shard (export, resharding, tests).
-pub fn load_full(dir: &Path) -> Result<(ModelConfig, TensorMap, TensorMap)> {
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+pub fn load_full(dir: &Path) -> Result<(ArchConfig, TensorMap, TensorMap)> {
+    let cfg = ArchConfig::from_file(&dir.join("config.json"))?;
     let st = verify(dir)?;
     let l = st.layout.unwrap_or(ShardLayout {
         tp: 1,
         cp: 1,
         dp: 1,
     });
-    let specs = param_specs(&cfg);
+    let specs = cfg.param_specs();
     let mut weights = TensorMap::new();
     let mut optim = TensorMap::new();
     let mut parts_w: Vec<TensorMap> = Vec::new();
@@ -424,26 +422,25 @@ pub fn load_full(dir: &Path) -> Result<(ModelConfig, TensorMap, TensorMap)> {
     Ok((cfg, weights, optim))
 }
 
-/// Restore this rank's model and optimizer from a verified checkpoint written by any layout: on
-/// the same (tp, dp·cp) each rank reads its own files; otherwise the full tensors are rebuilt and
-/// resharded.
+/// Restore this rank's model (config and parameters) and optimizer from a verified checkpoint
+/// written by any layout: on the same (tp, dp·cp) each rank reads its own files; otherwise the
+/// full tensors are rebuilt and resharded.
 pub fn load<B: Backend>(
     b: &B,
     topo: &Topology,
     dir: &Path,
-    precision: RopePrecision,
     state: &TrainState,
-) -> Result<(Llama<B>, ShardedAdamW<B>)> {
+) -> Result<(ArchConfig, ParamStore<B>, ShardedAdamW<B>)> {
     let l = topo.layout;
     let same = state
         .layout
         .is_some_and(|w| w.tp == l.tp && w.zero() == l.dp * l.cp);
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let cfg = ArchConfig::from_file(&dir.join("config.json"))?;
     let shard = topo.shard();
     if same {
         let wf = dir.join(weights_file(topo.tp_rank, l.tp));
         let map = io::load_safetensors_file(&wf)?;
-        let specs: Vec<_> = param_specs(&cfg).iter().map(|s| s.sharded(shard)).collect();
+        let specs: Vec<_> = cfg.param_specs().iter().map(|s| s.sharded(shard)).collect();
         let mut bufs = Vec::with_capacity(specs.len());
         for s in &specs {
             let t = map
@@ -489,22 +486,22 @@ pub fn load<B: Backend>(
             get("v")?.to_vec(),
         );
         opt.import_slice(b, &master, &m, &v);
-        return Ok((Llama::new(cfg, precision, params)?, opt));
+        return Ok((cfg, params, opt));
     }
     let (cfg, weights, optim) = load_full(dir)?;
     let src = dir.display().to_string();
-    let params = ParamStore::from_host_shard(b, &cfg, &weights, &src, shard)?;
+    let params = ParamStore::from_host_specs(b, &cfg, &weights, &src, shard)?;
     let pick = |prefix: &str| -> Result<ParamStore<B>> {
         let map: TensorMap = optim
             .iter()
             .filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone())))
             .collect();
-        ParamStore::from_host_shard(b, &cfg, &map, &src, shard)
+        ParamStore::from_host_specs(b, &cfg, &map, &src, shard)
     };
     let (master, m, v) = (pick("master.")?, pick("m.")?, pick("v.")?);
     let mut opt = ShardedAdamW::new(b, topo, &params);
     opt.set_state(b, &master, &m, &v);
-    Ok((Llama::new(cfg, precision, params)?, opt))
+    Ok((cfg, params, opt))
 }
 
 #[cfg(test)]
@@ -523,8 +520,8 @@ mod tests {
     type B = CpuBackend<f32>;
     const LR: f64 = 1e-2;
 
-    fn cfg() -> ModelConfig {
-        ModelConfig::from_json_str(
+    fn cfg() -> ArchConfig {
+        ArchConfig::from_json_str(
             r#"{"vocab_size": 8, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 1,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.3}"#,
             "tiny",
@@ -548,7 +545,7 @@ mod tests {
     /// Full weights and the full gradient (values exact in f32, and halves of them too).
     fn host() -> (TensorMap, TensorMap) {
         let b = B::new();
-        let w = ParamStore::init_random(&b, &cfg(), 2).to_host(&b);
+        let w = ParamStore::init_random(&b, cfg().base(), 2).to_host(&b);
         let g = w
             .iter()
             .enumerate()
@@ -572,8 +569,8 @@ mod tests {
             let b = B::new();
             let topo = Topology::new(&comm, tp, 1).unwrap();
             let shard = topo.shard();
-            let mut params = ParamStore::from_host_shard(&b, &cfg(), &w, "w", shard).unwrap();
-            let mut grads = ParamStore::from_host_shard(&b, &cfg(), &g, "g", shard).unwrap();
+            let mut params = ParamStore::from_host_specs(&b, &cfg(), &w, "w", shard).unwrap();
+            let mut grads = ParamStore::from_host_specs(&b, &cfg(), &g, "g", shard).unwrap();
             // Replicated weights' gradients are partial on each TP rank too (sequence shards).
             for (s, buf) in grads.specs.iter().zip(&mut grads.bufs) {
                 let tps = if s.split == Split::Replicated { tp } else { 1 };
@@ -655,19 +652,8 @@ mod tests {
                 ThreadComm::run(world2, |comm: AnyComm| {
                     let b = B::new();
                     let topo = Topology::new(&comm, tp2, 1).unwrap();
-                    let (model, opt) = load(&b, &topo, &dir, RopePrecision::Exact, &st).unwrap();
-                    save(
-                        &b,
-                        &topo,
-                        &again,
-                        &model.cfg,
-                        &model.params,
-                        &opt,
-                        st.clone(),
-                        &[],
-                        3,
-                    )
-                    .unwrap();
+                    let (c, params, opt) = load(&b, &topo, &dir, &st).unwrap();
+                    save(&b, &topo, &again, &c, &params, &opt, st.clone(), &[], 3).unwrap();
                 });
                 let (_, w2, o2) = load_full(&again.join("step-00000001")).unwrap();
                 let what = format!("{what} reloaded on tp {tp2} world {world2}");
@@ -683,7 +669,7 @@ mod tests {
         let root = d.path();
         let b = B::new();
         let topo = Topology::single();
-        let params = ParamStore::init_random(&b, &cfg(), 1);
+        let params = ParamStore::init_random(&b, cfg().base(), 1);
         let opt = ShardedAdamW::new(&b, &topo, &params);
         for step in 1..=3 {
             save(&b, &topo, root, &cfg(), &params, &opt, state(step), &[], 2).unwrap();

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod model;
 pub mod optim;
 pub mod plots;
 pub mod schedule;

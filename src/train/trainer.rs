@@ -18,18 +18,20 @@ use sha2::{Digest, Sha256};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamW, Backend};
 use crate::data::loader::Loader;
-use crate::flops;
+use crate::io::MappedTensors;
+use crate::model::arch::ArchConfig;
 use crate::model::config::ModelConfig;
-use crate::model::llama::{Llama, Workspace};
+use crate::model::params::ParamStore;
 use crate::model::rope::RopePrecision;
 use crate::parallel::comm::{Comm, ReduceOp};
 use crate::parallel::topology::Topology;
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::config::RunConfig;
 use crate::train::data::{TokenStream, load_token_file, tokenize_text_file};
+use crate::train::model::{ModelBackend, PassOptions, TrainModel};
 use crate::train::optim::ShardedAdamW;
 use crate::train::schedule::learning_rate;
-use crate::train::step::{GlobalBatch, forward_backward_batch};
+use crate::train::step::GlobalBatch;
 
 /// One line of `metrics.jsonl` (and of stdout).
 #[derive(Debug, Serialize)]
@@ -96,7 +98,7 @@ fn save_checkpoint<B: Backend>(
     b: &B,
     topo: &Topology,
     root: &Path,
-    model: &Llama<B>,
+    model: &dyn TrainModel<B>,
     opt: &ShardedAdamW<B>,
     st: &TrainState,
     tok_dirs: &[PathBuf],
@@ -106,8 +108,8 @@ fn save_checkpoint<B: Backend>(
         b,
         topo,
         root,
-        &model.cfg,
-        &model.params,
+        model.arch(),
+        model.params(),
         opt,
         st.clone(),
         &tok_dirs.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
@@ -259,7 +261,7 @@ fn injected_failure(topo: &Topology, step: u64) -> Result<()> {
     Ok(())
 }
 
-pub fn train_on<B: Backend>(
+pub fn train_on<B: ModelBackend>(
     b: &B,
     topo: &Topology,
     cfg: &RunConfig,
@@ -298,16 +300,22 @@ pub fn train_on<B: Backend>(
     } else {
         None
     };
+    let pass = PassOptions {
+        seq_len: cfg.train.seq_len,
+        recompute: cfg.train.recompute,
+        ce_chunk: cfg.train.ce_chunk,
+        precision,
+    };
     let (mut model, mut opt, state) = match found {
         Some((dir, state)) => {
-            let (model, opt) = checkpoint::load(b, topo, &dir, precision, &state)?;
+            let (arch, params, opt) = checkpoint::load(b, topo, &dir, &state)?;
             if lead {
                 eprintln!("resuming from {} (step {})", dir.display(), state.step);
             }
             if lead && state.config_hash != config_hash(cfg) {
                 eprintln!("note: the run config differs from the one that wrote this checkpoint");
             }
-            (model, opt, state)
+            (b.train_model(topo, arch, params, pass)?, opt, state)
         }
         None => {
             if resume && lead {
@@ -317,12 +325,16 @@ pub fn train_on<B: Backend>(
                     cfg.model.path.display()
                 );
             }
-            let mut model = Llama::load_shard(b, &cfg.model.path, precision, shard)?;
+            let dir = &cfg.model.path;
+            let mut arch = ArchConfig::from_file(&dir.join("config.json"))?;
             if let Some(o) = &cfg.model.rope_scaling {
-                let mcfg: ModelConfig = model.cfg.with_rope_override(o, "the run config")?;
-                model = Llama::new(mcfg, precision, model.params)?;
+                arch = arch.with_rope_override(o, "the run config")?;
             }
-            let opt = ShardedAdamW::new(b, topo, &model.params);
+            // This rank's TP shard only, read from the memory-mapped files.
+            let files = MappedTensors::open_dir(dir)?;
+            let params =
+                ParamStore::from_mapped_specs(b, &arch, &files, &dir.display().to_string(), shard)?;
+            let opt = ShardedAdamW::new(b, topo, &params);
             let state = TrainState {
                 step: 0,
                 data_position: 0,
@@ -333,34 +345,28 @@ pub fn train_on<B: Backend>(
                 files: Default::default(),
                 layout: None,
             };
-            (model, opt, state)
+            (b.train_model(topo, arch, params, pass)?, opt, state)
         }
     };
     let resumed_from = (state.step > 0).then_some(state.step);
+    if lead && model.arch().is_hsa() {
+        eprintln!("model: {}", model.arch().name());
+    }
 
     // Data and layout.
     let seq = cfg.train.seq_len;
     let layout = topo.layout;
-    layout.check_model(&model.cfg)?;
     cfg.check_layout(&layout)?;
     let per_step = cfg.sequences_per_step() as u64;
-    if lead && seq > model.cfg.max_position_embeddings {
+    let mcfg = model.arch().base().clone();
+    if lead && seq > mcfg.max_position_embeddings {
         eprintln!(
             "note: seq_len {seq} exceeds the model's max_position_embeddings {}",
-            model.cfg.max_position_embeddings
+            mcfg.max_position_embeddings
         );
     }
-    let mut source = DataSource::open(cfg, &model.cfg, tok_source.as_deref(), &state)?;
-    let t_local = seq / layout.cp;
-    let mut ws = Workspace::for_rank(
-        b,
-        &model.cfg,
-        topo,
-        t_local,
-        cfg.train.recompute,
-        cfg.train.ce_chunk,
-    );
-    let mut grads = model.params.zeros_like(b);
+    let mut source = DataSource::open(cfg, &mcfg, tok_source.as_deref(), &state)?;
+    let mut grads = model.params().zeros_like(b);
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics = if lead {
         trim_metrics(&metrics_path, state.step)?;
@@ -405,11 +411,9 @@ pub fn train_on<B: Backend>(
         let batch: Vec<(Vec<u32>, Vec<i32>)> = (0..per_step)
             .map(|_| source.next(&mut st))
             .collect::<Result<_>>()?;
-        let loss = forward_backward_batch(
+        let loss = model.forward_backward_batch(
             b,
             topo,
-            &model,
-            &mut ws,
             GlobalBatch {
                 seqs: &batch,
                 pos0: 0,
@@ -436,7 +440,7 @@ pub fn train_on<B: Backend>(
             step,
             grad_scale: 1.0,
         };
-        let grad_norm = opt.step(b, topo, &mut model.params, &mut grads, hp, o.grad_clip);
+        let grad_norm = opt.step(b, topo, model.params_mut(), &mut grads, hp, o.grad_clip);
         b.check()
             .with_context(|| format!("step {step}: optimizer"))?;
         let ring_wait_s = topo.cp.wait_clock().get() - wait0;
@@ -444,8 +448,7 @@ pub fn train_on<B: Backend>(
         st.tokens_seen += per_step * seq as u64;
 
         let dt = t0.elapsed().as_secs_f64();
-        let tflops_per_rank = flops::model_flops_per_token(&model.cfg, seq)
-            * (per_step as usize * seq) as f64
+        let tflops_per_rank = model.flops_per_token(seq) * (per_step as usize * seq) as f64
             / dt
             / layout.world() as f64
             / 1e12;
@@ -479,14 +482,32 @@ pub fn train_on<B: Backend>(
         let interval = cfg.checkpoint.interval;
         let saved = (interval > 0 && step % interval == 0) || step == stop_at;
         if saved {
-            save_checkpoint(b, topo, &ckpt_root, &model, &opt, &st, &tok_dirs, cfg)?;
+            save_checkpoint(
+                b,
+                topo,
+                &ckpt_root,
+                model.as_ref(),
+                &opt,
+                &st,
+                &tok_dirs,
+                cfg,
+            )?;
         }
         // A signal on any rank stops every rank after the same step.
         let mut sig = [stop.load(std::sync::atomic::Ordering::Relaxed) as u8];
         topo.world.all_reduce(&mut sig, ReduceOp::Max);
         if sig[0] != 0 && step < total {
             if !saved {
-                save_checkpoint(b, topo, &ckpt_root, &model, &opt, &st, &tok_dirs, cfg)?;
+                save_checkpoint(
+                    b,
+                    topo,
+                    &ckpt_root,
+                    model.as_ref(),
+                    &opt,
+                    &st,
+                    &tok_dirs,
+                    cfg,
+                )?;
             }
             if lead {
                 pb.suspend(|| {

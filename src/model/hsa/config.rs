@@ -177,6 +177,12 @@ impl HsaConfig {
             base.head_dim
         );
 
+        ensure!(
+            !base.tie_word_embeddings,
+            "{source}: `tie_word_embeddings` = true is not supported by the HSA model here (it \
+             keeps `lm_head.weight` apart from `backbone.embeddings.weight`)"
+        );
+
         let layer_norm_epsilon = k.number("layer_norm_epsilon")?.unwrap_or(1e-5);
         let initializer_range = k.number("initializer_range")?.unwrap_or(0.02);
         ensure!(
@@ -295,6 +301,45 @@ impl HsaConfig {
             v.extend(std::iter::repeat_n(LayerKind::Swa, self.group_layers()));
         }
         v
+    }
+
+    /// The config.json to write: the Llama keys as `ModelConfig` writes them (`model_type:
+    /// "llama"`, as the authors' saved configs), `architectures: ["DRTForCausalLM"]`, every HSA
+    /// key, and no `num_hidden_layers` (their model computes it), so their code loads it back.
+    pub fn to_hf_json(&self) -> Value {
+        let mut out = self.base.to_hf_json();
+        let o = out.as_object_mut().expect("to_hf_json writes an object");
+        o.remove("num_hidden_layers");
+        o.insert("model_type".into(), "llama".into());
+        o.insert(
+            "architectures".into(),
+            serde_json::json!(["DRTForCausalLM"]),
+        );
+        let mut put = |k: &str, v: Value| {
+            o.insert(k.into(), v);
+        };
+        put("num_kv_heads", self.num_kv_heads.into());
+        put("num_lower_layers", self.num_lower_layers.into());
+        put("num_upper_layers", self.num_upper_layers.into());
+        put("num_upper_groups", self.num_upper_groups.into());
+        put("sliding_window", self.sliding_window.into());
+        put("chunk_size", self.chunk_size.into());
+        put("chunk_topk", self.chunk_topk.into());
+        put("retrieval_dim", self.retrieval_dim.into());
+        put("encoder_layers", self.encoder_layers.into());
+        put("layer_norm_epsilon", self.layer_norm_epsilon.into());
+        put("initializer_range", self.initializer_range.into());
+        put("enable_softmax", self.enable_softmax.into());
+        put("enable_softmax1", self.enable_softmax1.into());
+        put("enable_qk_norm", self.enable_qk_norm.into());
+        put("enable_lmk_norm", self.enable_lmk_norm.into());
+        put("mask_slide_window", self.mask_slide_window.into());
+        put("hsa_only", self.hsa_only.into());
+        put("hsa_sliding_window", self.hsa_sliding_window.into());
+        put("reset_hsa_residual", self.reset_hsa_residual.into());
+        put("lmk_token_id", self.lmk_token_id.into());
+        put("pad_token_id", self.pad_token_id.into());
+        out
     }
 }
 
