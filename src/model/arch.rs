@@ -9,10 +9,11 @@ use anyhow::{Context, Result, anyhow};
 use serde_json::Value;
 
 use crate::backend::Backend;
+use crate::io::{MappedTensors, TensorMap};
 use crate::model::config::{ModelConfig, RopeOverride};
 use crate::model::hsa::config::{HsaConfig, is_hsa};
 use crate::model::hsa::params::Layout;
-use crate::model::params::{ParamSpec, ParamStore, param_specs};
+use crate::model::params::{ParamSpec, ParamStore, Shard, param_specs};
 
 /// A model config of either architecture.
 #[derive(Clone, Debug, PartialEq)]
@@ -90,6 +91,30 @@ impl ArchConfig {
         }
     }
 
+    /// This rank's `shard` of a full host map of this model's tensors (a checkpoint's).
+    pub fn params_from_host<B: Backend>(
+        &self,
+        b: &B,
+        map: &TensorMap,
+        source: &str,
+        shard: Shard,
+    ) -> Result<ParamStore<B>> {
+        let specs = self.param_specs();
+        ParamStore::from_host_specs(b, &specs, self.tolerated_extra(), map, source, shard)
+    }
+
+    /// This rank's `shard` read from a model directory's (memory-mapped) files.
+    pub fn params_from_files<B: Backend>(
+        &self,
+        b: &B,
+        files: &MappedTensors,
+        source: &str,
+        shard: Shard,
+    ) -> Result<ParamStore<B>> {
+        let specs = self.param_specs();
+        ParamStore::from_mapped_specs(b, &specs, self.tolerated_extra(), files, source, shard)
+    }
+
     /// The config.json to write beside the weights.
     pub fn to_hf_json(&self) -> Value {
         match self {
@@ -144,7 +169,11 @@ mod tests {
         assert_eq!(j["model_type"], "llama");
         assert_eq!(j["hsa_sliding_window"], 3);
         let back = ArchConfig::from_json_str(&j.to_string(), "back").unwrap();
-        assert_eq!(back.to_hf_json(), j, "writing what was read changes nothing");
+        assert_eq!(
+            back.to_hf_json(),
+            j,
+            "writing what was read changes nothing"
+        );
         assert_eq!(back.param_specs(), h.param_specs());
 
         let l = ArchConfig::from_json_str(

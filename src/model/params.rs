@@ -8,7 +8,6 @@ use anyhow::{Context, Result, bail};
 
 use crate::backend::Backend;
 use crate::io::{HostTensor, MappedTensors, TensorMap};
-use crate::model::arch::ArchConfig;
 use crate::model::config::ModelConfig;
 use crate::util::rng;
 
@@ -237,22 +236,27 @@ impl<B: Backend> ParamStore<B> {
         source: &str,
         shard: Shard,
     ) -> Result<Self> {
-        Self::from_host_specs(b, &ArchConfig::Llama(cfg.clone()), map, source, shard)
+        let tied: &[&str] = if cfg.tie_word_embeddings {
+            &["lm_head.weight"]
+        } else {
+            &[]
+        };
+        Self::from_host_specs(b, &param_specs(cfg), tied, map, source, shard)
     }
 
-    /// The `shard` of a full host map holding every tensor of `arch` with its full shape (and
-    /// nothing else but a tolerated extra, such as a tied LM head).
+    /// The `shard` of a full host map holding every tensor of `full` with its full shape (and
+    /// nothing else but the names of `tolerated`, such as a tied LM head).
     pub fn from_host_specs(
         b: &B,
-        arch: &ArchConfig,
+        full: &[ParamSpec],
+        tolerated: &[&str],
         map: &TensorMap,
         source: &str,
         shard: Shard,
     ) -> Result<Self> {
-        let full = arch.param_specs();
         check_tensor_names(
-            &full,
-            arch.tolerated_extra(),
+            full,
+            tolerated,
             map.iter().map(|(k, t)| (k.as_str(), t.shape.as_slice())),
             source,
         )?;
@@ -274,21 +278,26 @@ impl<B: Backend> ParamStore<B> {
         source: &str,
         shard: Shard,
     ) -> Result<Self> {
-        Self::from_mapped_specs(b, &ArchConfig::Llama(cfg.clone()), files, source, shard)
+        let tied: &[&str] = if cfg.tie_word_embeddings {
+            &["lm_head.weight"]
+        } else {
+            &[]
+        };
+        Self::from_mapped_specs(b, &param_specs(cfg), tied, files, source, shard)
     }
 
-    /// [`Self::from_mapped_shard`] for either architecture.
+    /// [`Self::from_mapped_shard`] for the tensors `full` (any architecture's list).
     pub fn from_mapped_specs(
         b: &B,
-        arch: &ArchConfig,
+        full: &[ParamSpec],
+        tolerated: &[&str],
         files: &MappedTensors,
         source: &str,
         shard: Shard,
     ) -> Result<Self> {
-        let full = arch.param_specs();
         check_tensor_names(
-            &full,
-            arch.tolerated_extra(),
+            full,
+            tolerated,
             files.names().filter_map(|n| Some((n, files.shape(n)?))),
             source,
         )?;

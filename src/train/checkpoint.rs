@@ -490,13 +490,13 @@ pub fn load<B: Backend>(
     }
     let (cfg, weights, optim) = load_full(dir)?;
     let src = dir.display().to_string();
-    let params = ParamStore::from_host_specs(b, &cfg, &weights, &src, shard)?;
+    let params = cfg.params_from_host(b, &weights, &src, shard)?;
     let pick = |prefix: &str| -> Result<ParamStore<B>> {
         let map: TensorMap = optim
             .iter()
             .filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone())))
             .collect();
-        ParamStore::from_host_specs(b, &cfg, &map, &src, shard)
+        cfg.params_from_host(b, &map, &src, shard)
     };
     let (master, m, v) = (pick("master.")?, pick("m.")?, pick("v.")?);
     let mut opt = ShardedAdamW::new(b, topo, &params);
@@ -569,8 +569,8 @@ mod tests {
             let b = B::new();
             let topo = Topology::new(&comm, tp, 1).unwrap();
             let shard = topo.shard();
-            let mut params = ParamStore::from_host_specs(&b, &cfg(), &w, "w", shard).unwrap();
-            let mut grads = ParamStore::from_host_specs(&b, &cfg(), &g, "g", shard).unwrap();
+            let mut params = cfg().params_from_host(&b, &w, "w", shard).unwrap();
+            let mut grads = cfg().params_from_host(&b, &g, "g", shard).unwrap();
             // Replicated weights' gradients are partial on each TP rank too (sequence shards).
             for (s, buf) in grads.specs.iter().zip(&mut grads.bufs) {
                 let tps = if s.split == Split::Replicated { tp } else { 1 };

@@ -21,7 +21,6 @@ use crate::data::loader::Loader;
 use crate::io::MappedTensors;
 use crate::model::arch::ArchConfig;
 use crate::model::config::ModelConfig;
-use crate::model::params::ParamStore;
 use crate::model::rope::RopePrecision;
 use crate::parallel::comm::{Comm, ReduceOp};
 use crate::parallel::topology::Topology;
@@ -332,8 +331,7 @@ pub fn train_on<B: ModelBackend>(
             }
             // This rank's TP shard only, read from the memory-mapped files.
             let files = MappedTensors::open_dir(dir)?;
-            let params =
-                ParamStore::from_mapped_specs(b, &arch, &files, &dir.display().to_string(), shard)?;
+            let params = arch.params_from_files(b, &files, &dir.display().to_string(), shard)?;
             let opt = ShardedAdamW::new(b, topo, &params);
             let state = TrainState {
                 step: 0,
