@@ -12,7 +12,9 @@ use clap::{Args, Subcommand};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamW, AttnShape, Backend};
 use crate::flops;
-use crate::model::config::ModelConfig;
+use crate::model::arch::ArchConfig;
+use crate::model::hsa::config::HsaConfig;
+use crate::model::hsa::model::{Head as HsaHead, HsaModel};
 use crate::model::llama::{Head, Llama, Workspace};
 use crate::model::params::ParamStore;
 use crate::model::rope::RopePrecision;
@@ -29,7 +31,8 @@ pub enum BenchCommand {
 
 #[derive(Args, Debug)]
 pub struct BenchTrainArgs {
-    /// A Hugging Face config.json (random weights are used).
+    /// A Hugging Face config.json (random weights are used): a Llama, or the HSA model
+    /// (`DRTForCausalLM`; its step is timed whole, and the attention profile is the Llama's only).
     #[arg(long)]
     pub model_config: PathBuf,
     #[arg(long, default_value_t = 2048)]
@@ -72,7 +75,10 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     if a.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let cfg = ModelConfig::from_file(&a.model_config)?;
+    let cfg = match ArchConfig::from_file(&a.model_config)? {
+        ArchConfig::Llama(c) => c,
+        ArchConfig::Hsa(c) => return bench_train_hsa(&a, c),
+    };
     let b = CpuBackend::<f32>::new();
     let params = ParamStore::init_random(&b, &cfg, 1);
     let mut model = Llama::new(cfg.clone(), RopePrecision::Exact, params)?;
@@ -192,6 +198,89 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
                 "attention_forward": attn.forward / attn_f / 1e6,
                 "attention_backward": attn.backward / attn_b / 1e6,
             }
+        })
+    );
+    Ok(())
+}
+
+/// The HSA model's training step at `--seq-len` (forward, backward, AdamW) and its forward
+/// alone; the same JSON fields as the Llama's where they exist, so bench/hsa_vs_llama.sh can put
+/// them side by side.
+fn bench_train_hsa(a: &BenchTrainArgs, cfg: HsaConfig) -> Result<()> {
+    let b = CpuBackend::<f32>::new();
+    let t = a.seq_len;
+    if !t.is_multiple_of(cfg.chunk_size) {
+        bail!(
+            "--seq-len {t} must be a multiple of the HSA model's chunk_size {}",
+            cfg.chunk_size
+        );
+    }
+    let vocab = cfg.base.vocab_size;
+    let mut model = HsaModel::init_random(&b, cfg.clone(), 1)?;
+    let ids: Vec<u32> = (0..t as u64)
+        .map(|i| (rng::uniform(3, 0, i) * vocab as f64) as u32)
+        .collect();
+    let targets: Vec<i32> = (0..t as u64)
+        .map(|i| (rng::uniform(3, 1, i) * vocab as f64) as i32)
+        .collect();
+    let mut grads = model.params.zeros_like(&b);
+    let mut m = model.params.zeros_like(&b);
+    let mut v = model.params.zeros_like(&b);
+    let (mut step_ms, mut fwd_ms, mut opt_ms) = (vec![], vec![], vec![]);
+    let mut loss = 0.0;
+    for i in 0..a.warmup + a.steps {
+        let t0 = Instant::now();
+        grads.zero_all(&b);
+        let head = HsaHead::Loss {
+            targets: &targets,
+            grad_scale: 1.0 / t as f64,
+        };
+        loss = model.forward_backward(&b, &ids, 0, head, Some(&mut grads))?.0 / t as f64;
+        let t1 = Instant::now();
+        let hp = AdamW {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step: i as u64 + 1,
+            grad_scale: 1.0,
+        };
+        adamw_step(&b, &mut model.params, &grads, &mut m, &mut v, hp);
+        let t2 = Instant::now();
+        let head = HsaHead::Loss {
+            targets: &targets,
+            grad_scale: 1.0,
+        };
+        model.forward_backward(&b, &ids, 0, head, None)?;
+        let t3 = Instant::now();
+        if i >= a.warmup {
+            step_ms.push((t2 - t0).as_secs_f64() * 1e3);
+            opt_ms.push((t2 - t1).as_secs_f64() * 1e3);
+            fwd_ms.push((t3 - t2).as_secs_f64() * 1e3);
+        }
+    }
+    let (step, fwd, opt) = (median(step_ms), median(fwd_ms), median(opt_ms));
+    let model_flops = flops::hsa_flops_per_token(&cfg, t) * t as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "ultralong-cpu-hsa",
+            "backend": b.name(),
+            "threads": rayon::current_num_threads(),
+            "seq_len": t,
+            "n_params": model.params.numel(),
+            "step_ms": step,
+            "tokens_per_s": t as f64 * 1e3 / step,
+            "loss": loss,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "backend_peak_bytes": b.peak_bytes(),
+            "profile_ms": {
+                "forward": fwd,
+                "backward": step - fwd - opt,
+                "optimizer": opt,
+            },
+            "gflops_per_s": { "model": model_flops / step / 1e6 },
         })
     );
     Ok(())
