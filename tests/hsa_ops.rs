@@ -41,6 +41,7 @@ fn swa_forward_matches_direct_formula_and_blockwise_attention() {
     for w in [0, 3, 65, 200] {
         let s = SwaShape {
             len: n,
+            cached: 0,
             n_q_heads: hq,
             n_kv_heads: hk,
             head_dim: d,
@@ -98,6 +99,7 @@ fn swa_backward_matches_finite_differences() {
     let (n, hq, hk, d, w) = (13, 4, 2, 5, 3);
     let s = SwaShape {
         len: n,
+        cached: 0,
         n_q_heads: hq,
         n_kv_heads: hk,
         head_dim: d,
@@ -149,6 +151,8 @@ fn chunk_mean_backward_matches_finite_differences() {
 fn rshape(n: usize, mask_window: Option<usize>) -> RetrievalShape {
     RetrievalShape {
         len: n,
+        row0: 0,
+        chunks: n / 4,
         heads: 2,
         dim: 4,
         chunk: 4,
@@ -169,7 +173,7 @@ fn retrieval_select_keeps_the_top_visible_chunks_most_recent_first() {
     let n = 36;
     for mw in [None, Some(6)] {
         let s = rshape(n, mw);
-        let (g, d, nc) = (s.heads, s.dim, s.chunks());
+        let (g, d, nc) = (s.heads, s.dim, s.chunks);
         let x = vec![test_values(n * g * d, 31), test_values(nc * g * d, 32)];
         let (idx, sc) = select(&x, &s);
         for t in 0..n {
@@ -239,7 +243,7 @@ fn retrieval_and_fusion_backward_match_finite_differences() {
         (Some(5), Fusion::StickBreaking),
     ] {
         let s = rshape(n, mw);
-        let (g, d, nc, kk) = (s.heads, s.dim, s.chunks(), s.topk);
+        let (g, d, nc, kk) = (s.heads, s.dim, s.chunks, s.topk);
         let x = vec![
             test_values(n * g * d, 41).iter().map(|v| 2.0 * v).collect(),
             test_values(nc * g * d, 42)
@@ -275,6 +279,7 @@ fn hsa_case(softmax1: bool) -> (HsaShape, Vec<u32>, Vec<Vec<f64>>) {
     let (n, hq, g, d, chunk, kk) = (24, 4, 2, 5, 4, 3);
     let s = HsaShape {
         len: n,
+        chunks: n / chunk,
         n_q_heads: hq,
         n_kv_heads: g,
         head_dim: d,
@@ -285,6 +290,8 @@ fn hsa_case(softmax1: bool) -> (HsaShape, Vec<u32>, Vec<Vec<f64>>) {
     // Realistic indices: a retrieval selection (valid slots, repeated chunk 0 in empty slots).
     let rs = RetrievalShape {
         len: n,
+        row0: 0,
+        chunks: n / chunk,
         heads: g,
         dim: 3,
         chunk,

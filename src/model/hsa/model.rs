@@ -29,10 +29,11 @@ pub struct HsaModel<B: HsaOps> {
     pub params: ParamStore<B>,
 }
 
-/// Everything a pass reads besides the parameters.
-struct Ctx<'a, B: HsaOps> {
-    b: &'a B,
-    c: &'a HsaConfig,
+/// Everything a pass reads besides the parameters: `t` rows at the positions of `cos`, `sin`
+/// (the whole sequence in training; the new rows of an inference step in infer.rs).
+pub(super) struct Ctx<'a, B: HsaOps> {
+    pub(super) b: &'a B,
+    pub(super) c: &'a HsaConfig,
     p: &'a ParamStore<B>,
     t: usize,
     cos: B::Buf,
@@ -40,7 +41,14 @@ struct Ctx<'a, B: HsaOps> {
 }
 
 /// `y [rows, out] (+)= x [rows, inp] · Wᵀ`.
-fn linear<B: HsaOps>(b: &B, x: &B::Buf, w: &B::Buf, rows: usize, out: usize, inp: usize) -> B::Buf {
+pub(super) fn linear<B: HsaOps>(
+    b: &B,
+    x: &B::Buf,
+    w: &B::Buf,
+    rows: usize,
+    out: usize,
+    inp: usize,
+) -> B::Buf {
     let mut y = b.zeros(rows * out);
     b.gemm(&mut y, 0, x, 0, w, 0, rows, out, inp, false, true, false);
     y
@@ -64,16 +72,23 @@ fn linear_back<B: HsaOps>(
 }
 
 /// RMSNorm output and saved `rstd`.
-struct Normed<B: HsaOps> {
-    y: B::Buf,
+pub(super) struct Normed<B: HsaOps> {
+    pub(super) y: B::Buf,
     rstd: B::Buf,
 }
 
 impl<'a, B: HsaOps> Ctx<'a, B> {
-    fn w(&self, i: usize) -> &'a B::Buf {
+    pub(super) fn w(&self, i: usize) -> &'a B::Buf {
         &self.p.bufs[i]
     }
-    fn norm(&self, x: &B::Buf, w: usize, eps: f64, rows: usize, dim: usize) -> Normed<B> {
+    pub(super) fn norm(
+        &self,
+        x: &B::Buf,
+        w: usize,
+        eps: f64,
+        rows: usize,
+        dim: usize,
+    ) -> Normed<B> {
         let (mut y, mut rstd) = (self.b.zeros(rows * dim), self.b.zeros(rows));
         self.b
             .rmsnorm_forward(x, self.w(w), eps, rows, dim, &mut y, &mut rstd);
@@ -111,6 +126,16 @@ impl<'a, B: HsaOps> Ctx<'a, B> {
 
 // ---- sliding-window attention sub-block -----------------------------------------------------------
 
+/// An attention's projections: its normed input, q and k before and after QK-norm and RoPE, v.
+pub(super) struct Qkv<B: HsaOps> {
+    xn: Normed<B>,
+    q_raw: B::Buf,
+    k_raw: B::Buf,
+    pub(super) qn: Normed<B>,
+    pub(super) kn: Normed<B>,
+    pub(super) v: B::Buf,
+}
+
 struct AttnActs<B: HsaOps> {
     xn: Normed<B>,
     q_raw: B::Buf,
@@ -126,10 +151,37 @@ impl<B: HsaOps> Ctx<'_, B> {
     fn swa_shape(&self, window: usize) -> SwaShape {
         SwaShape {
             len: self.t,
+            cached: 0,
             n_q_heads: self.c.base.num_attention_heads,
             n_kv_heads: self.c.base.num_key_value_heads,
             head_dim: self.dh(),
             window,
+        }
+    }
+
+    /// `rope(q_norm(q(n)))`, `rope(k_norm(k(n)))`, `v(n)` with `n = norm(x)`.
+    pub(super) fn attn_qkv(&self, x: &B::Buf, norm: usize, eps: f64, a: &AttnIdx) -> Qkv<B> {
+        let (b, t, d, dh) = (self.b, self.t, self.d(), self.dh());
+        let (hq, hk) = (
+            self.c.base.num_attention_heads,
+            self.c.base.num_key_value_heads,
+        );
+        let eps_qk = self.c.base.rms_norm_eps;
+        let xn = self.norm(x, norm, eps, t, d);
+        let q_raw = linear(b, &xn.y, self.w(a.q), t, hq * dh, d);
+        let k_raw = linear(b, &xn.y, self.w(a.k), t, hk * dh, d);
+        let v = linear(b, &xn.y, self.w(a.v), t, hk * dh, d);
+        let mut qn = self.norm(&q_raw, a.q_norm, eps_qk, t * hq, dh);
+        let mut kn = self.norm(&k_raw, a.k_norm, eps_qk, t * hk, dh);
+        b.rope_forward(&mut qn.y, &self.cos, &self.sin, t, hq, dh);
+        b.rope_forward(&mut kn.y, &self.cos, &self.sin, t, hk, dh);
+        Qkv {
+            xn,
+            q_raw,
+            k_raw,
+            qn,
+            kn,
+            v,
         }
     }
 
@@ -144,16 +196,15 @@ impl<B: HsaOps> Ctx<'_, B> {
     ) -> (AttnActs<B>, B::Buf) {
         let (b, t, d, dh) = (self.b, self.t, self.d(), self.dh());
         let s = self.swa_shape(window);
-        let (hq, hk) = (s.n_q_heads, s.n_kv_heads);
-        let eps_qk = self.c.base.rms_norm_eps;
-        let xn = self.norm(x, norm, eps, t, d);
-        let q_raw = linear(b, &xn.y, self.w(a.q), t, hq * dh, d);
-        let k_raw = linear(b, &xn.y, self.w(a.k), t, hk * dh, d);
-        let v = linear(b, &xn.y, self.w(a.v), t, hk * dh, d);
-        let mut qn = self.norm(&q_raw, a.q_norm, eps_qk, t * hq, dh);
-        let mut kn = self.norm(&k_raw, a.k_norm, eps_qk, t * hk, dh);
-        b.rope_forward(&mut qn.y, &self.cos, &self.sin, t, hq, dh);
-        b.rope_forward(&mut kn.y, &self.cos, &self.sin, t, hk, dh);
+        let hq = s.n_q_heads;
+        let Qkv {
+            xn,
+            q_raw,
+            k_raw,
+            qn,
+            kn,
+            v,
+        } = self.attn_qkv(x, norm, eps, a);
         let (mut attn, mut lse) = (b.zeros(t * hq * dh), b.zeros(hq * t));
         let scale = 1.0 / (dh as f64).sqrt();
         b.swa_forward(&qn.y, &kn.y, &v, &s, scale, &mut attn, &mut lse);
@@ -268,7 +319,7 @@ impl<B: HsaOps> Ctx<'_, B> {
 
 // ---- SwiGLU MLP sub-block ------------------------------------------------------------------------------
 
-struct MlpActs<B: HsaOps> {
+pub(super) struct MlpActs<B: HsaOps> {
     xn: Normed<B>,
     gate: B::Buf,
     up: B::Buf,
@@ -277,7 +328,7 @@ struct MlpActs<B: HsaOps> {
 
 impl<B: HsaOps> Ctx<'_, B> {
     /// `base + down(silu(gate(n)) · up(n))` with `n = norm(x)`.
-    fn mlp_forward(
+    pub(super) fn mlp_forward(
         &self,
         x: &B::Buf,
         base: &B::Buf,
@@ -416,7 +467,7 @@ impl<B: HsaOps> Ctx<'_, B> {
     fn topk(&self) -> usize {
         self.c.chunk_topk.min(self.chunks())
     }
-    fn fusion(&self) -> Fusion {
+    pub(super) fn fusion(&self) -> Fusion {
         if self.c.enable_softmax {
             Fusion::Softmax
         } else {
@@ -426,6 +477,8 @@ impl<B: HsaOps> Ctx<'_, B> {
     fn retrieval_shape(&self) -> RetrievalShape {
         RetrievalShape {
             len: self.t,
+            row0: 0,
+            chunks: self.chunks(),
             heads: self.c.num_kv_heads,
             dim: self.c.retrieval_head_dim(),
             chunk: self.c.chunk_size,
@@ -436,6 +489,7 @@ impl<B: HsaOps> Ctx<'_, B> {
     fn hsa_shape(&self) -> HsaShape {
         HsaShape {
             len: self.t,
+            chunks: self.chunks(),
             n_q_heads: self.c.base.num_attention_heads,
             n_kv_heads: self.c.num_kv_heads,
             head_dim: self.dh(),
@@ -445,7 +499,13 @@ impl<B: HsaOps> Ctx<'_, B> {
         }
     }
     /// A norm that may be absent: its input, unchanged, as the "normed" value.
-    fn maybe_norm(&self, x: B::Buf, w: Option<usize>, rows: usize, dim: usize) -> Normed<B> {
+    pub(super) fn maybe_norm(
+        &self,
+        x: B::Buf,
+        w: Option<usize>,
+        rows: usize,
+        dim: usize,
+    ) -> Normed<B> {
         match w {
             Some(w) => self.norm(&x, w, HSA_NORM_EPS, rows, dim),
             None => Normed {
@@ -507,6 +567,14 @@ impl<B: HsaOps> Ctx<'_, B> {
             km,
             vm,
         }
+    }
+
+    /// The chunk memory of the whole chunks `x [t, d]` (the chunking layer's input rows, `t` a
+    /// multiple of S), forward only: landmarks `[t/S, dr]`, K_m and V_m `[t, G, dh]`. The
+    /// inference cache (infer.rs) appends these as chunks complete.
+    pub(super) fn chunk_memory(&self, x: &B::Buf, l: &LayerIdx) -> [B::Buf; 3] {
+        let m = self.chunking_forward(x, l);
+        [m.lmk, m.km.y, m.vm]
     }
 
     fn retrieval_forward(&self, x: &B::Buf, l: &LayerIdx, mem: &Memory<B>) -> RetrievalActs<B> {
@@ -869,6 +937,20 @@ impl<B: HsaOps> HsaModel<B> {
         })
     }
 
+    /// The context of a pass over `t` rows at positions `pos0..`.
+    pub(super) fn ctx<'a>(&'a self, b: &'a B, pos0: u64, t: usize) -> Ctx<'a, B> {
+        let positions: Vec<u64> = (pos0..pos0 + t as u64).collect();
+        let (cos, sin) = self.rope.cos_sin::<f64>(&positions);
+        Ctx {
+            b,
+            c: &self.cfg,
+            p: &self.params,
+            t,
+            cos: b.upload_f64(&cos),
+            sin: b.upload_f64(&sin),
+        }
+    }
+
     /// A model with weights from N(0, initializer_range²) and norms 1.
     pub fn init_random(b: &B, cfg: HsaConfig, seed: u64) -> Result<Self> {
         let params = Layout::new(&cfg).init_random(b, cfg.initializer_range, seed);
@@ -896,16 +978,7 @@ impl<B: HsaOps> HsaModel<B> {
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             anyhow::bail!("HSA: token id {bad} is outside the vocabulary of {vocab}");
         }
-        let positions: Vec<u64> = (pos0..pos0 + t as u64).collect();
-        let (cos, sin) = self.rope.cos_sin::<f64>(&positions);
-        let x = Ctx {
-            b,
-            c,
-            p: &self.params,
-            t,
-            cos: b.upload_f64(&cos),
-            sin: b.upload_f64(&sin),
-        };
+        let x = self.ctx(b, pos0, t);
         let lay = &self.layout;
         let eps = c.base.rms_norm_eps;
 

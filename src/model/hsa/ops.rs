@@ -14,6 +14,11 @@
 //!   selected chunks `idx` and their scores / fusion weights `[T, G, K]` (K = min(chunk_topk, C));
 //!   HSA lse `[T, H, K]`.
 //! Top-k indices are host `u32`s: they are constants of the backward pass.
+//!
+//! Incremental inference (infer.rs) runs the forwards on `T` new query rows against a cached
+//! prefix: `SwaShape::cached` key rows before the queries, `RetrievalShape::row0` (the sequence
+//! index of query row 0) and `chunks` (landmarks and memory chunks held, not `T / S`). Training
+//! passes `cached = row0 = 0` and `chunks = T / S`; the backwards need exactly that.
 
 use rayon::prelude::*;
 
@@ -22,20 +27,30 @@ use crate::backend::cpu::{CpuBackend, CpuBuf};
 use crate::util::Real;
 
 /// Causal sliding-window attention over one sequence: query row t sees key rows j with
-/// `t − window ≤ j ≤ t` (flash-attn's `window_size = (window, 0)`).
+/// `t − window ≤ j ≤ t` (flash-attn's `window_size = (window, 0)`), where query row t is key row
+/// `cached + t`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SwaShape {
+    /// Query rows; k and v hold `cached + len` rows.
     pub len: usize,
+    /// Key rows before the first query's own (an inference cache; 0 in training).
+    pub cached: usize,
     pub n_q_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub window: usize,
 }
 
-/// Retrieval over `len / chunk` landmarks with `heads` retrieval heads of `dim` each.
+/// Retrieval over `chunks` landmarks with `heads` retrieval heads of `dim` each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetrievalShape {
+    /// Query rows.
     pub len: usize,
+    /// The sequence index of query row 0 (tokens before it in an inference cache; 0 in
+    /// training): visibility and the valid slots count from it.
+    pub row0: usize,
+    /// Landmarks (chunks in memory): `len / chunk` in training.
+    pub chunks: usize,
     pub heads: usize,
     pub dim: usize,
     pub chunk: usize,
@@ -47,10 +62,6 @@ pub struct RetrievalShape {
 }
 
 impl RetrievalShape {
-    pub fn chunks(&self) -> usize {
-        self.len / self.chunk
-    }
-
     fn visible(&self, c: usize, t: usize) -> bool {
         match self.mask_window {
             Some(w) => c * self.chunk + w <= t,
@@ -71,7 +82,10 @@ pub enum Fusion {
 /// Chunk-wise attention of every query against the `topk` chunks of its group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HsaShape {
+    /// Query rows.
     pub len: usize,
+    /// Chunks in memory: k_m, v_m hold `chunks · chunk` rows (`len / chunk` in training).
+    pub chunks: usize,
     pub n_q_heads: usize,
     /// G: heads of the chunk memory (query head h reads group `h / (H/G)`).
     pub n_kv_heads: usize,
@@ -236,22 +250,23 @@ pub fn swa_forward<T: Real>(
     out: &mut [T],
     lse: &mut [T],
 ) {
-    let (n, hq, hk, d) = (s.len, s.n_q_heads, s.n_kv_heads, s.head_dim);
+    let (n, hq, hk, d, m0) = (s.len, s.n_q_heads, s.n_kv_heads, s.head_dim, s.cached);
     let grp = hq / hk;
     check("swa q", q.len(), n * hq * d);
-    check("swa k", k.len(), n * hk * d);
-    check("swa v", v.len(), n * hk * d);
+    check("swa k", k.len(), (m0 + n) * hk * d);
+    check("swa v", v.len(), (m0 + n) * hk * d);
     check("swa out", out.len(), n * hq * d);
     check("swa lse", lse.len(), hq * n);
     let rows: Vec<Vec<T>> = out
         .par_chunks_mut(hq * d)
         .enumerate()
-        .map(|(t, o)| {
+        .map(|(i, o)| {
+            let t = m0 + i; // the query's own key row
             let j0 = window_start(t, s.window);
             let mut l_row = vec![T::zero(); hq];
             for h in 0..hq {
                 let kh = h / grp;
-                let qv = &q[(t * hq + h) * d..][..d];
+                let qv = &q[(i * hq + h) * d..][..d];
                 let a: Vec<T> = (j0..=t)
                     .map(|j| scale * dot(qv, &k[(j * hk + kh) * d..][..d]))
                     .collect();
@@ -291,6 +306,10 @@ pub fn swa_backward<T: Real>(
 ) {
     let (n, hq, hk, d) = (s.len, s.n_q_heads, s.n_kv_heads, s.head_dim);
     let grp = hq / hk;
+    assert!(
+        s.cached == 0,
+        "swa_backward: a cached prefix is inference only"
+    );
     check("swa dq", dq.len(), n * hq * d);
     check("swa dk", dk.len(), n * hk * d);
     check("swa dv", dv.len(), n * hk * d);
@@ -384,7 +403,7 @@ pub fn retrieval_select<T: Real>(
     idx: &mut [u32],
     scores: &mut [T],
 ) {
-    let (n, g, d, kk, nc) = (s.len, s.heads, s.dim, s.topk, s.chunks());
+    let (n, g, d, kk, nc) = (s.len, s.heads, s.dim, s.topk, s.chunks);
     check("retrieval q", q.len(), n * g * d);
     check("retrieval lmk", lmk.len(), nc * g * d);
     check("retrieval idx", idx.len(), n * g * kk);
@@ -393,12 +412,15 @@ pub fn retrieval_select<T: Real>(
         kk <= nc,
         "retrieval: topk {kk} exceeds the {nc} chunks of the sequence"
     );
+    if kk == 0 {
+        return; // no chunk in memory yet: nothing to select
+    }
     let scale = T::one() / T::of(d as f64).sqrt();
     idx.par_chunks_mut(kk)
         .zip(scores.par_chunks_mut(kk))
         .enumerate()
         .for_each(|(r, (ix, sc))| {
-            let (t, h) = (r / g, r % g);
+            let (t, h) = (s.row0 + r / g, r % g);
             let qv = &q[r * d..][..d];
             let mut cand: Vec<(T, usize)> = (0..nc)
                 .filter(|&c| s.visible(c, t))
@@ -433,7 +455,7 @@ pub fn retrieval_select_backward<T: Real>(
     dq: &mut [T],
     dlmk: &mut [T],
 ) {
-    let (n, g, d, kk, nc) = (s.len, s.heads, s.dim, s.topk, s.chunks());
+    let (n, g, d, kk, nc) = (s.len, s.heads, s.dim, s.topk, s.chunks);
     check("retrieval dq", dq.len(), n * g * d);
     check("retrieval dlmk", dlmk.len(), nc * g * d);
     check("retrieval dscores", dscores.len(), n * g * kk);
@@ -465,6 +487,9 @@ fn softplus<T: Real>(x: T) -> (T, T) {
 pub fn fusion_forward<T: Real>(scores: &[T], rows: usize, k: usize, f: Fusion, w: &mut [T]) {
     check("fusion scores", scores.len(), rows * k);
     check("fusion w", w.len(), rows * k);
+    if k == 0 {
+        return;
+    }
     for (s, w) in scores.chunks_exact(k).zip(w.chunks_exact_mut(k)) {
         w.fill(T::zero());
         match f {
@@ -562,17 +587,12 @@ struct HsaGeom<'a, T> {
 impl<T: Real> HsaGeom<'_, T> {
     fn check(&self) {
         let s = self.s;
-        let (n, d) = (s.len, s.head_dim);
+        let (n, d, mem) = (s.len, s.head_dim, s.chunks * s.chunk);
         check("hsa q", self.q.len(), n * s.n_q_heads * d);
-        check("hsa km", self.km.len(), n * s.n_kv_heads * d);
-        check("hsa vm", self.vm.len(), n * s.n_kv_heads * d);
+        check("hsa km", self.km.len(), mem * s.n_kv_heads * d);
+        check("hsa vm", self.vm.len(), mem * s.n_kv_heads * d);
         check("hsa idx", self.idx.len(), n * s.n_kv_heads * s.topk);
-        assert!(
-            n.is_multiple_of(s.chunk),
-            "hsa: {n} tokens are not a multiple of chunk {}",
-            s.chunk
-        );
-        let nc = (n / s.chunk) as u32;
+        let nc = s.chunks as u32;
         assert!(
             self.idx.iter().all(|&c| c < nc),
             "hsa: a chunk index is out of range"
@@ -627,6 +647,10 @@ pub fn hsa_forward<T: Real>(
     check("hsa w", w.len(), s.len * g * kk);
     check("hsa out", out.len(), q.len());
     check("hsa lse", lse.len(), s.len * hq * kk);
+    if kk == 0 {
+        out.fill(T::zero()); // no chunk in memory yet: HSA adds nothing
+        return;
+    }
     out.par_chunks_mut(hq * d)
         .zip(lse.par_chunks_mut(hq * kk))
         .enumerate()
@@ -727,7 +751,7 @@ pub fn hsa_backward<T: Real>(
         });
     // Pass 2, per chunk through an inverted index (as the authors' dk/dv kernel): the chunk's
     // memory rows are contiguous, so each task owns its block of dkm/dvm.
-    let nc = n / sz;
+    let nc = s.chunks;
     let mut refs: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new(); nc];
     for t in 0..n {
         for h in 0..hq {
