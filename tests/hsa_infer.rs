@@ -9,7 +9,7 @@
 use serde_json::{Value, json};
 use ultralong::backend::Backend;
 use ultralong::backend::cpu::CpuBackend;
-use ultralong::eval::generate::{Sampling, argmax};
+use ultralong::eval::generate::{Sampling, argmax, generate};
 use ultralong::model::hsa::config::HsaConfig;
 use ultralong::model::hsa::infer::HsaSession;
 use ultralong::model::hsa::model::{Head, HsaModel};
@@ -261,9 +261,7 @@ fn greedy_generation_equals_argmax_of_full_forwards() {
         seq.push(tok);
     }
     let mut s = HsaSession::new(&b, &m).unwrap();
-    let g = s
-        .generate(&prompt, max_new, &Sampling::Greedy, &[], true)
-        .unwrap();
+    let g = generate(&mut s, &prompt, max_new, &Sampling::Greedy, &[], true).unwrap();
     assert_eq!(g.tokens, want);
     assert!(!g.stopped);
     assert_eq!((g.decode_steps, g.logits.len()), (max_new - 1, max_new));
@@ -272,9 +270,7 @@ fn greedy_generation_equals_argmax_of_full_forwards() {
     let stop = want[4];
     let first = want.iter().position(|&t| t == stop).unwrap();
     let mut s = HsaSession::new(&b, &m).unwrap();
-    let g = s
-        .generate(&prompt, max_new, &Sampling::Greedy, &[stop], false)
-        .unwrap();
+    let g = generate(&mut s, &prompt, max_new, &Sampling::Greedy, &[stop], false).unwrap();
     assert_eq!(g.tokens, want[..=first]);
     assert!(g.stopped && g.logits.is_empty());
 }

@@ -235,7 +235,10 @@ fn bench_train_hsa(a: &BenchTrainArgs, cfg: HsaConfig) -> Result<()> {
             targets: &targets,
             grad_scale: 1.0 / t as f64,
         };
-        loss = model.forward_backward(&b, &ids, 0, head, Some(&mut grads))?.0 / t as f64;
+        loss = model
+            .forward_backward(&b, &ids, 0, head, Some(&mut grads))?
+            .0
+            / t as f64;
         let t1 = Instant::now();
         let hp = AdamW {
             lr: 1e-4,

@@ -11,17 +11,16 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use crate::backend::Backend;
 use crate::backend::select::BackendKind;
 use crate::data::indexed::IndexedDataset;
 use crate::data::loader::TOKENS_PREFIX;
+use crate::eval::lm::{EvalBackend, EvalLm};
 use crate::eval::niah::{CellResult, Haystack, NiahSpec, accuracy_grid, run_cells};
-use crate::eval::ppl::{bucketize, sequence_losses};
+use crate::eval::ppl::bucketize;
 use crate::eval::{
     PromptFormat, all_gather_bytes, format_count, load_tokenizer, parse_count, parse_list,
 };
 use crate::io::write_atomic;
-use crate::model::llama::Llama;
 use crate::model::rope::RopePrecision;
 use crate::parallel::any::{World, run_world};
 use crate::parallel::comm::{Comm, ReduceOp};
@@ -150,26 +149,30 @@ pub fn run(c: EvalCommand) -> Result<()> {
         ("--backend", &m.run.backend),
         ("--precision", &m.run.precision),
     )?;
+    crate::eval::lm::check_backend(&m.model, kind)?;
     crate::on_backend!(kind, |b| run_world(|w| run_on(b, w, &c)))
 }
 
-fn run_on<B: Backend>(b: &B, world: &World, c: &EvalCommand) -> Result<()> {
+fn run_on<B: EvalBackend>(b: &B, world: &World, c: &EvalCommand) -> Result<()> {
     match c {
         EvalCommand::Niah(a) => niah(b, world, a),
         EvalCommand::Ppl(a) => ppl(b, world, a),
     }
 }
 
-fn load<B: Backend>(b: &B, world: &World, m: &ModelArgs) -> Result<(Topology, Llama<B>)> {
-    let topo = Topology::new(world.comm(), m.run.tp, m.run.cp)?;
+/// This rank's place in the world and the model (either architecture) on it; creates `--out`.
+fn load<'a, B: EvalBackend>(
+    b: &'a B,
+    topo: &'a Topology,
+    m: &ModelArgs,
+) -> Result<Box<dyn EvalLm + 'a>> {
     let precision: RopePrecision = m.run.rope_precision.parse()?;
-    let model = Llama::load_shard(b, &m.model, precision, topo.shard())?;
-    topo.layout.check_model(&model.cfg)?;
+    let lm = b.load_lm(topo, &m.model, precision)?;
     if topo.world_rank == 0 {
         std::fs::create_dir_all(&m.out)
             .with_context(|| format!("--out: cannot create {}", m.out.display()))?;
     }
-    Ok((topo, model))
+    Ok(lm)
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
@@ -177,7 +180,7 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
-fn niah<B: Backend>(b: &B, world: &World, a: &NiahArgs) -> Result<()> {
+fn niah<B: EvalBackend>(b: &B, world: &World, a: &NiahArgs) -> Result<()> {
     let t_start = Instant::now();
     let tok = load_tokenizer(&a.m.model)?;
     let format = PromptFormat::choose(&tok, &a.template)?;
@@ -200,8 +203,9 @@ fn niah<B: Backend>(b: &B, world: &World, a: &NiahArgs) -> Result<()> {
     if !a.needle.contains("{number}") {
         bail!("--needle {:?}: must contain {{number}}", a.needle);
     }
-    let (topo, model) = load(b, world, &a.m)?;
-    let window = model.cfg.max_position_embeddings;
+    let topo = Topology::new(world.comm(), a.m.run.tp, a.m.run.cp)?;
+    let lm = load(b, &topo, &a.m)?;
+    let window = lm.cfg().max_position_embeddings;
     let lengths = match &a.lengths {
         Some(s) => parse_list("--lengths", s, parse_count)?,
         None => {
@@ -261,31 +265,20 @@ fn niah<B: Backend>(b: &B, world: &World, a: &NiahArgs) -> Result<()> {
         || (topo.cp_rank == 0
             && topo.tp_rank == 0
             && std::env::var_os("ULTRALONG_NIAH_VERBOSE").is_some());
-    let cells = run_cells(
-        b,
-        &model,
-        &topo.tp,
-        &topo.cp,
-        &tok,
-        &format,
-        &hay,
-        &spec,
-        &mine,
-        |r| {
-            if report {
-                eprintln!(
-                    "niah: length {} depth {}% trial {}: {} ({} prompt tokens, prefill {:.2}s) {:?}",
-                    format_count(r.length),
-                    r.depth,
-                    r.trial,
-                    if r.correct { "correct" } else { "wrong" },
-                    r.prompt_tokens,
-                    r.prefill_s,
-                    r.output
-                );
-            }
-        },
-    )?;
+    let cells = run_cells(lm.as_ref(), &tok, &format, &hay, &spec, &mine, |r| {
+        if report {
+            eprintln!(
+                "niah: length {} depth {}% trial {}: {} ({} prompt tokens, prefill {:.2}s) {:?}",
+                format_count(r.length),
+                r.depth,
+                r.trial,
+                if r.correct { "correct" } else { "wrong" },
+                r.prompt_tokens,
+                r.prefill_s,
+                r.output
+            );
+        }
+    })?;
     // Every DP group's cells (the TP and CP ranks of a group hold the same results).
     let bytes = serde_json::to_vec(&cells)?;
     let parts = all_gather_bytes(&topo.dp, &bytes);
@@ -387,7 +380,7 @@ fn dataset_tokens(path: &Path, n: usize) -> Result<Vec<u32>> {
     Ok(out)
 }
 
-fn ppl<B: Backend>(b: &B, world: &World, a: &PplArgs) -> Result<()> {
+fn ppl<B: EvalBackend>(b: &B, world: &World, a: &PplArgs) -> Result<()> {
     let t_start = Instant::now();
     let seq_len = parse_count(&a.seq_len).context("--seq-len")?;
     if seq_len < 2 {
@@ -396,7 +389,8 @@ fn ppl<B: Backend>(b: &B, world: &World, a: &PplArgs) -> Result<()> {
     if a.sequences == 0 || a.buckets == 0 {
         bail!("--sequences and --buckets must be at least 1");
     }
-    let (topo, model) = load(b, world, &a.m)?;
+    let topo = Topology::new(world.comm(), a.m.run.tp, a.m.run.cp)?;
+    let lm = load(b, &topo, &a.m)?;
     topo.layout.check_seq_len(seq_len).context("--seq-len")?;
     let need = seq_len * a.sequences;
     let (tokens, source) = match (&a.data, &a.text) {
@@ -418,7 +412,7 @@ fn ppl<B: Backend>(b: &B, world: &World, a: &PplArgs) -> Result<()> {
             a.sequences
         );
     }
-    let vocab = model.cfg.vocab_size;
+    let vocab = lm.cfg().vocab_size;
     if let Some((i, &bad)) = tokens[..need]
         .iter()
         .enumerate()
@@ -430,7 +424,7 @@ fn ppl<B: Backend>(b: &B, world: &World, a: &PplArgs) -> Result<()> {
     let mut count = vec![0u64; seq_len];
     for k in (topo.dp_rank..a.sequences).step_by(topo.layout.dp) {
         let seq = &tokens[k * seq_len..(k + 1) * seq_len];
-        let losses = sequence_losses(b, &model, &topo.tp, &topo.cp, seq)?;
+        let losses = lm.sequence_losses(seq)?;
         for (i, l) in losses.iter().enumerate() {
             if l.is_finite() {
                 sum[i] += l;
@@ -454,7 +448,8 @@ fn ppl<B: Backend>(b: &B, world: &World, a: &PplArgs) -> Result<()> {
         "tokens": total,
         "mean_loss": mean,
         "perplexity": mean.exp(),
-        "window": model.cfg.max_position_embeddings,
+        "window": lm.cfg().max_position_embeddings,
+        "architecture": lm.name(),
         "layout": {"tp": topo.layout.tp, "cp": topo.layout.cp, "dp": topo.layout.dp},
         "backend": b.name(),
         "buckets": buckets,

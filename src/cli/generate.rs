@@ -1,5 +1,5 @@
 //! `ultralong generate`: continue a prompt (a text file, or a JSON array of token ids) with the
-//! model: the weights split over `--tp` ranks as in training, prefill with context parallelism
+//! model (a Llama, or the HSA model on one CPU rank with its chunk-memory cache): the weights split over `--tp` ranks as in training, prefill with context parallelism
 //! over `--cp` ranks (ring attention), decode with the KV cache spread over them; greedy by
 //! default, or temperature + top-p sampling with a seed. Prints
 //! the continuation, then one JSON line with the tokens and timings (prefill and decode tokens/s).
@@ -10,12 +10,10 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
-use crate::backend::Backend;
 use crate::backend::select::BackendKind;
 use crate::eval::generate::{Sampling, generate};
+use crate::eval::lm::EvalBackend;
 use crate::eval::{PromptFormat, decode, encode, load_tokenizer};
-use crate::model::infer::Session;
-use crate::model::llama::Llama;
 use crate::model::rope::RopePrecision;
 use crate::parallel::any::{World, run_world};
 use crate::parallel::topology::Topology;
@@ -64,10 +62,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         ("--backend", &a.run.backend),
         ("--precision", &a.run.precision),
     )?;
+    crate::eval::lm::check_backend(&a.model, kind)?;
     crate::on_backend!(kind, |b| run_world(|w| run_on(b, w, &a)))
 }
 
-fn run_on<B: Backend>(b: &B, world: &World, a: &GenerateArgs) -> Result<()> {
+fn run_on<B: EvalBackend>(b: &B, world: &World, a: &GenerateArgs) -> Result<()> {
     let topo = Topology::new(world.comm(), a.run.tp, a.run.cp)?;
     if topo.layout.dp != 1 {
         let n = a.run.tp * a.run.cp;
@@ -80,8 +79,7 @@ fn run_on<B: Backend>(b: &B, world: &World, a: &GenerateArgs) -> Result<()> {
     }
     let sampling = Sampling::new(a.temperature, a.top_p, a.seed)?;
     let precision: RopePrecision = a.run.rope_precision.parse()?;
-    let model = Llama::load_shard(b, &a.model, precision, topo.shard())?;
-    topo.layout.check_model(&model.cfg)?;
+    let lm = b.load_lm(&topo, &a.model, precision)?;
     let tok = if a.prompt.is_some() || a.model.join("tokenizer.json").exists() {
         Some(load_tokenizer(&a.model)?)
     } else {
@@ -113,7 +111,7 @@ fn run_on<B: Backend>(b: &B, world: &World, a: &GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt has no tokens");
     }
-    let vocab = model.cfg.vocab_size;
+    let vocab = lm.cfg().vocab_size;
     if let Some((i, &bad)) = prompt
         .iter()
         .enumerate()
@@ -121,7 +119,7 @@ fn run_on<B: Backend>(b: &B, world: &World, a: &GenerateArgs) -> Result<()> {
     {
         bail!("--prompt-tokens: token {bad} at index {i} is outside the vocabulary of {vocab}");
     }
-    let window = model.cfg.max_position_embeddings;
+    let window = lm.cfg().max_position_embeddings;
     if prompt.len() + a.max_new_tokens > window && topo.world_rank == 0 {
         eprintln!(
             "note: {} prompt + {} new tokens exceed the model's window of {window} (max_position_embeddings)",
@@ -132,19 +130,18 @@ fn run_on<B: Backend>(b: &B, world: &World, a: &GenerateArgs) -> Result<()> {
     let stop = if a.ignore_eos {
         Vec::new()
     } else {
-        format.stop_tokens(&model.cfg)
+        format.stop_tokens(lm.cfg())
     };
-    let mut s = Session::new(b, &model, &topo.tp, &topo.cp);
+    let mut s = lm.decoder();
     let g = generate(
-        &mut s,
-        &topo.cp,
+        s.as_mut(),
         &prompt,
         a.max_new_tokens,
         &sampling,
         &stop,
         false,
     )?;
-    let cache_rows = s.cache().len();
+    let cache_rows = s.cached_rows();
     if topo.world_rank == 0 {
         if let Some(t) = &tok {
             println!("{}", decode(t, &g.tokens)?);
@@ -167,6 +164,7 @@ fn run_on<B: Backend>(b: &B, world: &World, a: &GenerateArgs) -> Result<()> {
             "cp": a.run.cp,
             "kv_cache_rows_rank0": cache_rows,
             "backend": b.name(),
+            "model": lm.name(),
         });
         println!("{j}");
     }

@@ -9,9 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 
-use crate::backend::Backend;
-use crate::model::infer::Session;
-use crate::parallel::comm::Comm;
+use crate::eval::lm::Decoder;
 use crate::util::rng;
 
 /// How the next token is chosen from the logits.
@@ -134,10 +132,9 @@ impl Generation {
 }
 
 /// Prefill `prompt`, then pick and feed back up to `max_new` tokens, stopping after a token of
-/// `stop`. Collective over the session's CP group.
-pub fn generate<B: Backend, C: Comm>(
-    s: &mut Session<'_, B, C>,
-    cp: &C,
+/// `stop`. Collective over the decoder's group (its CP ranks go on with the leader's pick).
+pub fn generate(
+    s: &mut dyn Decoder,
     prompt: &[u32],
     max_new: usize,
     sampling: &Sampling,
@@ -153,9 +150,7 @@ pub fn generate<B: Backend, C: Comm>(
     g.prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     for step in 0..max_new {
-        let mut tok = [sampling.pick(&logits, step as u64) as u64];
-        cp.broadcast(&mut tok, 0);
-        let tok = tok[0] as u32;
+        let tok = s.agree(sampling.pick(&logits, step as u64));
         g.tokens.push(tok);
         if keep_logits {
             g.logits.push(std::mem::take(&mut logits));

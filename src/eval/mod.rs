@@ -1,5 +1,5 @@
-//! Evaluation: generation (`generate`: sampling and the prefill + decode loop over
-//! `model::infer::Session`), needle-in-a-haystack (`niah`) and loss by position (`ppl`), with
+//! Evaluation: generation (`generate`: sampling and the prefill + decode loop over a `lm::Decoder`,
+//! the Llama's `model::infer::Session` or the HSA model's session), needle-in-a-haystack (`niah`) and loss by position (`ppl`), with
 //! the pieces they share: the tokenizer, prompt templates (Llama-3.1 chat or plain text), lists
 //! like `1K,4K,1M`, and gathering results over ranks.
 //!
@@ -10,6 +10,7 @@
 //! rank 0 writes the results.
 
 pub mod generate;
+pub mod lm;
 pub mod niah;
 pub mod ppl;
 

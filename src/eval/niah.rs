@@ -24,12 +24,9 @@ use anyhow::{Result, bail};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
-use crate::backend::Backend;
 use crate::eval::generate::{Sampling, generate};
+use crate::eval::lm::EvalLm;
 use crate::eval::{PromptFormat, decode, encode};
-use crate::model::infer::Session;
-use crate::model::llama::Llama;
-use crate::parallel::comm::Comm;
 use crate::util::rng;
 
 /// The sentences of a haystack, each as its own token ids; cycled when more are needed.
@@ -327,11 +324,8 @@ pub fn build_prompt(
 
 /// Evaluate the cells `mine` (indices into the grid) on this TP × CP group, in order.
 #[allow(clippy::too_many_arguments)]
-pub fn run_cells<B: Backend, C: Comm>(
-    b: &B,
-    model: &Llama<B>,
-    tp: &C,
-    cp: &C,
+pub fn run_cells(
+    lm: &dyn EvalLm,
     tok: &Tokenizer,
     format: &PromptFormat,
     hay: &Haystack,
@@ -339,7 +333,7 @@ pub fn run_cells<B: Backend, C: Comm>(
     mine: &[usize],
     mut progress: impl FnMut(&CellResult),
 ) -> Result<Vec<CellResult>> {
-    let stop = format.stop_tokens(&model.cfg);
+    let stop = format.stop_tokens(lm.cfg());
     // Every prompt can be built (each length holds the template, needle and question) before
     // any cell runs.
     for &i in mine {
@@ -349,10 +343,9 @@ pub fn run_cells<B: Backend, C: Comm>(
     for &i in mine {
         let (li, di, trial) = spec.cell(i);
         let (ids, haystack_tokens, needle_at, number) = build_prompt(tok, format, hay, spec, i)?;
-        let mut s = Session::new(b, model, tp, cp);
+        let mut s = lm.decoder();
         let g = generate(
-            &mut s,
-            cp,
+            s.as_mut(),
             &ids,
             spec.max_new_tokens,
             &Sampling::Greedy,

@@ -291,6 +291,11 @@ impl<'a, B: Backend, C: Comm> Session<'a, B, C> {
         self.mlp_rows = rows;
     }
 
+    /// The CP group the prompt and cache are spread over.
+    pub fn cp(&self) -> &'a C {
+        self.cp
+    }
+
     pub fn cache(&self) -> &KvCache<B> {
         &self.cache
     }
@@ -701,16 +706,7 @@ mod tests {
             let mut s = Session::new(&b, &m, &topo.tp, &topo.cp);
             s.set_page_rows(3);
             s.set_mlp_rows(mlp_rows);
-            let g = generate(
-                &mut s,
-                &topo.cp,
-                prompt,
-                max_new,
-                &Sampling::Greedy,
-                &[],
-                true,
-            )
-            .unwrap();
+            let g = generate(&mut s, prompt, max_new, &Sampling::Greedy, &[], true).unwrap();
             let (k, v) = s.cache().read_layer(&b, 1);
             let pos = s.cache().positions().to_vec();
             (topo.tp_rank, g.tokens, g.logits, pos, k, v)

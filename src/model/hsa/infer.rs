@@ -24,11 +24,8 @@
 //! The memory buffers are reallocated at each chunk completion (O(memory) per chunk, the order of
 //! one token's retrieval scoring over all chunks); the SWA caches are rewritten per block.
 
-use std::time::Instant;
-
 use anyhow::{Result, bail, ensure};
 
-use crate::eval::generate::{Generation, Sampling};
 use crate::model::hsa::config::HSA_NORM_EPS;
 use crate::model::hsa::model::{Ctx, HsaModel, linear};
 use crate::model::hsa::ops::{HsaOps, HsaShape, RetrievalShape, SwaShape};
@@ -174,44 +171,6 @@ impl<'a, B: HsaOps> HsaSession<'a, B> {
     /// Feed one token; returns its logits `[vocab]`.
     pub fn step(&mut self, id: u32) -> Result<Vec<f64>> {
         self.prefill(&[id])
-    }
-
-    /// Prefill `prompt`, then pick (`sampling`) and feed back up to `max_new` tokens, stopping
-    /// after a token of `stop`; as `eval::generate::generate` for the Llama session, one rank.
-    pub fn generate(
-        &mut self,
-        prompt: &[u32],
-        max_new: usize,
-        sampling: &Sampling,
-        stop: &[u32],
-        keep_logits: bool,
-    ) -> Result<Generation> {
-        let mut g = Generation {
-            prompt_tokens: prompt.len(),
-            ..Default::default()
-        };
-        let f32s = |l: Vec<f64>| -> Vec<f32> { l.into_iter().map(|x| x as f32).collect() };
-        let t0 = Instant::now();
-        let mut logits = f32s(self.prefill(prompt)?);
-        g.prefill_s = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        for step in 0..max_new {
-            let tok = sampling.pick(&logits, step as u64);
-            g.tokens.push(tok);
-            if keep_logits {
-                g.logits.push(std::mem::take(&mut logits));
-            }
-            if stop.contains(&tok) {
-                g.stopped = true;
-                break;
-            }
-            if step + 1 < max_new {
-                logits = f32s(self.step(tok)?);
-                g.decode_steps += 1;
-            }
-        }
-        g.decode_s = t1.elapsed().as_secs_f64();
-        Ok(g)
     }
 
     /// `norm_f` and the LM head on `x [n, d]` (the last layer's output rows).
