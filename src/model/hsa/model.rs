@@ -17,7 +17,8 @@ use anyhow::{Result, ensure};
 
 use crate::model::hsa::config::{HSA_NORM_EPS, HsaConfig};
 use crate::model::hsa::ops::{Fusion, HsaOps, HsaShape, RetrievalShape, SwaShape};
-use crate::model::hsa::params::{AttnIdx, LayerIdx, Layout, MlpIdx};
+use crate::model::hsa::encoder::Front;
+use crate::model::hsa::params::{AttnIdx, EncoderIdx, LayerIdx, Layout, MlpIdx};
 use crate::model::params::ParamStore;
 use crate::model::rope::{Rope, RopePrecision};
 
@@ -30,17 +31,17 @@ pub struct HsaModel<B: HsaOps> {
 }
 
 /// Everything a pass reads besides the parameters.
-struct Ctx<'a, B: HsaOps> {
-    b: &'a B,
-    c: &'a HsaConfig,
-    p: &'a ParamStore<B>,
-    t: usize,
-    cos: B::Buf,
-    sin: B::Buf,
+pub(super) struct Ctx<'a, B: HsaOps> {
+    pub(super) b: &'a B,
+    pub(super) c: &'a HsaConfig,
+    pub(super) p: &'a ParamStore<B>,
+    pub(super) t: usize,
+    pub(super) cos: B::Buf,
+    pub(super) sin: B::Buf,
 }
 
 /// `y [rows, out] (+)= x [rows, inp] · Wᵀ`.
-fn linear<B: HsaOps>(b: &B, x: &B::Buf, w: &B::Buf, rows: usize, out: usize, inp: usize) -> B::Buf {
+pub(super) fn linear<B: HsaOps>(b: &B, x: &B::Buf, w: &B::Buf, rows: usize, out: usize, inp: usize) -> B::Buf {
     let mut y = b.zeros(rows * out);
     b.gemm(&mut y, 0, x, 0, w, 0, rows, out, inp, false, true, false);
     y
@@ -48,7 +49,7 @@ fn linear<B: HsaOps>(b: &B, x: &B::Buf, w: &B::Buf, rows: usize, out: usize, inp
 
 /// Backward of `linear`: `dx += dy · W`, `dW += dyᵀ · x`.
 #[allow(clippy::too_many_arguments)]
-fn linear_back<B: HsaOps>(
+pub(super) fn linear_back<B: HsaOps>(
     b: &B,
     dy: &B::Buf,
     x: &B::Buf,
@@ -64,16 +65,16 @@ fn linear_back<B: HsaOps>(
 }
 
 /// RMSNorm output and saved `rstd`.
-struct Normed<B: HsaOps> {
-    y: B::Buf,
+pub(super) struct Normed<B: HsaOps> {
+    pub(super) y: B::Buf,
     rstd: B::Buf,
 }
 
 impl<'a, B: HsaOps> Ctx<'a, B> {
-    fn w(&self, i: usize) -> &'a B::Buf {
+    pub(super) fn w(&self, i: usize) -> &'a B::Buf {
         &self.p.bufs[i]
     }
-    fn norm(&self, x: &B::Buf, w: usize, eps: f64, rows: usize, dim: usize) -> Normed<B> {
+    pub(super) fn norm(&self, x: &B::Buf, w: usize, eps: f64, rows: usize, dim: usize) -> Normed<B> {
         let (mut y, mut rstd) = (self.b.zeros(rows * dim), self.b.zeros(rows));
         self.b
             .rmsnorm_forward(x, self.w(w), eps, rows, dim, &mut y, &mut rstd);
@@ -81,7 +82,7 @@ impl<'a, B: HsaOps> Ctx<'a, B> {
     }
     /// `dx += ` the norm's input gradient, `grads[w] += ` its weight gradient.
     #[allow(clippy::too_many_arguments)]
-    fn norm_back(
+    pub(super) fn norm_back(
         &self,
         dy: &B::Buf,
         x: &B::Buf,
@@ -95,13 +96,13 @@ impl<'a, B: HsaOps> Ctx<'a, B> {
         self.b
             .rmsnorm_backward(dy, x, self.w(w), &n.rstd, rows, dim, dx, &mut g.bufs[w]);
     }
-    fn d(&self) -> usize {
+    pub(super) fn d(&self) -> usize {
         self.c.base.hidden_size
     }
-    fn dh(&self) -> usize {
+    pub(super) fn dh(&self) -> usize {
         self.c.head_dim()
     }
-    fn copy(&self, x: &B::Buf) -> B::Buf {
+    pub(super) fn copy(&self, x: &B::Buf) -> B::Buf {
         let n = self.b.len(x);
         let mut y = self.b.zeros(n);
         self.b.copy(x, 0, &mut y, 0, n);
@@ -366,15 +367,15 @@ impl<B: HsaOps> Ctx<'_, B> {
 // ---- layers ---------------------------------------------------------------------------------------------
 
 /// The chunking layer's outputs, read by every group.
-struct Memory<B: HsaOps> {
-    e: Normed<B>,
-    lmk_in: B::Buf,
+pub(super) struct Memory<B: HsaOps> {
+    /// E and the landmark input (mean landmark or chunk encoder, encoder.rs).
+    front: Front<B>,
     /// Landmarks `[C, G, dr]`.
-    lmk: B::Buf,
+    pub(super) lmk: B::Buf,
     km_raw: B::Buf,
     /// Chunk keys (after `k_rmsnorm` if any) and values `[T, G, dh]`.
-    km: Normed<B>,
-    vm: B::Buf,
+    pub(super) km: Normed<B>,
+    pub(super) vm: B::Buf,
 }
 
 struct RetrievalActs<B: HsaOps> {
@@ -410,7 +411,7 @@ enum Acts<B: HsaOps> {
 }
 
 impl<B: HsaOps> Ctx<'_, B> {
-    fn chunks(&self) -> usize {
+    pub(super) fn chunks(&self) -> usize {
         self.t / self.c.chunk_size
     }
     fn topk(&self) -> usize {
@@ -473,7 +474,13 @@ impl<B: HsaOps> Ctx<'_, B> {
         }
     }
 
-    fn chunking_forward(&self, x: &B::Buf, l: &LayerIdx) -> Memory<B> {
+    /// `enc`: the layout's chunk encoder (`Layout::encoder`), if any.
+    pub(super) fn chunking_forward(
+        &self,
+        x: &B::Buf,
+        l: &LayerIdx,
+        enc: Option<&EncoderIdx>,
+    ) -> Memory<B> {
         let LayerIdx::Chunking {
             norm,
             proj_k,
@@ -485,23 +492,20 @@ impl<B: HsaOps> Ctx<'_, B> {
             unreachable!()
         };
         let (b, t, d, dh, g) = (self.b, self.t, self.d(), self.dh(), self.c.num_kv_heads);
-        let e = self.norm(x, norm, HSA_NORM_EPS, t, d);
-        let mut lmk_in = b.zeros(self.chunks() * d);
-        b.chunk_mean_forward(&e.y, t, d, self.c.chunk_size, &mut lmk_in);
+        let front = self.front_forward(x, norm, enc);
         let lmk = linear(
             b,
-            &lmk_in,
+            &front.lmk_in,
             self.w(lmk_ln),
             self.chunks(),
             self.c.retrieval_dim,
             d,
         );
-        let km_raw = linear(b, &e.y, self.w(proj_k), t, g * dh, d);
+        let km_raw = linear(b, &front.e, self.w(proj_k), t, g * dh, d);
         let km = self.maybe_norm(self.copy(&km_raw), k_norm, t * g, dh);
-        let vm = linear(b, &e.y, self.w(proj_v), t, g * dh, d);
+        let vm = linear(b, &front.e, self.w(proj_v), t, g * dh, d);
         Memory {
-            e,
-            lmk_in,
+            front,
             lmk,
             km_raw,
             km,
@@ -770,10 +774,12 @@ impl<B: HsaOps> Ctx<'_, B> {
     }
 
     /// `dx += ` the gradient through the chunk memory and landmarks.
+    #[allow(clippy::too_many_arguments)]
     fn chunking_backward(
         &self,
         x: &B::Buf,
         l: &LayerIdx,
+        enc: Option<&EncoderIdx>,
         mem: &Memory<B>,
         dmem: &MemoryGrads<B>,
         dx: &mut B::Buf,
@@ -803,7 +809,7 @@ impl<B: HsaOps> Ctx<'_, B> {
             g,
         );
         let mut de = b.zeros(t * d);
-        let e = &mem.e.y;
+        let e = &mem.front.e;
         linear_back(
             b,
             &dkm_raw,
@@ -831,7 +837,7 @@ impl<B: HsaOps> Ctx<'_, B> {
         linear_back(
             b,
             &dmem.lmk,
-            &mem.lmk_in,
+            &mem.front.lmk_in,
             lw,
             &mut dlmk_in,
             &mut g.bufs[lmk_ln],
@@ -839,9 +845,18 @@ impl<B: HsaOps> Ctx<'_, B> {
             dr,
             d,
         );
-        b.chunk_mean_backward(&dlmk_in, t, d, self.c.chunk_size, &mut de);
-        self.norm_back(&de, x, &mem.e, norm, t, d, dx, g);
+        self.front_backward(x, norm, enc, &mem.front, de, &dlmk_in, dx, g);
     }
+}
+
+/// One chunk's memory (`HsaModel::chunk_memory`).
+pub struct ChunkMemory<B: HsaOps> {
+    /// Chunk keys (after `k_rmsnorm` if any) and values `[S, G, dh]`.
+    pub km: B::Buf,
+    pub vm: B::Buf,
+    /// The landmark `[G, dr/G]` as `lmk_ln` gives it (each retrieval layer applies its own
+    /// `lmk_k_norm`, if any, when it scores).
+    pub lmk: B::Buf,
 }
 
 /// What to do with the LM head's output.
@@ -873,6 +888,40 @@ impl<B: HsaOps> HsaModel<B> {
     pub fn init_random(b: &B, cfg: HsaConfig, seed: u64) -> Result<Self> {
         let params = Layout::new(&cfg).init_random(b, cfg.initializer_range, seed);
         Self::new(cfg, params)
+    }
+
+    /// The chunk memory of ONE chunk from its `chunk_size` rows of X `[S, d]` (the chunking
+    /// layer's input: the residual stream after the lower layers), as an incremental decoder
+    /// appends it when a chunk completes. The chunking layer (norm + mean landmark, or the chunk
+    /// encoder) sees each chunk alone, so this equals that chunk's rows of a whole-sequence pass.
+    pub fn chunk_memory(&self, b: &B, x: &B::Buf) -> Result<ChunkMemory<B>> {
+        let (s, d) = (self.cfg.chunk_size, self.cfg.base.hidden_size);
+        ensure!(
+            b.len(x) == s * d,
+            "HSA chunk memory: {} values given, expected one chunk of {s} rows × {d}",
+            b.len(x)
+        );
+        let l = self
+            .layout
+            .layers
+            .iter()
+            .find(|l| matches!(l, LayerIdx::Chunking { .. }))
+            .expect("every HSA layout has a chunking layer");
+        let ctx = Ctx {
+            b,
+            c: &self.cfg,
+            p: &self.params,
+            t: s,
+            // The chunking layer reads no absolute positions.
+            cos: b.zeros(0),
+            sin: b.zeros(0),
+        };
+        let m = ctx.chunking_forward(x, l, self.layout.encoder.as_ref());
+        Ok(ChunkMemory {
+            km: m.km.y,
+            vm: m.vm,
+            lmk: m.lmk,
+        })
     }
 
     /// Forward over `ids` at positions `pos0..`, then (with `Head::Loss` and `grads`) the
@@ -928,7 +977,7 @@ impl<B: HsaOps> HsaModel<B> {
                     (Acts::Swa(aa, mid, ma), out)
                 }
                 LayerIdx::Chunking { .. } => {
-                    mem = Some(x.chunking_forward(xin, l));
+                    mem = Some(x.chunking_forward(xin, l, lay.encoder.as_ref()));
                     (Acts::Chunking, x.copy(xin))
                 }
                 LayerIdx::Retrieval { .. } => {
@@ -1028,7 +1077,7 @@ impl<B: HsaOps> HsaModel<B> {
                     x.retrieval_backward(xin, l, m, r, &dw, &mut dx, &mut dmem, g);
                 }
                 (LayerIdx::Chunking { .. }, Acts::Chunking) => {
-                    x.chunking_backward(xin, l, m, &dmem, &mut dx, g);
+                    x.chunking_backward(xin, l, lay.encoder.as_ref(), m, &dmem, &mut dx, g);
                 }
                 _ => unreachable!("layer and activations out of step"),
             }
