@@ -415,8 +415,16 @@ mod tests {
             ("num_upper_layers", Value::from(3), "`num_upper_layers` (3)"),
             ("num_kv_heads", Value::from(3), "`num_kv_heads` (3)"),
             ("retrieval_dim", Value::from(15), "`retrieval_dim` (15)"),
-            ("enable_enc_cls", Value::from(true), "`enable_enc_cls` = true needs"),
-            ("encoder_dropout", Value::from(0.1), "`encoder_dropout` = 0.1"),
+            (
+                "enable_enc_cls",
+                Value::from(true),
+                "`enable_enc_cls` = true needs",
+            ),
+            (
+                "encoder_dropout",
+                Value::from(0.1),
+                "`encoder_dropout` = 0.1",
+            ),
             (
                 "singlehead_retrieval",
                 Value::from(true),

@@ -332,9 +332,7 @@ impl<B: HsaOps> Ctx<'_, B> {
         rc.rope_scaling = RopeScaling::Default;
         let rope = Rope::new(&rc, RopePrecision::Exact)
             .expect("head_dim was checked by the model's own RoPE (HsaModel::new)");
-        let positions: Vec<u64> = (0..self.chunks() * len)
-            .map(|r| (r % len) as u64)
-            .collect();
+        let positions: Vec<u64> = (0..self.chunks() * len).map(|r| (r % len) as u64).collect();
         let (cos, sin) = rope.cos_sin::<f64>(&positions);
         (self.b.upload_f64(&cos), self.b.upload_f64(&sin))
     }
@@ -505,10 +503,28 @@ impl<B: HsaOps> Ctx<'_, B> {
         let xn = &a.xn.y;
         let ones = &e.ones;
         self.biased_back(
-            &dq_raw, xn, at.q, li.q_bias, ones, &mut dxn, g, n, hq * dh, d,
+            &dq_raw,
+            xn,
+            at.q,
+            li.q_bias,
+            ones,
+            &mut dxn,
+            g,
+            n,
+            hq * dh,
+            d,
         );
         self.biased_back(
-            &dk_raw, xn, at.k, li.k_bias, ones, &mut dxn, g, n, hk * dh, d,
+            &dk_raw,
+            xn,
+            at.k,
+            li.k_bias,
+            ones,
+            &mut dxn,
+            g,
+            n,
+            hk * dh,
+            d,
         );
         self.biased_back(&dv, xn, at.v, li.v_bias, ones, &mut dxn, g, n, hk * dh, d);
         self.norm_back(&dxn, x, &a.xn, li.in_norm, n, d, &mut dmid, g);
@@ -585,11 +601,22 @@ mod tests {
                     .unwrap();
                 let row = s * g * dh;
                 let close = |a: &[f64], b: &[f64]| {
-                    a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-13 * (1.0 + y.abs()))
+                    a.iter()
+                        .zip(b)
+                        .all(|(x, y)| (x - y).abs() <= 1e-13 * (1.0 + y.abs()))
                 };
-                assert!(close(&one.km, &km[ci * row..(ci + 1) * row]), "{extra} km {ci}");
-                assert!(close(&one.vm, &vm[ci * row..(ci + 1) * row]), "{extra} vm {ci}");
-                assert!(close(&one.lmk, &lmk[ci * dr..(ci + 1) * dr]), "{extra} lmk {ci}");
+                assert!(
+                    close(&one.km, &km[ci * row..(ci + 1) * row]),
+                    "{extra} km {ci}"
+                );
+                assert!(
+                    close(&one.vm, &vm[ci * row..(ci + 1) * row]),
+                    "{extra} vm {ci}"
+                );
+                assert!(
+                    close(&one.lmk, &lmk[ci * dr..(ci + 1) * dr]),
+                    "{extra} lmk {ci}"
+                );
             }
             // The chunks differ (a memory that ignored its input would pass the above).
             assert!(lmk[..dr] != lmk[dr..2 * dr]);

@@ -16,8 +16,8 @@
 use anyhow::{Result, ensure};
 
 use crate::model::hsa::config::{HSA_NORM_EPS, HsaConfig};
-use crate::model::hsa::ops::{Fusion, HsaOps, HsaShape, RetrievalShape, SwaShape};
 use crate::model::hsa::encoder::Front;
+use crate::model::hsa::ops::{Fusion, HsaOps, HsaShape, RetrievalShape, SwaShape};
 use crate::model::hsa::params::{AttnIdx, EncoderIdx, LayerIdx, Layout, MlpIdx};
 use crate::model::params::ParamStore;
 use crate::model::rope::{Rope, RopePrecision};
@@ -41,7 +41,14 @@ pub(super) struct Ctx<'a, B: HsaOps> {
 }
 
 /// `y [rows, out] (+)= x [rows, inp] · Wᵀ`.
-pub(super) fn linear<B: HsaOps>(b: &B, x: &B::Buf, w: &B::Buf, rows: usize, out: usize, inp: usize) -> B::Buf {
+pub(super) fn linear<B: HsaOps>(
+    b: &B,
+    x: &B::Buf,
+    w: &B::Buf,
+    rows: usize,
+    out: usize,
+    inp: usize,
+) -> B::Buf {
     let mut y = b.zeros(rows * out);
     b.gemm(&mut y, 0, x, 0, w, 0, rows, out, inp, false, true, false);
     y
@@ -74,7 +81,14 @@ impl<'a, B: HsaOps> Ctx<'a, B> {
     pub(super) fn w(&self, i: usize) -> &'a B::Buf {
         &self.p.bufs[i]
     }
-    pub(super) fn norm(&self, x: &B::Buf, w: usize, eps: f64, rows: usize, dim: usize) -> Normed<B> {
+    pub(super) fn norm(
+        &self,
+        x: &B::Buf,
+        w: usize,
+        eps: f64,
+        rows: usize,
+        dim: usize,
+    ) -> Normed<B> {
         let (mut y, mut rstd) = (self.b.zeros(rows * dim), self.b.zeros(rows));
         self.b
             .rmsnorm_forward(x, self.w(w), eps, rows, dim, &mut y, &mut rstd);
