@@ -2,8 +2,9 @@
 """Independent float64 numpy reference of the HSA-UltraLong model (DRTForCausalLM).
 
 Written from docs/HSA.md and the authors' code (RamstorageAI/long-context-modeling:
-model/modeling_swa_hsa.py, model/hsa_layers.py, model/swa.py, ops/hsa_triton.py), not from
-ultralong's Rust. Reads an HF-layout directory (config.json + model.safetensors, parsed here with
+model/modeling_swa_hsa.py, model/hsa_layers.py, model/swa.py, model/encoder.py,
+ops/hsa_triton.py), not from ultralong's Rust. Every tensor of the checkpoint must be read (a
+misnamed or stray tensor is an error). Reads an HF-layout directory (config.json + model.safetensors, parsed here with
 numpy alone: F64, F32 or BF16 tensors), the token ids, and ultralong's logits (raw little-endian
 float64 [T, vocab]); recomputes the logits and compares: max |ours - numpy| / max |numpy|.
 
@@ -20,6 +21,9 @@ import sys
 import numpy as np
 
 HSA_EPS = 1e-6  # Liger RMSNorm's default eps, used by every HSA module's norm
+# create_encoder builds a LlamaConfig without rms_norm_eps or rope_theta: their defaults.
+ENC_EPS = 1e-6
+ENC_THETA = 10000.0
 
 
 def load_safetensors(path):
@@ -54,11 +58,12 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def rope_tables(cfg, positions, dh):
-    rs = cfg.get("rope_scaling") or {}
-    if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
-        raise ValueError("only default RoPE is handled here")
-    theta = float(cfg.get("rope_theta", 10000.0))
+def rope_tables(cfg, positions, dh, theta=None):
+    if theta is None:
+        rs = cfg.get("rope_scaling") or {}
+        if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
+            raise ValueError("only default RoPE is handled here")
+        theta = float(cfg.get("rope_theta", 10000.0))
     inv = theta ** (-np.arange(0, dh, 2, dtype=np.float64) / dh)
     ang = positions[:, None].astype(np.float64) * inv[None, :]
     ang = np.concatenate([ang, ang], -1)
@@ -85,10 +90,11 @@ class Model:
         self.dr = c["retrieval_dim"]
         self.eps = c.get("rms_norm_eps", 1e-6)
         self.opt = lambda k, d=False: bool(c.get(k, d))
-        if c.get("encoder_layers", 0) != 0:
-            raise ValueError("encoder_layers > 0 is not handled here")
+        self.enc_layers = c.get("encoder_layers", 0)
+        self.used = set()
 
     def w(self, name):
+        self.used.add(name)
         return self.W[name]
 
     def swa(self, p, x, window, cos, sin):
@@ -120,10 +126,52 @@ class Model:
                          self.c["sliding_window"], cos, sin)
         return x + self.mlp(p + ".mlp", rms(x, self.w(p + ".post_attention_layernorm.weight"), self.eps))
 
+    def encode(self, p, x):
+        """ChunkingLayer._encode: (E [T, d], landmark input [C, d])."""
+        T, S, d = x.shape[0], self.S, self.d
+        C = T // S
+        if self.enc_layers == 0:
+            e = rms(x, self.w(p + ".norm.weight"), HSA_EPS)
+            return e, e.reshape(C, S, d).mean(1)
+        cls = self.opt("enable_enc_cls", True)
+        xc = x.reshape(C, S, d)
+        if cls:
+            row = np.broadcast_to(self.w(p + ".cls_emb").reshape(1, 1, d), (C, 1, d))
+            xc = np.concatenate([xc, row], 1)
+        if self.opt("enc_prenorm"):
+            xc = rms(xc, self.w(p + ".enc_prenorm.weight"), HSA_EPS)
+        L, H, Hkv, dh = xc.shape[1], self.H, self.Hkv, self.dh
+        cos, sin = rope_tables(self.c, np.arange(L), dh, ENC_THETA)
+        cos, sin = np.tile(cos, (C, 1)), np.tile(sin, (C, 1))
+        width = int((d * 8 / 3) // 64 * 64)  # create_encoder's intermediate_size
+        for j in range(self.enc_layers):
+            q_ = f"{p}.encoder.layers.{j}"
+            a = f"{q_}.self_attn"
+            h = rms(xc, self.w(q_ + ".input_layernorm.weight"), ENC_EPS).reshape(C * L, d)
+            proj = lambda n, heads: (h @ self.w(f"{a}.{n}.weight").T + self.w(f"{a}.{n}.bias")).reshape(C * L, heads, dh)
+            q, k, v = proj("q_proj", H), proj("k_proj", Hkv), proj("v_proj", Hkv)
+            q = rotate(rms(q, self.w(a + ".q_norm.weight"), ENC_EPS), cos, sin)
+            k = rotate(rms(k, self.w(a + ".k_norm.weight"), ENC_EPS), cos, sin)
+            rep = H // Hkv
+            q = q.reshape(C, L, H, dh)
+            k = np.repeat(k, rep, 1).reshape(C, L, H, dh)
+            v = np.repeat(v, rep, 1).reshape(C, L, H, dh)
+            sc = np.einsum("clhd,cmhd->chlm", q, k) / math.sqrt(dh)  # bidirectional
+            pr = np.exp(sc - sc.max(-1, keepdims=True))
+            pr /= pr.sum(-1, keepdims=True)
+            o = np.einsum("chlm,cmhd->clhd", pr, v).reshape(C, L, d)
+            xc = xc + o @ self.w(a + ".o_proj.weight").T
+            assert self.W[q_ + ".mlp.gate_proj.weight"].shape == (width, d), "encoder MLP width"
+            xc = xc + self.mlp(q_ + ".mlp", rms(xc, self.w(q_ + ".post_attention_layernorm.weight"), ENC_EPS))
+        xc = rms(xc, self.w(p + ".encoder.norm.weight"), ENC_EPS)
+        if cls:
+            return xc[:, :S].reshape(T, d), xc[:, S]
+        return xc.reshape(T, d), xc.mean(1)
+
     def chunking(self, p, x):
         T, S, G = x.shape[0], self.S, self.G
-        e = rms(x, self.w(p + ".norm.weight"), HSA_EPS)
-        lmk = e.reshape(T // S, S, self.d).mean(1) @ self.w(p + ".lmk_ln.weight").T
+        e, lmk_in = self.encode(p, x)
+        lmk = lmk_in @ self.w(p + ".lmk_ln.weight").T
         km = (e @ self.w(p + ".proj_k.weight").T).reshape(T, G, self.dh)
         if self.opt("enable_qk_norm"):
             km = rms(km, self.w(p + ".k_rmsnorm.weight"), HSA_EPS)
@@ -218,7 +266,11 @@ class Model:
                 x = self.swa_layer(f"backbone.layers.{i}", x, cos, sin)
                 i += 1
         x = rms(x, self.w("backbone.norm_f.weight"), c.get("layer_norm_epsilon", 1e-5))
-        return x @ self.w("lm_head.weight").T
+        out = x @ self.w("lm_head.weight").T
+        unused = sorted(set(self.W) - self.used)
+        if unused:
+            raise ValueError(f"tensors the model does not read: {unused}")
+        return out
 
 
 def main():

@@ -143,6 +143,15 @@ fn session_matches_full_forward_softmax_all_norms_swa_in_hsa_reset() {
     }));
 }
 
+/// The CLS chunk encoder: each completed chunk goes through it (`Ctx::chunk_memory`).
+#[test]
+fn session_matches_full_forward_cls_encoder() {
+    check_config(json!({
+        "hidden_size": 32, "encoder_layers": 1, "enable_enc_cls": true, "enc_prenorm": true,
+        "enable_softmax": true, "enable_qk_norm": true
+    }));
+}
+
 #[test]
 fn session_matches_full_forward_stick_breaking_plain() {
     check_config(json!({"enable_softmax": false, "hsa_only": true}));
@@ -292,12 +301,6 @@ fn bad_input_and_unsupported_configs_are_errors() {
     );
     let e = HsaSession::new(&b, &m).err().unwrap().to_string();
     assert!(e.contains("sliding_window 2 < chunk_size 4"), "{e}");
-
-    let mut cfg = tiny(json!({}));
-    cfg.encoder_layers = 1;
-    let m = model(&b, cfg);
-    let e = HsaSession::new(&b, &m).err().unwrap().to_string();
-    assert!(e.contains("encoder_layers = 1"), "{e}");
 }
 
 /// The cached-prefix variants of the ops (queries at rows `cached..` / `row0..`, a memory of

@@ -1,6 +1,6 @@
 //! The whole HSA model (src/model/hsa/model.rs) in f64: every parameter's gradient against
-//! central finite differences of the loss, for two tiny configs that between them switch every
-//! option on and off.
+//! central finite differences of the loss, for tiny configs that between them switch every
+//! option on and off (two with the mean landmark, two with the chunk encoder).
 
 use serde_json::{Value, json};
 use ultralong::backend::Backend;
@@ -111,6 +111,28 @@ fn whole_model_gradient_stick_breaking_plain() {
     check(json!({
         "enable_softmax": false, "hsa_only": true, "reset_hsa_residual": false,
         "mask_slide_window": true, "sliding_window": 2
+    }));
+}
+
+/// The CLS chunk encoder (src/model/hsa/encoder.rs; hidden_size 24, the least with a nonzero
+/// encoder MLP): one block with `enc_prenorm`, the CLS landmark and every HSA option on.
+#[test]
+fn whole_model_gradient_encoder_1_cls_prenorm_all_options() {
+    check(json!({
+        "hidden_size": 24, "encoder_layers": 1, "enc_prenorm": true,
+        "enable_softmax": true, "enable_softmax1": true, "enable_qk_norm": true,
+        "enable_lmk_norm": true, "hsa_only": false, "hsa_sliding_window": 3,
+        "reset_hsa_residual": true
+    }));
+}
+
+/// Two encoder blocks without the CLS row (the landmark is the mean of the chunk's outputs) and
+/// without prenorm.
+#[test]
+fn whole_model_gradient_encoder_2_mean_landmark() {
+    check(json!({
+        "hidden_size": 24, "encoder_layers": 2, "enable_enc_cls": false,
+        "enable_softmax": true, "enable_qk_norm": true
     }));
 }
 

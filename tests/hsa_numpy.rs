@@ -62,6 +62,12 @@ fn write_f64_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f64>)]
 }
 
 fn check(extra: Value, seed: u64) {
+    check_tol(extra, seed, 1e-5)
+}
+
+/// `check` at tolerance `tol` (both sides are f64, so far below 1e-5 is meaningful: an encoder
+/// norm eps of 1e-5 instead of their 1e-6 moves these logits by only ~3e-6 relative).
+fn check_tol(extra: Value, seed: u64, tol: f64) {
     let mut c = json!({
         "architectures": ["DRTForCausalLM"], "model_type": "llama",
         "vocab_size": 40, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -131,7 +137,7 @@ fn check(extra: Value, seed: u64) {
         .arg(d.join("ids.json"))
         .arg("--logits")
         .arg(d.join("logits.f64"))
-        .args(["--tol", "1e-5"])
+        .args(["--tol", &tol.to_string()])
         .output()
         .unwrap();
     let so = String::from_utf8_lossy(&out.stdout);
@@ -160,6 +166,31 @@ fn logits_match_numpy_stick_breaking_masked_window() {
             "sliding_window": 10
         }),
         2,
+    );
+}
+
+/// The CLS chunk encoder: one block with `enc_prenorm`, every HSA option on.
+#[test]
+fn logits_match_numpy_encoder_1_cls_prenorm_all_options() {
+    check_tol(
+        json!({
+            "encoder_layers": 1, "enc_prenorm": true,
+            "enable_softmax": true, "enable_softmax1": true, "enable_qk_norm": true,
+            "enable_lmk_norm": true, "hsa_only": false, "hsa_sliding_window": 4
+        }),
+        4,
+        1e-12,
+    );
+}
+
+/// Two encoder blocks: with the CLS landmark, and with the mean of the chunk's outputs.
+#[test]
+fn logits_match_numpy_encoder_2() {
+    check_tol(json!({"encoder_layers": 2}), 5, 1e-12);
+    check_tol(
+        json!({"encoder_layers": 2, "enable_enc_cls": false, "enable_softmax": true}),
+        6,
+        1e-12,
     );
 }
 

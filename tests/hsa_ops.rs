@@ -4,7 +4,9 @@
 
 use ultralong::backend::AttnShape;
 use ultralong::backend::cpu::attention::attention_forward;
-use ultralong::model::hsa::ops::{self, Fusion, HsaShape, RetrievalShape, SwaShape};
+use ultralong::model::hsa::ops::{
+    self, BlockAttnShape, Fusion, HsaShape, RetrievalShape, SwaShape,
+};
 use ultralong::util::gradcheck::{numeric_grad, rel_err, test_values};
 
 const H: f64 = 1e-6;
@@ -128,6 +130,115 @@ fn swa_backward_matches_finite_differences() {
     );
     let num = fd(&inputs, &r, &|x| fwd(x).0);
     assert_grads("swa", &[dq, dk, dv], &num, 1e-8);
+}
+
+fn block_shape(blocks: usize, len: usize) -> BlockAttnShape {
+    BlockAttnShape {
+        blocks,
+        block_len: len,
+        n_q_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 6,
+    }
+}
+
+/// The chunk encoder's attention: each row sees every row of its own block (both directions)
+/// and none of another.
+#[test]
+fn block_attention_forward_matches_direct_formula_and_blockwise_attention() {
+    let (blocks, len) = (3, 5);
+    let s = block_shape(blocks, len);
+    let (n, hq, hk, d) = (blocks * len, s.n_q_heads, s.n_kv_heads, s.head_dim);
+    let q = test_values(n * hq * d, 61);
+    let k = test_values(n * hk * d, 62);
+    let v = test_values(n * hk * d, 63);
+    let scale = 0.9;
+    let (mut out, mut lse) = (vec![0.0; n * hq * d], vec![0.0; hq * n]);
+    ops::block_attention_forward(&q, &k, &v, &s, scale, &mut out, &mut lse);
+    for t in 0..n {
+        for h in 0..hq {
+            let kh = h / (hq / hk);
+            let js: Vec<usize> = (t / len * len..(t / len + 1) * len).collect();
+            let a: Vec<f64> = js
+                .iter()
+                .map(|&j| {
+                    scale
+                        * (0..d)
+                            .map(|x| q[(t * hq + h) * d + x] * k[(j * hk + kh) * d + x])
+                            .sum::<f64>()
+                })
+                .collect();
+            let z: f64 = a.iter().map(|x| x.exp()).sum();
+            assert!((lse[h * n + t] - z.ln()).abs() < 1e-12);
+            for x in 0..d {
+                let o: f64 = js
+                    .iter()
+                    .zip(&a)
+                    .map(|(&j, &aj)| aj.exp() / z * v[(j * hk + kh) * d + x])
+                    .sum();
+                assert!((out[(t * hq + h) * d + x] - o).abs() < 1e-12);
+            }
+        }
+    }
+    // Each block alone through the project's blockwise attention, non-causal.
+    let shape = AttnShape {
+        q_len: len,
+        kv_len: len,
+        n_q_heads: hq,
+        n_kv_heads: hk,
+        head_dim: d,
+        q_pos0: 0,
+        k_pos0: 0,
+        causal: false,
+    };
+    for c in 0..blocks {
+        let (qr, kr) = (len * hq * d, len * hk * d);
+        let (mut o2, mut l2) = (vec![0.0; qr], vec![0.0; hq * len]);
+        attention_forward(
+            &q[c * qr..(c + 1) * qr],
+            &k[c * kr..(c + 1) * kr],
+            &v[c * kr..(c + 1) * kr],
+            &shape,
+            scale,
+            &mut o2,
+            &mut l2,
+        );
+        assert!(rel_err(&out[c * qr..(c + 1) * qr], &o2) < 1e-12);
+        for h in 0..hq {
+            let got = &lse[h * n + c * len..][..len];
+            assert!(rel_err(got, &l2[h * len..(h + 1) * len]) < 1e-12);
+        }
+    }
+}
+
+#[test]
+fn block_attention_backward_matches_finite_differences() {
+    let (blocks, len) = (3, 5);
+    let s = block_shape(blocks, len);
+    let (n, hq, hk, d) = (blocks * len, s.n_q_heads, s.n_kv_heads, s.head_dim);
+    let scale = 0.8;
+    let inputs = vec![
+        test_values(n * hq * d, 64),
+        test_values(n * hk * d, 65),
+        test_values(n * hk * d, 66),
+    ];
+    let fwd = |x: &[Vec<f64>]| {
+        let (mut out, mut lse) = (vec![0.0; n * hq * d], vec![0.0; hq * n]);
+        ops::block_attention_forward(&x[0], &x[1], &x[2], &s, scale, &mut out, &mut lse);
+        (out, lse)
+    };
+    let r = test_values(n * hq * d, 67);
+    let (out, lse) = fwd(&inputs);
+    let (mut dq, mut dk, mut dv) = (
+        vec![9.0; n * hq * d],
+        vec![9.0; n * hk * d],
+        vec![9.0; n * hk * d],
+    );
+    ops::block_attention_backward(
+        &inputs[0], &inputs[1], &inputs[2], &out, &r, &lse, &s, scale, &mut dq, &mut dk, &mut dv,
+    );
+    let num = fd(&inputs, &r, &|x| fwd(x).0);
+    assert_grads("block attention", &[dq, dk, dv], &num, 1e-8);
 }
 
 #[test]

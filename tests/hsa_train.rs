@@ -135,3 +135,31 @@ fn hsa_refusals_name_the_key() {
         &["HSA", "CPU backend"],
     );
 }
+
+/// The CLS chunk encoder's tensors (a 3-D `cls_emb`, biases) go through init, training,
+/// checkpoints and export like the rest.
+#[test]
+fn hsa_with_the_chunk_encoder_trains_and_exports() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let cfg = HSA_CONFIG.replace(
+        "\"encoder_layers\": 0,",
+        "\"encoder_layers\": 1, \"enable_enc_cls\": true, \"enc_prenorm\": true,",
+    );
+    model_from_config(p, &cfg, 3);
+    let w = load_safetensors_dir(&p.join("m")).unwrap();
+    assert_eq!(w["backbone.layers.1.cls_emb"].shape, vec![1, 1, 32]);
+    assert!(w.contains_key("backbone.layers.1.encoder.layers.0.self_attn.q_proj.bias"));
+    std::fs::write(p.join("a.toml"), run_config(4, "a")).unwrap();
+    let l = losses(&ok(p, &["train", "--config", "a.toml"]));
+    assert_eq!(l.len(), 4);
+    assert!(l[3] < l[0], "{l:?}");
+    ok(
+        p,
+        &["export", "--checkpoint", "a", "--out", "hf", "--dtype", "f32"],
+    );
+    let (_, wa, _) = load_full(&p.join("a/checkpoints/step-00000004")).unwrap();
+    assert_eq!(load_safetensors_dir(&p.join("hf")).unwrap(), wa);
+    let e = std::fs::read_to_string(p.join("hf/config.json")).unwrap();
+    assert!(e.contains("\"enable_enc_cls\": true"), "{e}");
+}

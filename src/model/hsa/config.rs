@@ -39,8 +39,16 @@ pub struct HsaConfig {
     pub chunk_topk: usize,
     /// d_r: the landmark / retrieval-query width (split into G heads).
     pub retrieval_dim: usize,
-    /// 0: mean landmark over `norm(X)`; > 0 is the CLS chunk encoder (not implemented yet).
+    /// 0: mean landmark over `norm(X)`; > 0: that many Qwen2-style blocks of the chunk encoder
+    /// (their model/encoder.py; src/model/hsa/encoder.rs).
     pub encoder_layers: usize,
+    /// The encoder's input passes an RMSNorm (`enc_prenorm`) first. Only with the encoder (theirs
+    /// reads the key only then).
+    pub enc_prenorm: bool,
+    /// A learned `cls_emb` row is appended to each chunk and the landmark is `lmk_ln` of its
+    /// encoder output; otherwise `lmk_ln` of the mean of the chunk's outputs. Theirs defaults it
+    /// to `encoder_layers > 0` and asserts the encoder when set.
+    pub enable_enc_cls: bool,
     /// `norm_f` eps.
     pub layer_norm_epsilon: f64,
     pub initializer_range: f64,
@@ -215,20 +223,31 @@ impl HsaConfig {
             "{source}: `retrieval_dim` ({retrieval_dim}) must be a positive multiple of \
              `num_kv_heads` ({num_kv_heads})"
         );
-        if encoder_layers > 0 {
-            bail!(
-                "{source}: `encoder_layers` = {encoder_layers}: the CLS chunk encoder is not \
-                 implemented yet; use 0 (mean landmark)"
-            );
-        }
-        if k.boolean("enable_enc_cls", false)? {
-            bail!("{source}: `enable_enc_cls` needs the chunk encoder (not implemented yet)");
+        let has_encoder = encoder_layers > 0;
+        let enable_enc_cls = k.boolean("enable_enc_cls", has_encoder)?;
+        ensure!(
+            !enable_enc_cls || has_encoder,
+            "{source}: `enable_enc_cls` = true needs the chunk encoder (`encoder_layers` > 0, got \
+             0)"
+        );
+        ensure!(
+            !has_encoder || d >= 24,
+            "{source}: `encoder_layers` = {encoder_layers} with `hidden_size` {d}: the encoder's \
+             SwiGLU width ⌊(8·d/3) / 64⌋·64 is 0 below hidden_size 24"
+        );
+        // Dropout would make the reference pass random; theirs defaults it to off.
+        match obj.get("encoder_dropout") {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(v) if v.as_f64() == Some(0.0) => {}
+            Some(v) => bail!(
+                "{source}: `encoder_dropout` = {v} is not supported by the HSA model here (only \
+                 0 / false)"
+            ),
         }
         // Options of theirs this implementation refuses rather than silently ignores.
         for key in [
             "singlehead_retrieval",
             "enable_gumbel_noise",
-            "enc_prenorm",
             "enable_pos_decay",
             "skip_hsa",
             "attention_bias",
@@ -261,6 +280,8 @@ impl HsaConfig {
             chunk_topk,
             retrieval_dim,
             encoder_layers,
+            enc_prenorm: has_encoder && k.boolean("enc_prenorm", false)?,
+            enable_enc_cls,
             layer_norm_epsilon,
             initializer_range,
             enable_softmax: k.boolean("enable_softmax", false)?,
@@ -278,6 +299,13 @@ impl HsaConfig {
 
     pub fn head_dim(&self) -> usize {
         self.base.head_dim
+    }
+
+    /// The chunk encoder's SwiGLU width, as their `create_encoder`: `int((d·8/3) // 64 · 64)`,
+    /// which is ⌊d/24⌋·64 exactly (8d/3 is a multiple of 64 only when d is one of 24, and then
+    /// the float division is exact).
+    pub fn encoder_intermediate_size(&self) -> usize {
+        self.base.hidden_size / 24 * 64
     }
 
     /// SWA layers per group.
@@ -327,6 +355,8 @@ impl HsaConfig {
         put("chunk_topk", self.chunk_topk.into());
         put("retrieval_dim", self.retrieval_dim.into());
         put("encoder_layers", self.encoder_layers.into());
+        put("enc_prenorm", self.enc_prenorm.into());
+        put("enable_enc_cls", self.enable_enc_cls.into());
         put("layer_norm_epsilon", self.layer_norm_epsilon.into());
         put("initializer_range", self.initializer_range.into());
         put("enable_softmax", self.enable_softmax.into());
@@ -382,6 +412,38 @@ mod tests {
         );
     }
 
+    #[test]
+    fn encoder_keys_default_as_theirs() {
+        let c = HsaConfig::from_json_str(TINY, "t").unwrap();
+        assert!(!c.enable_enc_cls && !c.enc_prenorm);
+        // enc_prenorm is read only with the encoder, as theirs.
+        let c = HsaConfig::from_json_str(&with("enc_prenorm", Value::from(true)), "t").unwrap();
+        assert!(!c.enc_prenorm);
+        let mut o: Map<String, Value> = serde_json::from_str(TINY).unwrap();
+        o.insert("encoder_layers".into(), Value::from(2));
+        o.insert("encoder_dropout".into(), Value::from(0.0));
+        let c = HsaConfig::from_json_str(&Value::Object(o.clone()).to_string(), "t").unwrap();
+        assert!(c.enable_enc_cls && !c.enc_prenorm);
+        // int((32·8/3) // 64 · 64) = 64 in their create_encoder.
+        assert_eq!(c.encoder_intermediate_size(), 64);
+        o.insert("enable_enc_cls".into(), Value::from(false));
+        o.insert("enc_prenorm".into(), Value::from(true));
+        let c = HsaConfig::from_json_str(&Value::Object(o.clone()).to_string(), "t").unwrap();
+        assert!(!c.enable_enc_cls && c.enc_prenorm);
+        for (d, f) in [(24, 64), (47, 64), (48, 128), (64, 128), (1024, 2688)] {
+            let want = ((d as f64 * 8.0 / 3.0) / 64.0).floor() as usize * 64;
+            assert_eq!(f, want, "hidden_size {d}");
+            let mut cd = c.clone();
+            cd.base.hidden_size = d;
+            assert_eq!(cd.encoder_intermediate_size(), f, "hidden_size {d}");
+        }
+        o.insert("hidden_size".into(), Value::from(16));
+        o.insert("num_attention_heads".into(), Value::from(2));
+        o.insert("num_key_value_heads".into(), Value::from(2));
+        let e = HsaConfig::from_json_str(&Value::Object(o).to_string(), "t").unwrap_err();
+        assert!(format!("{e:#}").contains("below hidden_size 24"), "{e:#}");
+    }
+
     fn with(key: &str, v: Value) -> String {
         let mut o: Map<String, Value> = serde_json::from_str(TINY).unwrap();
         if v.is_null() {
@@ -400,7 +462,16 @@ mod tests {
             ("num_upper_layers", Value::from(3), "`num_upper_layers` (3)"),
             ("num_kv_heads", Value::from(3), "`num_kv_heads` (3)"),
             ("retrieval_dim", Value::from(15), "`retrieval_dim` (15)"),
-            ("encoder_layers", Value::from(1), "chunk encoder is not"),
+            (
+                "enable_enc_cls",
+                Value::from(true),
+                "`enable_enc_cls` = true needs",
+            ),
+            (
+                "encoder_dropout",
+                Value::from(0.1),
+                "`encoder_dropout` = 0.1",
+            ),
             (
                 "singlehead_retrieval",
                 Value::from(true),

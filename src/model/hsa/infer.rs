@@ -91,12 +91,6 @@ impl<'a, B: HsaOps> HsaSession<'a, B> {
     /// An empty session (no token fed yet).
     pub fn new(b: &'a B, model: &'a HsaModel<B>) -> Result<Self> {
         let c = &model.cfg;
-        ensure!(
-            c.encoder_layers == 0,
-            "HSA inference: encoder_layers = {}: the session supports the mean-landmark chunking \
-             (encoder_layers = 0) only so far",
-            c.encoder_layers
-        );
         // With the window mask, chunk c is visible from t = c·S + W on; with W < S that is before
         // its last row (the full forward then reads tokens after t), which a decoder that has
         // only seen tokens up to t cannot reproduce.
@@ -244,7 +238,9 @@ impl<'a, B: HsaOps> HsaSession<'a, B> {
         let k = total / s;
         if k > 0 {
             let full = rows(b, &all, 0, k * s, d);
-            let [lmk, km, vm] = m.ctx(b, 0, k * s).chunk_memory(&full, l);
+            let [lmk, km, vm] =
+                m.ctx(b, 0, k * s)
+                    .chunk_memory(&full, l, m.layout.encoder.as_ref());
             let old = mem.chunks * s;
             mem.km = cat(b, &mem.km, old, &km, k * s, mw);
             mem.vm = cat(b, &mem.vm, old, &vm, k * s, mw);

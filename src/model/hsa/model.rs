@@ -16,8 +16,9 @@
 use anyhow::{Result, ensure};
 
 use crate::model::hsa::config::{HSA_NORM_EPS, HsaConfig};
+use crate::model::hsa::encoder::Front;
 use crate::model::hsa::ops::{Fusion, HsaOps, HsaShape, RetrievalShape, SwaShape};
-use crate::model::hsa::params::{AttnIdx, LayerIdx, Layout, MlpIdx};
+use crate::model::hsa::params::{AttnIdx, EncoderIdx, LayerIdx, Layout, MlpIdx};
 use crate::model::params::ParamStore;
 use crate::model::rope::{Rope, RopePrecision};
 
@@ -34,10 +35,10 @@ pub struct HsaModel<B: HsaOps> {
 pub(super) struct Ctx<'a, B: HsaOps> {
     pub(super) b: &'a B,
     pub(super) c: &'a HsaConfig,
-    p: &'a ParamStore<B>,
-    t: usize,
-    cos: B::Buf,
-    sin: B::Buf,
+    pub(super) p: &'a ParamStore<B>,
+    pub(super) t: usize,
+    pub(super) cos: B::Buf,
+    pub(super) sin: B::Buf,
 }
 
 /// `y [rows, out] (+)= x [rows, inp] · Wᵀ`.
@@ -56,7 +57,7 @@ pub(super) fn linear<B: HsaOps>(
 
 /// Backward of `linear`: `dx += dy · W`, `dW += dyᵀ · x`.
 #[allow(clippy::too_many_arguments)]
-fn linear_back<B: HsaOps>(
+pub(super) fn linear_back<B: HsaOps>(
     b: &B,
     dy: &B::Buf,
     x: &B::Buf,
@@ -96,7 +97,7 @@ impl<'a, B: HsaOps> Ctx<'a, B> {
     }
     /// `dx += ` the norm's input gradient, `grads[w] += ` its weight gradient.
     #[allow(clippy::too_many_arguments)]
-    fn norm_back(
+    pub(super) fn norm_back(
         &self,
         dy: &B::Buf,
         x: &B::Buf,
@@ -110,13 +111,13 @@ impl<'a, B: HsaOps> Ctx<'a, B> {
         self.b
             .rmsnorm_backward(dy, x, self.w(w), &n.rstd, rows, dim, dx, &mut g.bufs[w]);
     }
-    fn d(&self) -> usize {
+    pub(super) fn d(&self) -> usize {
         self.c.base.hidden_size
     }
-    fn dh(&self) -> usize {
+    pub(super) fn dh(&self) -> usize {
         self.c.head_dim()
     }
-    fn copy(&self, x: &B::Buf) -> B::Buf {
+    pub(super) fn copy(&self, x: &B::Buf) -> B::Buf {
         let n = self.b.len(x);
         let mut y = self.b.zeros(n);
         self.b.copy(x, 0, &mut y, 0, n);
@@ -417,15 +418,15 @@ impl<B: HsaOps> Ctx<'_, B> {
 // ---- layers ---------------------------------------------------------------------------------------------
 
 /// The chunking layer's outputs, read by every group.
-struct Memory<B: HsaOps> {
-    e: Normed<B>,
-    lmk_in: B::Buf,
+pub(super) struct Memory<B: HsaOps> {
+    /// E and the landmark input (mean landmark or chunk encoder, encoder.rs).
+    front: Front<B>,
     /// Landmarks `[C, G, dr]`.
-    lmk: B::Buf,
+    pub(super) lmk: B::Buf,
     km_raw: B::Buf,
     /// Chunk keys (after `k_rmsnorm` if any) and values `[T, G, dh]`.
-    km: Normed<B>,
-    vm: B::Buf,
+    pub(super) km: Normed<B>,
+    pub(super) vm: B::Buf,
 }
 
 struct RetrievalActs<B: HsaOps> {
@@ -461,7 +462,7 @@ enum Acts<B: HsaOps> {
 }
 
 impl<B: HsaOps> Ctx<'_, B> {
-    fn chunks(&self) -> usize {
+    pub(super) fn chunks(&self) -> usize {
         self.t / self.c.chunk_size
     }
     fn topk(&self) -> usize {
@@ -533,7 +534,13 @@ impl<B: HsaOps> Ctx<'_, B> {
         }
     }
 
-    fn chunking_forward(&self, x: &B::Buf, l: &LayerIdx) -> Memory<B> {
+    /// `enc`: the layout's chunk encoder (`Layout::encoder`), if any.
+    pub(super) fn chunking_forward(
+        &self,
+        x: &B::Buf,
+        l: &LayerIdx,
+        enc: Option<&EncoderIdx>,
+    ) -> Memory<B> {
         let LayerIdx::Chunking {
             norm,
             proj_k,
@@ -545,23 +552,20 @@ impl<B: HsaOps> Ctx<'_, B> {
             unreachable!()
         };
         let (b, t, d, dh, g) = (self.b, self.t, self.d(), self.dh(), self.c.num_kv_heads);
-        let e = self.norm(x, norm, HSA_NORM_EPS, t, d);
-        let mut lmk_in = b.zeros(self.chunks() * d);
-        b.chunk_mean_forward(&e.y, t, d, self.c.chunk_size, &mut lmk_in);
+        let front = self.front_forward(x, norm, enc);
         let lmk = linear(
             b,
-            &lmk_in,
+            &front.lmk_in,
             self.w(lmk_ln),
             self.chunks(),
             self.c.retrieval_dim,
             d,
         );
-        let km_raw = linear(b, &e.y, self.w(proj_k), t, g * dh, d);
+        let km_raw = linear(b, &front.e, self.w(proj_k), t, g * dh, d);
         let km = self.maybe_norm(self.copy(&km_raw), k_norm, t * g, dh);
-        let vm = linear(b, &e.y, self.w(proj_v), t, g * dh, d);
+        let vm = linear(b, &front.e, self.w(proj_v), t, g * dh, d);
         Memory {
-            e,
-            lmk_in,
+            front,
             lmk,
             km_raw,
             km,
@@ -572,8 +576,13 @@ impl<B: HsaOps> Ctx<'_, B> {
     /// The chunk memory of the whole chunks `x [t, d]` (the chunking layer's input rows, `t` a
     /// multiple of S), forward only: landmarks `[t/S, dr]`, K_m and V_m `[t, G, dh]`. The
     /// inference cache (infer.rs) appends these as chunks complete.
-    pub(super) fn chunk_memory(&self, x: &B::Buf, l: &LayerIdx) -> [B::Buf; 3] {
-        let m = self.chunking_forward(x, l);
+    pub(super) fn chunk_memory(
+        &self,
+        x: &B::Buf,
+        l: &LayerIdx,
+        enc: Option<&EncoderIdx>,
+    ) -> [B::Buf; 3] {
+        let m = self.chunking_forward(x, l, enc);
         [m.lmk, m.km.y, m.vm]
     }
 
@@ -838,10 +847,12 @@ impl<B: HsaOps> Ctx<'_, B> {
     }
 
     /// `dx += ` the gradient through the chunk memory and landmarks.
+    #[allow(clippy::too_many_arguments)]
     fn chunking_backward(
         &self,
         x: &B::Buf,
         l: &LayerIdx,
+        enc: Option<&EncoderIdx>,
         mem: &Memory<B>,
         dmem: &MemoryGrads<B>,
         dx: &mut B::Buf,
@@ -871,7 +882,7 @@ impl<B: HsaOps> Ctx<'_, B> {
             g,
         );
         let mut de = b.zeros(t * d);
-        let e = &mem.e.y;
+        let e = &mem.front.e;
         linear_back(
             b,
             &dkm_raw,
@@ -899,7 +910,7 @@ impl<B: HsaOps> Ctx<'_, B> {
         linear_back(
             b,
             &dmem.lmk,
-            &mem.lmk_in,
+            &mem.front.lmk_in,
             lw,
             &mut dlmk_in,
             &mut g.bufs[lmk_ln],
@@ -907,9 +918,18 @@ impl<B: HsaOps> Ctx<'_, B> {
             dr,
             d,
         );
-        b.chunk_mean_backward(&dlmk_in, t, d, self.c.chunk_size, &mut de);
-        self.norm_back(&de, x, &mem.e, norm, t, d, dx, g);
+        self.front_backward(x, norm, enc, &mem.front, de, &dlmk_in, dx, g);
     }
+}
+
+/// One chunk's memory (`HsaModel::chunk_memory`).
+pub struct ChunkMemory<B: HsaOps> {
+    /// Chunk keys (after `k_rmsnorm` if any) and values `[S, G, dh]`.
+    pub km: B::Buf,
+    pub vm: B::Buf,
+    /// The landmark `[G, dr/G]` as `lmk_ln` gives it (each retrieval layer applies its own
+    /// `lmk_k_norm`, if any, when it scores).
+    pub lmk: B::Buf,
 }
 
 /// What to do with the LM head's output.
@@ -957,6 +977,36 @@ impl<B: HsaOps> HsaModel<B> {
         Self::new(cfg, params)
     }
 
+    /// The chunk memory of ONE chunk from its `chunk_size` rows of X `[S, d]` (the chunking
+    /// layer's input: the residual stream after the lower layers), as an incremental decoder
+    /// appends it when a chunk completes. The chunking layer (norm + mean landmark, or the chunk
+    /// encoder) sees each chunk alone, so this equals that chunk's rows of a whole-sequence pass.
+    pub fn chunk_memory(&self, b: &B, x: &B::Buf) -> Result<ChunkMemory<B>> {
+        let (s, d) = (self.cfg.chunk_size, self.cfg.base.hidden_size);
+        ensure!(
+            b.len(x) == s * d,
+            "HSA chunk memory: {} values given, expected one chunk of {s} rows × {d}",
+            b.len(x)
+        );
+        let l = self
+            .layout
+            .layers
+            .iter()
+            .find(|l| matches!(l, LayerIdx::Chunking { .. }))
+            .expect("every HSA layout has a chunking layer");
+        let ctx = Ctx {
+            b,
+            c: &self.cfg,
+            p: &self.params,
+            t: s,
+            // The chunking layer reads no absolute positions.
+            cos: b.zeros(0),
+            sin: b.zeros(0),
+        };
+        let [lmk, km, vm] = ctx.chunk_memory(x, l, self.layout.encoder.as_ref());
+        Ok(ChunkMemory { km, vm, lmk })
+    }
+
     /// Forward over `ids` at positions `pos0..`, then (with `Head::Loss` and `grads`) the
     /// backward pass, accumulating into `grads`. Returns (Σ loss or 0, logits for
     /// `Head::Logits`).
@@ -1001,7 +1051,7 @@ impl<B: HsaOps> HsaModel<B> {
                     (Acts::Swa(aa, mid, ma), out)
                 }
                 LayerIdx::Chunking { .. } => {
-                    mem = Some(x.chunking_forward(xin, l));
+                    mem = Some(x.chunking_forward(xin, l, lay.encoder.as_ref()));
                     (Acts::Chunking, x.copy(xin))
                 }
                 LayerIdx::Retrieval { .. } => {
@@ -1101,7 +1151,7 @@ impl<B: HsaOps> HsaModel<B> {
                     x.retrieval_backward(xin, l, m, r, &dw, &mut dx, &mut dmem, g);
                 }
                 (LayerIdx::Chunking { .. }, Acts::Chunking) => {
-                    x.chunking_backward(xin, l, m, &dmem, &mut dx, g);
+                    x.chunking_backward(xin, l, lay.encoder.as_ref(), m, &dmem, &mut dx, g);
                 }
                 _ => unreachable!("layer and activations out of step"),
             }

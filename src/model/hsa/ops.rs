@@ -1,14 +1,16 @@
 //! The operations HSA adds to a decoder, each with an explicit forward and backward, as
-//! Backend-shaped calls (buffers in, buffers out): sliding-window attention, the chunk mean of
-//! the landmark, retrieval (landmark scores, the causal chunk mask, top-k), the fusion weights
-//! (softmax or stick-breaking) and the chunk-wise HSA attention.
+//! Backend-shaped calls (buffers in, buffers out): sliding-window attention, the chunk encoder's
+//! bidirectional attention inside each chunk, the chunk mean of the landmark, retrieval
+//! (landmark scores, the causal chunk mask, top-k), the fusion weights (softmax or
+//! stick-breaking) and the chunk-wise HSA attention.
 //!
 //! `HsaOps` extends `Backend` with them; `CpuBackend<T>` implements it with the plain loops
 //! below (the f64 instance is the gradient-check oracle). A CUDA backend implements the same
 //! trait kernel by kernel; until it does, the HSA model is simply not instantiable over it.
 //!
 //! Layouts (one sequence of `T` tokens, `C = T / S` chunks):
-//!   q `[T, H, dh]`, SWA k/v `[T, Hkv, dh]`, lse `[H, T]` (as `attention_forward`);
+//!   q `[T, H, dh]`, SWA k/v `[T, Hkv, dh]`, lse `[H, T]` (as `attention_forward`; the block
+//!   attention likewise over its `blocks · block_len` rows);
 //!   chunk memory k/v `[T, G, dh]` (row `c·S + i` is token i of chunk c);
 //!   retrieval query `[T, G, dr]`, landmarks `[C, G, dr]`;
 //!   selected chunks `idx` and their scores / fusion weights `[T, G, K]` (K = min(chunk_topk, C));
@@ -19,6 +21,8 @@
 //! prefix: `SwaShape::cached` key rows before the queries, `RetrievalShape::row0` (the sequence
 //! index of query row 0) and `chunks` (landmarks and memory chunks held, not `T / S`). Training
 //! passes `cached = row0 = 0` and `chunks = T / S`; the backwards need exactly that.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -39,6 +43,17 @@ pub struct SwaShape {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub window: usize,
+}
+
+/// Bidirectional attention inside each block of `block_len` rows, no mask within a block and
+/// nothing across blocks: the chunk encoder's self-attention over a chunk's S tokens (+ CLS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockAttnShape {
+    pub blocks: usize,
+    pub block_len: usize,
+    pub n_q_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
 }
 
 /// Retrieval over `chunks` landmarks with `heads` retrieval heads of `dim` each.
@@ -121,6 +136,32 @@ pub trait HsaOps: Backend {
         dout: &Self::Buf,
         lse: &Self::Buf,
         s: &SwaShape,
+        scale: f64,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+    );
+    /// `out [rows, H, dh]`, `lse [H, rows]` overwritten (rows = blocks · block_len).
+    fn block_attention_forward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        s: &BlockAttnShape,
+        scale: f64,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+    );
+    /// `dq`, `dk`, `dv` overwritten.
+    fn block_attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        dout: &Self::Buf,
+        lse: &Self::Buf,
+        s: &BlockAttnShape,
         scale: f64,
         dq: &mut Self::Buf,
         dk: &mut Self::Buf,
@@ -234,40 +275,86 @@ fn check(name: &str, got: usize, want: usize) {
     assert!(got == want, "{name}.len() is {got}, expected {want}");
 }
 
-// ---- sliding-window attention ---------------------------------------------------------------------
+// ---- sliding-window and block attention ---------------------------------------------------------
 
 /// First key row query `t` sees.
 fn window_start(t: usize, w: usize) -> usize {
     t.saturating_sub(w)
 }
 
-pub fn swa_forward<T: Real>(
+/// Which rows meet in a banded attention: query t reads key rows `keys(t)`, and key j is read by
+/// query rows `queries(j)` (the transpose, for dk/dv). SWA and the chunk encoder's block
+/// attention are the two bands; the softmax loops below are written once for both.
+struct Band<'a> {
+    /// Query rows.
+    len: usize,
+    /// Key rows before the queries' own (an inference cache): k and v hold `cached + len` rows,
+    /// and `keys(t)` indexes them.
+    cached: usize,
+    n_q_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    keys: &'a (dyn Fn(usize) -> Range<usize> + Sync),
+    queries: &'a (dyn Fn(usize) -> Range<usize> + Sync),
+}
+
+impl SwaShape {
+    fn with_band<R>(&self, f: impl FnOnce(&Band) -> R) -> R {
+        let (n, w, m0) = (self.len, self.window, self.cached);
+        f(&Band {
+            len: n,
+            cached: m0,
+            n_q_heads: self.n_q_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            // Query row i is sequence row m0 + i, whose own key row is m0 + i.
+            keys: &|i| window_start(m0 + i, w)..m0 + i + 1,
+            queries: &|j| j..n.min(j + w + 1),
+        })
+    }
+}
+
+impl BlockAttnShape {
+    fn with_band<R>(&self, f: impl FnOnce(&Band) -> R) -> R {
+        let l = self.block_len;
+        let block = |t: usize| (t / l) * l..(t / l + 1) * l;
+        f(&Band {
+            len: self.blocks * l,
+            cached: 0,
+            n_q_heads: self.n_q_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            keys: &block,
+            queries: &block,
+        })
+    }
+}
+
+fn band_forward<T: Real>(
     q: &[T],
     k: &[T],
     v: &[T],
-    s: &SwaShape,
+    s: &Band,
     scale: T,
     out: &mut [T],
     lse: &mut [T],
 ) {
-    let (n, hq, hk, d, m0) = (s.len, s.n_q_heads, s.n_kv_heads, s.head_dim, s.cached);
+    let (n, hq, hk, d) = (s.len, s.n_q_heads, s.n_kv_heads, s.head_dim);
     let grp = hq / hk;
-    check("swa q", q.len(), n * hq * d);
-    check("swa k", k.len(), (m0 + n) * hk * d);
-    check("swa v", v.len(), (m0 + n) * hk * d);
-    check("swa out", out.len(), n * hq * d);
-    check("swa lse", lse.len(), hq * n);
+    check("attention q", q.len(), n * hq * d);
+    check("attention k", k.len(), (s.cached + n) * hk * d);
+    check("attention v", v.len(), (s.cached + n) * hk * d);
+    check("attention out", out.len(), n * hq * d);
+    check("attention lse", lse.len(), hq * n);
     let rows: Vec<Vec<T>> = out
         .par_chunks_mut(hq * d)
         .enumerate()
-        .map(|(i, o)| {
-            let t = m0 + i; // the query's own key row
-            let j0 = window_start(t, s.window);
+        .map(|(t, o)| {
             let mut l_row = vec![T::zero(); hq];
             for h in 0..hq {
                 let kh = h / grp;
-                let qv = &q[(i * hq + h) * d..][..d];
-                let a: Vec<T> = (j0..=t)
+                let qv = &q[(t * hq + h) * d..][..d];
+                let a: Vec<T> = (s.keys)(t)
                     .map(|j| scale * dot(qv, &k[(j * hk + kh) * d..][..d]))
                     .collect();
                 let m = a.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
@@ -275,7 +362,7 @@ pub fn swa_forward<T: Real>(
                 let ls = m + l.ln();
                 let o = &mut o[h * d..(h + 1) * d];
                 o.fill(T::zero());
-                for (j, &x) in (j0..=t).zip(&a) {
+                for (j, &x) in (s.keys)(t).zip(&a) {
                     axpy(o, (x - ls).exp(), &v[(j * hk + kh) * d..][..d]);
                 }
                 l_row[h] = ls;
@@ -291,14 +378,14 @@ pub fn swa_forward<T: Real>(
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn swa_backward<T: Real>(
+fn band_backward<T: Real>(
     q: &[T],
     k: &[T],
     v: &[T],
     out: &[T],
     dout: &[T],
     lse: &[T],
-    s: &SwaShape,
+    s: &Band,
     scale: T,
     dq: &mut [T],
     dk: &mut [T],
@@ -308,11 +395,12 @@ pub fn swa_backward<T: Real>(
     let grp = hq / hk;
     assert!(
         s.cached == 0,
-        "swa_backward: a cached prefix is inference only"
+        "attention backward: a cached prefix is inference only"
     );
-    check("swa dq", dq.len(), n * hq * d);
-    check("swa dk", dk.len(), n * hk * d);
-    check("swa dv", dv.len(), n * hk * d);
+    check("attention dout", dout.len(), n * hq * d);
+    check("attention dq", dq.len(), n * hq * d);
+    check("attention dk", dk.len(), n * hk * d);
+    check("attention dv", dv.len(), n * hk * d);
     // D[t, h] = dO · O.
     let delta: Vec<T> = (0..n * hq)
         .map(|r| dot(&dout[r * d..][..d], &out[r * d..][..d]))
@@ -329,7 +417,7 @@ pub fn swa_backward<T: Real>(
         dq.fill(T::zero());
         for h in 0..hq {
             let kh = h / grp;
-            for j in window_start(t, s.window)..=t {
+            for j in (s.keys)(t) {
                 let (_, ds) = p_ds(t, h, j);
                 axpy(
                     &mut dq[h * d..(h + 1) * d],
@@ -345,7 +433,7 @@ pub fn swa_backward<T: Real>(
         .for_each(|(j, (dk, dv))| {
             dk.fill(T::zero());
             dv.fill(T::zero());
-            for t in j..n.min(j + s.window + 1) {
+            for t in (s.queries)(j) {
                 for h in 0..hq {
                     let kh = h / grp;
                     let (p, ds) = p_ds(t, h, j);
@@ -362,6 +450,64 @@ pub fn swa_backward<T: Real>(
                 }
             }
         });
+}
+
+pub fn swa_forward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    s: &SwaShape,
+    scale: T,
+    out: &mut [T],
+    lse: &mut [T],
+) {
+    s.with_band(|b| band_forward(q, k, v, b, scale, out, lse))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn swa_backward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    dout: &[T],
+    lse: &[T],
+    s: &SwaShape,
+    scale: T,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    s.with_band(|b| band_backward(q, k, v, out, dout, lse, b, scale, dq, dk, dv))
+}
+
+pub fn block_attention_forward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    s: &BlockAttnShape,
+    scale: T,
+    out: &mut [T],
+    lse: &mut [T],
+) {
+    s.with_band(|b| band_forward(q, k, v, b, scale, out, lse))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn block_attention_backward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    dout: &[T],
+    lse: &[T],
+    s: &BlockAttnShape,
+    scale: T,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    s.with_band(|b| band_backward(q, k, v, out, dout, lse, b, scale, dq, dk, dv))
 }
 
 // ---- chunk mean -------------------------------------------------------------------------------------
@@ -814,6 +960,34 @@ impl<T: Real> HsaOps for CpuBackend<T> {
         dv: &mut CpuBuf<T>,
     ) {
         swa_backward(q, k, v, out, dout, lse, s, T::of(scale), dq, dk, dv)
+    }
+    fn block_attention_forward(
+        &self,
+        q: &CpuBuf<T>,
+        k: &CpuBuf<T>,
+        v: &CpuBuf<T>,
+        s: &BlockAttnShape,
+        scale: f64,
+        out: &mut CpuBuf<T>,
+        lse: &mut CpuBuf<T>,
+    ) {
+        block_attention_forward(q, k, v, s, T::of(scale), out, lse)
+    }
+    fn block_attention_backward(
+        &self,
+        q: &CpuBuf<T>,
+        k: &CpuBuf<T>,
+        v: &CpuBuf<T>,
+        out: &CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        lse: &CpuBuf<T>,
+        s: &BlockAttnShape,
+        scale: f64,
+        dq: &mut CpuBuf<T>,
+        dk: &mut CpuBuf<T>,
+        dv: &mut CpuBuf<T>,
+    ) {
+        block_attention_backward(q, k, v, out, dout, lse, s, T::of(scale), dq, dk, dv)
     }
     fn chunk_mean_forward(
         &self,

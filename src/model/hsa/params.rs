@@ -1,6 +1,7 @@
 //! The HSA model's tensors by their `DRTForCausalLM` names (HSA.md §5, the authors'
 //! `state_dict()`): one flat `ParamStore` in name order, and `Layout`, the index of every tensor
-//! the model code reads. Initialisation as theirs: N(0, initializer_range²) weights, norms 1.
+//! the model code reads. Initialisation as theirs: N(0, initializer_range²) weights (and
+//! `cls_emb`), norms 1, biases 0.
 
 use crate::backend::Backend;
 use crate::model::hsa::config::{HsaConfig, LayerKind};
@@ -25,6 +26,31 @@ pub struct MlpIdx {
     pub down: usize,
 }
 
+/// One Qwen2-style block of the chunk encoder (their model/encoder.py): an SWA-shaped attention
+/// whose q/k/v projections carry biases, and a SwiGLU MLP of width
+/// `HsaConfig::encoder_intermediate_size`.
+#[derive(Clone, Copy, Debug)]
+pub struct EncLayerIdx {
+    pub in_norm: usize,
+    pub attn: AttnIdx,
+    pub q_bias: usize,
+    pub k_bias: usize,
+    pub v_bias: usize,
+    pub post_norm: usize,
+    pub mlp: MlpIdx,
+}
+
+/// The chunking layer's encoder (`encoder_layers > 0`): `backbone.layers.{i}.encoder.*`, with
+/// `cls_emb` (`[1, 1, d]`) under `enable_enc_cls` and `enc_prenorm` under that key.
+#[derive(Clone, Debug)]
+pub struct EncoderIdx {
+    pub cls: Option<usize>,
+    pub prenorm: Option<usize>,
+    pub layers: Vec<EncLayerIdx>,
+    /// `encoder.norm`, on the last block's output.
+    pub norm: usize,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub enum LayerIdx {
     Swa {
@@ -34,7 +60,9 @@ pub enum LayerIdx {
         mlp: MlpIdx,
     },
     Chunking {
-        norm: usize,
+        /// The chunking `norm` (E = norm(X)); absent with the encoder, as theirs (its blocks are
+        /// in `Layout::encoder`).
+        norm: Option<usize>,
         proj_k: usize,
         proj_v: usize,
         lmk_ln: usize,
@@ -66,6 +94,8 @@ pub struct Layout {
     pub specs: Vec<ParamSpec>,
     pub embed: usize,
     pub layers: Vec<LayerIdx>,
+    /// The chunk encoder of the chunking layer, if `encoder_layers > 0`.
+    pub encoder: Option<EncoderIdx>,
     pub norm_f: usize,
     pub lm_head: usize,
 }
@@ -94,6 +124,12 @@ impl Builder {
     fn row(&mut self, name: String, out: usize, inp: usize) -> usize {
         self.add(name, vec![out, inp], Split::Cols)
     }
+    /// The bias of a column-parallel projection: split like its rows. Marked `is_norm` for what
+    /// that flag decides: not initialised randomly (`init_random` sets biases to 0, as their
+    /// `_init_weights`) and not weight-decayed (HF Trainer's decay list leaves biases out).
+    fn bias(&mut self, name: String, out: usize) -> usize {
+        self.add(name, vec![out], Split::Rows)
+    }
     fn attn(&mut self, p: &str, c: &HsaConfig) -> AttnIdx {
         let (d, dh) = (c.base.hidden_size, c.head_dim());
         let (hq, hk) = (c.base.num_attention_heads, c.base.num_key_value_heads);
@@ -107,11 +143,48 @@ impl Builder {
         }
     }
     fn mlp(&mut self, p: &str, c: &HsaConfig) -> MlpIdx {
-        let (d, f) = (c.base.hidden_size, c.base.intermediate_size);
+        self.mlp_width(p, c.base.hidden_size, c.base.intermediate_size)
+    }
+    fn mlp_width(&mut self, p: &str, d: usize, f: usize) -> MlpIdx {
         MlpIdx {
             gate: self.col(format!("{p}.gate_proj.weight"), f, d),
             up: self.col(format!("{p}.up_proj.weight"), f, d),
             down: self.row(format!("{p}.down_proj.weight"), d, f),
+        }
+    }
+    /// `{p}.encoder.*`, `{p}.enc_prenorm`, `{p}.cls_emb` of the chunking layer `p`.
+    fn encoder(&mut self, p: &str, c: &HsaConfig) -> EncoderIdx {
+        let (d, dh) = (c.base.hidden_size, c.head_dim());
+        let (hq, hk) = (c.base.num_attention_heads, c.base.num_key_value_heads);
+        let layers = (0..c.encoder_layers)
+            .map(|j| {
+                let q = format!("{p}.encoder.layers.{j}");
+                // Their state_dict order: self_attn, mlp, then the two norms.
+                let attn = self.attn(&format!("{q}.self_attn"), c);
+                let q_bias = self.bias(format!("{q}.self_attn.q_proj.bias"), hq * dh);
+                let k_bias = self.bias(format!("{q}.self_attn.k_proj.bias"), hk * dh);
+                let v_bias = self.bias(format!("{q}.self_attn.v_proj.bias"), hk * dh);
+                let mlp = self.mlp_width(&format!("{q}.mlp"), d, c.encoder_intermediate_size());
+                EncLayerIdx {
+                    in_norm: self.norm(format!("{q}.input_layernorm.weight"), d),
+                    attn,
+                    q_bias,
+                    k_bias,
+                    v_bias,
+                    post_norm: self.norm(format!("{q}.post_attention_layernorm.weight"), d),
+                    mlp,
+                }
+            })
+            .collect();
+        EncoderIdx {
+            layers,
+            norm: self.norm(format!("{p}.encoder.norm.weight"), d),
+            prenorm: c
+                .enc_prenorm
+                .then(|| self.norm(format!("{p}.enc_prenorm.weight"), d)),
+            cls: c
+                .enable_enc_cls
+                .then(|| self.add(format!("{p}.cls_emb"), vec![1, 1, d], Split::Replicated)),
         }
     }
 }
@@ -122,6 +195,7 @@ impl Layout {
         let mut b = Builder { specs: Vec::new() };
         let embed = b.col("backbone.embeddings.weight".into(), c.base.vocab_size, d);
         let mut layers = Vec::new();
+        let mut encoder = None;
         for (i, kind) in c.layer_kinds().into_iter().enumerate() {
             let p = format!("backbone.layers.{i}");
             layers.push(match kind {
@@ -132,7 +206,12 @@ impl Layout {
                     mlp: b.mlp(&format!("{p}.mlp"), c),
                 },
                 LayerKind::Chunking => LayerIdx::Chunking {
-                    norm: b.norm(format!("{p}.norm.weight"), d),
+                    norm: if c.encoder_layers > 0 {
+                        encoder = Some(b.encoder(&p, c));
+                        None
+                    } else {
+                        Some(b.norm(format!("{p}.norm.weight"), d))
+                    },
                     proj_k: b.col(format!("{p}.proj_k.weight"), g * dh, d),
                     proj_v: b.col(format!("{p}.proj_v.weight"), g * dh, d),
                     lmk_ln: b.col(format!("{p}.lmk_ln.weight"), c.retrieval_dim, d),
@@ -177,6 +256,7 @@ impl Layout {
             specs: b.specs,
             embed,
             layers,
+            encoder,
             norm_f,
             lm_head,
         }
@@ -196,7 +276,8 @@ impl Layout {
             .iter()
             .map(|s| {
                 let host: Vec<f32> = if s.is_norm {
-                    vec![1.0; s.numel()]
+                    let v = if s.name.ends_with(".bias") { 0.0 } else { 1.0 };
+                    vec![v; s.numel()]
                 } else {
                     let stream = rng::stream_of(&s.name);
                     (0..s.numel() as u64)
