@@ -156,7 +156,15 @@ fn hsa_with_the_chunk_encoder_trains_and_exports() {
     assert!(l[3] < l[0], "{l:?}");
     ok(
         p,
-        &["export", "--checkpoint", "a", "--out", "hf", "--dtype", "f32"],
+        &[
+            "export",
+            "--checkpoint",
+            "a",
+            "--out",
+            "hf",
+            "--dtype",
+            "f32",
+        ],
     );
     let (_, wa, _) = load_full(&p.join("a/checkpoints/step-00000004")).unwrap();
     assert_eq!(load_safetensors_dir(&p.join("hf")).unwrap(), wa);

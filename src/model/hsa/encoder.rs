@@ -18,7 +18,7 @@
 
 use crate::model::config::RopeScaling;
 use crate::model::hsa::config::HSA_NORM_EPS;
-use crate::model::hsa::model::{Ctx, Normed, linear, linear_back};
+use crate::model::hsa::ctx::{Ctx, Normed, linear, linear_back};
 use crate::model::hsa::ops::{BlockAttnShape, HsaOps};
 use crate::model::hsa::params::{EncLayerIdx, EncoderIdx};
 use crate::model::params::ParamStore;

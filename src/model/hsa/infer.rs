@@ -27,7 +27,8 @@
 use anyhow::{Result, bail, ensure};
 
 use crate::model::hsa::config::HSA_NORM_EPS;
-use crate::model::hsa::model::{Ctx, HsaModel, linear};
+use crate::model::hsa::ctx::{Ctx, linear};
+use crate::model::hsa::model::HsaModel;
 use crate::model::hsa::ops::{HsaOps, HsaShape, RetrievalShape, SwaShape};
 use crate::model::hsa::params::{AttnIdx, LayerIdx};
 

@@ -6,6 +6,7 @@
 //! and values, the chunk memory and landmarks appended chunk by chunk).
 
 pub mod config;
+pub mod ctx;
 pub mod encoder;
 pub mod infer;
 pub mod model;
