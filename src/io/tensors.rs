@@ -88,14 +88,14 @@ impl MappedFile {
             .len();
         // SAFETY: the map is read-only; a file truncated by another process while mapped would
         // fault, as with every memory-mapped reader (transformers' safetensors included).
-        let map =
-            if len == 0 {
-                None
-            } else {
-                Some(unsafe { Mmap::map(&file) }.with_context(|| {
-                    format!("memory-mapping weights file {}", path.display())
-                })?)
-            };
+        let map = if len == 0 {
+            None
+        } else {
+            Some(
+                unsafe { Mmap::map(&file) }
+                    .with_context(|| format!("memory-mapping weights file {}", path.display()))?,
+            )
+        };
         Ok(MappedFile {
             path: path.to_path_buf(),
             map,

@@ -56,7 +56,13 @@ pub(super) fn entries(path: &Path, bytes: &[u8]) -> Result<Vec<(String, TensorEn
     let archive = Archive::open(path, bytes)?;
     let value = Unpickler::new(&bytes[archive.data_pkl.clone()])
         .run()
-        .with_context(|| format!("unpickling {}/data.pkl in {}", archive.prefix, path.display()))?;
+        .with_context(|| {
+            format!(
+                "unpickling {}/data.pkl in {}",
+                archive.prefix,
+                path.display()
+            )
+        })?;
     let Value::Dict(items) = value else {
         bail!(
             "{}: data.pkl holds a {}, not a state dict (a dict of tensors)",
@@ -123,7 +129,10 @@ impl Archive {
                 "{} holds {} data.pkl records ({}); expected one",
                 path.display(),
                 many.len(),
-                many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         };
         let mut stored = |name: &str| -> Result<std::ops::Range<usize>> {
@@ -476,10 +485,14 @@ impl<'a> Unpickler<'a> {
                 .with_context(|| format!("the pickle ends at byte {at} without STOP"))?;
             self.pos += 1;
             let done = self.step(op).with_context(|| {
+                let shown = if op.is_ascii_graphic() {
+                    format!("'{}', ", op as char)
+                } else {
+                    String::new()
+                };
                 format!(
-                    "opcode {} ({:?}, 0x{op:02x}) at byte {at}",
-                    opcode_name(op),
-                    op as char
+                    "opcode {} ({shown}0x{op:02x}) at byte {at}",
+                    opcode_name(op)
                 )
             })?;
             if let Some(v) = done {
@@ -841,4 +854,213 @@ fn int_tuple(v: &Value, what: &str) -> Result<Vec<usize>> {
         bail!("{what} is a {}, not a tuple", v.kind());
     };
     t.iter().map(|x| non_negative(x, what)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unpickle(b: &[u8]) -> Result<Value> {
+        Unpickler::new(b).run()
+    }
+
+    fn err(b: &[u8]) -> String {
+        format!("{:#}", unpickle(b).unwrap_err())
+    }
+
+    fn ints(v: &Value) -> Vec<i64> {
+        let Value::Tuple(t) = v else {
+            panic!("not a tuple: {v:?}")
+        };
+        t.iter()
+            .map(|x| match x {
+                Value::Int(i) => *i,
+                other => panic!("not an int: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn torch_unpickler_integers_and_strings() {
+        let mut p = vec![0x80, 2, b'('];
+        p.extend([0x8a, 2, 0xfe, 0xff]); // LONG1 -2
+        p.extend([0x8a, 6, 0, 0, 0, 0, 0, 1]); // LONG1 2^40
+        p.extend([0x8a, 0]); // LONG1 0 (zero bytes)
+        p.extend([b'J', 0xfb, 0xff, 0xff, 0xff]); // BININT -5
+        p.extend([b'M', 0xff, 0xff]); // BININT2 65535
+        p.extend([b'K', 7, b't', b'.']);
+        assert_eq!(
+            ints(&unpickle(&p).unwrap()),
+            vec![-2, 1 << 40, 0, -5, 65535, 7]
+        );
+        // SHORT_BINUNICODE and BINUNICODE, UTF-8.
+        let p = b"\x80\x02\x8c\x02\xc3\xa9X\x02\x00\x00\x00ab\x86.";
+        let Value::Tuple(t) = unpickle(p).unwrap() else {
+            panic!()
+        };
+        assert!(
+            matches!((&t[0], &t[1]), (Value::Str(a), Value::Str(b)) if &**a == "é" && &**b == "ab")
+        );
+        assert!(err(&[0x80, 2, 0x8a, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'.']).contains("64 bits"));
+        assert!(err(b"\x80\x02X\x01\x00\x00\x00\xff.").contains("not UTF-8"));
+    }
+
+    #[test]
+    fn torch_unpickler_memo_shares_one_dict() {
+        // ( {} BINPUT 0  'a' 1 SETITEM  BINGET 0  TUPLE ): the tuple holds the same dict twice,
+        // and the item set through the first is seen through the second.
+        let p = b"\x80\x02(}q\x00X\x01\x00\x00\x00aK\x01sh\x00t.";
+        let Value::Tuple(t) = unpickle(p).unwrap() else {
+            panic!()
+        };
+        let (Value::Dict(a), Value::Dict(b)) = (&t[0], &t[1]) else {
+            panic!("{t:?}")
+        };
+        assert!(Rc::ptr_eq(a, b));
+        assert_eq!(b.borrow().len(), 1);
+        // SETITEM with an existing key replaces it, as in Python.
+        let p = b"\x80\x02}X\x01\x00\x00\x00aK\x01sX\x01\x00\x00\x00aK\x02s.";
+        let Value::Dict(d) = unpickle(p).unwrap() else {
+            panic!()
+        };
+        let d = d.borrow();
+        assert_eq!(d.len(), 1);
+        assert!(matches!(d[0].1, Value::Int(2)));
+        assert!(err(b"\x80\x02h\x05.").contains("memo entry 5 was never stored"));
+    }
+
+    #[test]
+    fn torch_unpickler_respects_marks_and_stack_bounds() {
+        let e = err(b"\x80\x02K\x01(\x85.");
+        assert!(e.contains("TUPLE1") && e.contains("at byte 5"), "{e}");
+        let e = err(b"\x80\x02K\x01(R.");
+        assert!(e.contains("REDUCE") && e.contains("across a MARK"), "{e}");
+        let e = err(b"\x80\x02t.");
+        assert!(e.contains("no MARK"), "{e}");
+        let e = err(b"\x80\x02K");
+        assert!(e.contains("ends inside an argument"), "{e}");
+        let e = err(b"\x80\x02K\x01");
+        assert!(e.contains("ends at byte 4 without STOP"), "{e}");
+        let e = err(b"\x80\x06.");
+        assert!(e.contains("protocol 6"), "{e}");
+    }
+
+    #[test]
+    fn torch_unpickler_refuses_other_opcodes_and_globals() {
+        for (p, names) in [
+            (
+                &b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00ls\x85R."[..],
+                &["os.system", "GLOBAL ('c', 0x63) at byte 2"][..],
+            ),
+            (b"\x80\x02c__builtin__\neval\n.", &["__builtin__.eval"]),
+            (b"\x80\x02cbuiltins\ngetattr\n.", &["builtins.getattr"]),
+            (b"\x80\x02ctorch\nload\n.", &["torch.load"]),
+            (
+                b"\x80\x02ctorch._utils\n_rebuild_tensor\n.",
+                &["torch._utils._rebuild_tensor "],
+            ),
+            (
+                b"\x80\x02ctorch\nUntypedStorage\n.",
+                &["torch.UntypedStorage"],
+            ),
+            (
+                b"\x80\x04\x8c\x02os\x8c\x06system\x93.",
+                &["os.system", "STACK_GLOBAL (0x93) at byte 14"],
+            ),
+            (b"\x80\x02(cos\nsystem\ni.", &["os.system"]),
+            (b"\x80\x02(i.", &["INST", "at byte 3", "not allowed"]),
+            (b"\x80\x02N)\x81.", &["NEWOBJ", "at byte 4"]),
+            (b"\x80\x02(S'x'\n.", &["STRING"]),
+            (b"\x80\x02\x99.", &["unknown opcode", "0x99"]),
+        ] {
+            let e = err(p);
+            for n in names {
+                assert!(e.contains(n), "{n} not in: {e}");
+            }
+        }
+        // Allowed globals called with arguments torch.save never writes.
+        let e = err(b"\x80\x02ccollections\nOrderedDict\nK\x01\x85R.");
+        assert!(e.contains("OrderedDict") && e.contains("(int)"), "{e}");
+        let e = err(b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nK\x01\x85R.");
+        assert!(e.contains("RebuildTensorV2"), "{e}");
+        // A persistent id that is not a storage.
+        let e = err(b"\x80\x02X\x01\x00\x00\x00xQ.");
+        assert!(e.contains("persistent id is a str"), "{e}");
+    }
+
+    fn archive(record_bytes: usize) -> Archive {
+        Archive {
+            prefix: "m".into(),
+            data_pkl: 0..0,
+            storages: HashMap::from([("0".to_string(), 100..100 + record_bytes)]),
+        }
+    }
+
+    fn tensor(numel: usize, offset: usize, shape: &[usize], stride: &[usize]) -> TensorRef {
+        TensorRef {
+            storage: Rc::new(StorageRef {
+                dtype: Dtype::F32,
+                key: "0".into(),
+                numel,
+            }),
+            offset,
+            shape: shape.to_vec(),
+            stride: stride.to_vec(),
+        }
+    }
+
+    #[test]
+    fn torch_tensor_byte_ranges_honour_offset_stride_and_bounds() {
+        let a = archive(16);
+        let e = a.tensor_entry(&tensor(4, 1, &[3], &[1])).unwrap();
+        assert_eq!((e.start, e.end, e.shape.clone()), (104, 116, vec![3]));
+        let e = a.tensor_entry(&tensor(4, 0, &[2, 2], &[2, 1])).unwrap();
+        assert_eq!((e.start, e.end), (100, 116));
+        // A size-1 dimension may have any stride; an empty tensor any offset.
+        let e = a.tensor_entry(&tensor(4, 0, &[1, 4], &[7, 1])).unwrap();
+        assert_eq!((e.start, e.end), (100, 116));
+        let e = a.tensor_entry(&tensor(4, 9, &[0, 3], &[3, 1])).unwrap();
+        assert_eq!(e.start, e.end);
+        let e = a.tensor_entry(&tensor(4, 0, &[], &[])).unwrap();
+        assert_eq!((e.start, e.end), (100, 104));
+
+        let msg = |t: TensorRef| format!("{:#}", a.tensor_entry(&t).err().unwrap());
+        let m = msg(tensor(4, 2, &[3], &[1]));
+        assert!(
+            m.contains("spans elements 2..5 of storage 0, which has 4"),
+            "{m}"
+        );
+        let m = msg(tensor(4, 0, &[2, 2], &[1, 2]));
+        assert!(m.contains("non-contiguous") && m.contains("[1, 2]"), "{m}");
+        let m = msg(tensor(4, 0, &[2], &[2]));
+        assert!(m.contains("non-contiguous"), "{m}");
+        let m = msg(tensor(5, 0, &[4], &[1]));
+        assert!(
+            m.contains("holds 16 bytes") && m.contains("5 elements"),
+            "{m}"
+        );
+        let m = msg(tensor(4, 0, &[4], &[1, 1]));
+        assert!(m.contains("differ in length"), "{m}");
+        let mut t = tensor(4, 0, &[4], &[1]);
+        Rc::get_mut(&mut t.storage).unwrap().key = "7".into();
+        let m = msg(t);
+        assert!(m.contains("no record m/data/7"), "{m}");
+    }
+
+    #[test]
+    fn torch_every_changed_byte_of_a_real_file_is_an_error_or_a_state_dict() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/torch_bin/f32")
+            .join(TORCH_SINGLE_FILE);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(entries(&path, &bytes).unwrap().len() >= 8);
+        let mut b = bytes.clone();
+        for pos in 0..bytes.len() {
+            for v in [0x00, 0x80, 0xff, b'(', b'q', b'h'] {
+                b[pos] = v;
+                let _ = entries(&path, &b);
+            }
+            b[pos] = bytes[pos];
+        }
+    }
 }
