@@ -19,7 +19,8 @@ Fixtures:
   protocol4/  torch.save(..., pickle_protocol=4): FRAME, MEMOIZE, STACK_GLOBAL, SHORT_BINUNICODE
   sharded/    a tiny LlamaForCausalLM in bf16 saved by transformers' save_pretrained with
               safe_serialization=False and a small max_shard_size: pytorch_model-0000i-of-0000N.bin
-              + pytorch_model.bin.index.json, tied embeddings included
+              + pytorch_model.bin.index.json + config.json, tied embeddings included;
+              sharded.logits.json: transformers' f32 logits of those weights for a few tokens
   refused/    files that must be refused with a clear error:
               evil.bin        a torch-layout zip whose data.pkl calls os.system (protocol 2)
               transposed.bin  a non-contiguous view (a transpose)
@@ -111,10 +112,18 @@ def main(out):
     )
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(f"{out}/sharded", safe_serialization=False, max_shard_size=1200)
-    for f in ["config.json", "generation_config.json"]:
-        os.remove(f"{out}/sharded/{f}")
+    os.remove(f"{out}/sharded/generation_config.json")
     assert not os.path.exists(f"{out}/sharded/pytorch_model.bin")
     expected(f"{out}/sharded.expected.safetensors", model.state_dict())
+    # transformers' logits of the same (bf16-rounded) weights computed in f32, eager attention:
+    # what our loader must reproduce after reading the .bin shards.
+    f32 = model.float().eval()
+    f32.config._attn_implementation = "eager"
+    tokens = [1, 5, 3, 14, 0, 9, 2]
+    with torch.no_grad():
+        logits = f32(torch.tensor([tokens])).logits[0]
+    with open(f"{out}/sharded.logits.json", "w") as f:
+        json.dump({"tokens": tokens, "logits": [float(x) for x in logits.flatten()]}, f)
 
     refused = f"{out}/refused"
     os.makedirs(refused)

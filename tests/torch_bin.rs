@@ -231,3 +231,33 @@ fn torch_bin_missing_shard_and_damaged_files_are_errors_not_panics() {
     }
     // (Every byte of a pickle changed: io::torch_bin's unit tests, in memory.)
 }
+
+/// The tiny Llama transformers saved as sharded .bin (bf16, tied embeddings) loads through
+/// `Llama::load` and gives transformers' logits (its f32 forward of the same weights).
+#[test]
+fn torch_bin_llama_from_save_pretrained_gives_transformers_logits() {
+    use ultralong::backend::cpu::CpuBackend;
+    use ultralong::model::llama::{Head, Llama, Workspace};
+
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("sharded.logits.json")).unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<u32> = serde_json::from_value(reference["tokens"].clone()).unwrap();
+    let theirs: Vec<f32> = serde_json::from_value(reference["logits"].clone()).unwrap();
+
+    let b = CpuBackend::<f32>::new();
+    let model = Llama::load(&b, &fixtures().join("sharded"), "exact".parse().unwrap()).unwrap();
+    let mut ws = Workspace::new(&b, &model.cfg, ids.len(), false, 16);
+    let mut ours = Vec::new();
+    model.forward_backward(&b, &mut ws, &ids, 0, Head::Logits(&mut ours), None);
+    assert_eq!(ours.len(), theirs.len());
+    let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = ours
+        .iter()
+        .zip(&theirs)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale;
+    eprintln!("logits max relative error {err:.3e}");
+    assert!(err < 1e-5, "logits relative error {err:e}");
+}
