@@ -63,7 +63,7 @@ pub(super) fn entries(path: &Path, bytes: &[u8]) -> Result<Vec<(String, TensorEn
                 path.display()
             )
         })?;
-    let Value::Dict(items) = value else {
+    let Value::Dict(items) = &value else {
         bail!(
             "{}: data.pkl holds a {}, not a state dict (a dict of tensors)",
             path.display(),
@@ -366,6 +366,41 @@ impl Value {
             (Value::None, Value::None) => true,
             (Value::Bool(a), Value::Bool(b)) => a == b,
             _ => false,
+        }
+    }
+}
+
+/// Dropping iteratively: a crafted pickle can nest a million tuples in a megabyte, and the
+/// derived, recursive drop would overflow the stack (an abort, not an error).
+impl Drop for Value {
+    fn drop(&mut self) {
+        fn take_children(v: &mut Value, work: &mut Vec<Value>) {
+            match v {
+                Value::Tuple(t) => {
+                    if let Some(items) = Rc::get_mut(t) {
+                        work.append(items);
+                    }
+                }
+                Value::List(l) => {
+                    if let Some(items) = Rc::get_mut(l) {
+                        work.append(items.get_mut());
+                    }
+                }
+                Value::Dict(d) => {
+                    if let Some(items) = Rc::get_mut(d) {
+                        for (k, v) in items.get_mut().drain(..) {
+                            work.push(k);
+                            work.push(v);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut work = Vec::new();
+        take_children(self, &mut work);
+        while let Some(mut v) = work.pop() {
+            take_children(&mut v, &mut work);
         }
     }
 }
@@ -895,7 +930,7 @@ mod tests {
         );
         // SHORT_BINUNICODE and BINUNICODE, UTF-8.
         let p = b"\x80\x02\x8c\x02\xc3\xa9X\x02\x00\x00\x00ab\x86.";
-        let Value::Tuple(t) = unpickle(p).unwrap() else {
+        let Value::Tuple(t) = &unpickle(p).unwrap() else {
             panic!()
         };
         assert!(
@@ -910,7 +945,7 @@ mod tests {
         // ( {} BINPUT 0  'a' 1 SETITEM  BINGET 0  TUPLE ): the tuple holds the same dict twice,
         // and the item set through the first is seen through the second.
         let p = b"\x80\x02(}q\x00X\x01\x00\x00\x00aK\x01sh\x00t.";
-        let Value::Tuple(t) = unpickle(p).unwrap() else {
+        let Value::Tuple(t) = &unpickle(p).unwrap() else {
             panic!()
         };
         let (Value::Dict(a), Value::Dict(b)) = (&t[0], &t[1]) else {
@@ -920,13 +955,25 @@ mod tests {
         assert_eq!(b.borrow().len(), 1);
         // SETITEM with an existing key replaces it, as in Python.
         let p = b"\x80\x02}X\x01\x00\x00\x00aK\x01sX\x01\x00\x00\x00aK\x02s.";
-        let Value::Dict(d) = unpickle(p).unwrap() else {
+        let Value::Dict(d) = &unpickle(p).unwrap() else {
             panic!()
         };
         let d = d.borrow();
         assert_eq!(d.len(), 1);
         assert!(matches!(d[0].1, Value::Int(2)));
         assert!(err(b"\x80\x02h\x05.").contains("memo entry 5 was never stored"));
+    }
+
+    #[test]
+    fn torch_unpickler_drops_deep_nesting_without_overflow() {
+        // A million nested 1-tuples in a megabyte: returned, or left on the stack by an error.
+        let mut p = vec![0x80, 2, b')'];
+        p.extend(std::iter::repeat_n(0x85, 1_000_000));
+        let mut ok = p.clone();
+        ok.push(b'.');
+        assert!(matches!(unpickle(&ok).unwrap(), Value::Tuple(_)));
+        p.push(b'i');
+        assert!(err(&p).contains("INST"));
     }
 
     #[test]
