@@ -2,12 +2,14 @@
 //!
 //! Tensors cross this boundary as f32 on the host ([`HostTensor`]); the file dtype (bf16, f16,
 //! f32) is converted on the way in and out. `tensors` holds the safetensors reading and writing,
-//! `files` the plain-file helpers (digests, tokenizer files), `atomic` the outputs that appear
+//! `torch_bin` the reading of PyTorch state-dict files (`pytorch_model.bin`, a restricted
+//! unpickler), `files` the plain-file helpers (digests, tokenizer files), `atomic` the outputs that appear
 //! whole or not at all (files, plots, dataset and checkpoint directories).
 
 mod atomic;
 mod files;
 mod tensors;
+mod torch_bin;
 
 use std::fmt;
 use std::str::FromStr;
@@ -20,6 +22,7 @@ pub use tensors::{
     INDEX_FILE, MappedTensors, SINGLE_FILE, load_safetensors_dir, load_safetensors_file,
     save_safetensors_dir, save_safetensors_file,
 };
+pub use torch_bin::{TORCH_INDEX_FILE, TORCH_SINGLE_FILE};
 
 /// The floating-point dtypes a model file may hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

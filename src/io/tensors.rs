@@ -1,5 +1,7 @@
 //! safetensors in and out: one file, or a Hugging Face directory (single `model.safetensors` or
 //! shards with `model.safetensors.index.json`), laid out exactly as transformers writes them.
+//! A directory holding only PyTorch weights (`pytorch_model.bin` or its shards) loads the same
+//! way through `torch_bin`, which turns each tensor into a byte range of the mapped file.
 //!
 //! Loading memory-maps the files ([`MappedTensors`]) and decodes bf16/f16/f32 to f32 in parallel,
 //! a whole tensor or only a range of its rows or columns (a tensor-parallel rank's slice), so the
@@ -21,6 +23,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
 
 use super::atomic::{AtomicFile, sync_dir, write_atomic};
+use super::torch_bin::{self, TORCH_INDEX_FILE, TORCH_SINGLE_FILE, is_torch_file};
 use super::{DType, HostTensor, TensorMap};
 
 /// The single-file weights name transformers uses.
@@ -39,7 +42,8 @@ pub fn load_safetensors_file(path: &Path) -> Result<TensorMap> {
 }
 
 /// Load every tensor of a HF model directory: `model.safetensors` (preferred when present, as in
-/// transformers), else the shards listed in `model.safetensors.index.json`. The index and the
+/// transformers), else the shards listed in `model.safetensors.index.json`, else PyTorch weights
+/// (`pytorch_model.bin`, else the shards of `pytorch_model.bin.index.json`). The index and the
 /// shards must agree exactly: a tensor the index promises but its shard lacks, or a tensor a
 /// shard holds that the index does not map to it, is an error.
 pub fn load_safetensors_dir(dir: &Path) -> Result<TensorMap> {
@@ -63,35 +67,35 @@ struct MappedFile {
 }
 
 #[derive(Clone)]
-struct TensorEntry {
-    dtype: Dtype,
-    shape: Vec<usize>,
+pub(super) struct TensorEntry {
+    pub(super) dtype: Dtype,
+    pub(super) shape: Vec<usize>,
     /// Byte range of the data in the file.
-    start: usize,
-    end: usize,
+    pub(super) start: usize,
+    pub(super) end: usize,
 }
 
 impl MappedFile {
     fn open(path: &Path) -> Result<Self> {
         if !path.is_file() {
-            bail!("safetensors file {} does not exist", path.display());
+            bail!("weights file {} does not exist", path.display());
         }
         let file = fs::File::open(path)
-            .with_context(|| format!("reading safetensors file {}", path.display()))?;
+            .with_context(|| format!("reading weights file {}", path.display()))?;
         let len = file
             .metadata()
-            .with_context(|| format!("reading safetensors file {}", path.display()))?
+            .with_context(|| format!("reading weights file {}", path.display()))?
             .len();
         // SAFETY: the map is read-only; a file truncated by another process while mapped would
         // fault, as with every memory-mapped reader (transformers' safetensors included).
-        let map =
-            if len == 0 {
-                None
-            } else {
-                Some(unsafe { Mmap::map(&file) }.with_context(|| {
-                    format!("memory-mapping safetensors file {}", path.display())
-                })?)
-            };
+        let map = if len == 0 {
+            None
+        } else {
+            Some(
+                unsafe { Mmap::map(&file) }
+                    .with_context(|| format!("memory-mapping weights file {}", path.display()))?,
+            )
+        };
         Ok(MappedFile {
             path: path.to_path_buf(),
             map,
@@ -103,8 +107,16 @@ impl MappedFile {
     }
 
     /// Every tensor of the file with its absolute byte range; the file is validated whole
-    /// (header, offsets, length) as `SafeTensors::deserialize` does.
+    /// (header, offsets, length) as `SafeTensors::deserialize` does, a PyTorch file (.bin, .pt,
+    /// .pth) by `torch_bin`'s restricted unpickler.
     fn entries(&self) -> Result<Vec<(String, TensorEntry)>> {
+        if is_torch_file(&self.path) {
+            let entries = torch_bin::entries(&self.path, self.bytes())?;
+            for (name, e) in &entries {
+                dtype_size(name, e.dtype, &self.path)?;
+            }
+            return Ok(entries);
+        }
         let st = SafeTensors::deserialize(self.bytes()).with_context(|| {
             format!(
                 "{} is not a valid safetensors file (corrupt or truncated?)",
@@ -143,7 +155,7 @@ impl MappedFile {
 }
 
 impl MappedTensors {
-    /// One safetensors file.
+    /// One safetensors file, or a PyTorch state-dict file (.bin, .pt, .pth).
     pub fn open_file(path: &Path) -> Result<Self> {
         let file = MappedFile::open(path)?;
         let tensors = file
@@ -165,17 +177,19 @@ impl MappedTensors {
                 dir.display()
             );
         }
-        let single = dir.join(SINGLE_FILE);
-        if single.is_file() {
-            return Self::open_file(&single);
-        }
-        let index = dir.join(INDEX_FILE);
-        if !index.is_file() {
+        // transformers' order: safetensors (single, then sharded) before PyTorch weights.
+        let names = [SINGLE_FILE, INDEX_FILE, TORCH_SINGLE_FILE, TORCH_INDEX_FILE];
+        let Some(found) = names.iter().map(|n| dir.join(n)).find(|p| p.is_file()) else {
             bail!(
-                "model directory {} has neither {SINGLE_FILE} nor {INDEX_FILE}",
-                dir.display()
+                "model directory {} has none of {}",
+                dir.display(),
+                names.join(", ")
             );
+        };
+        if !found.to_string_lossy().ends_with(".index.json") {
+            return Self::open_file(&found);
         }
+        let index = found;
         let weight_map = read_weight_map(&index)?;
 
         let mut by_shard: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
