@@ -79,3 +79,40 @@ fn the_binary_evaluates_the_authors_checkpoint() {
             .unwrap();
     assert!(j["mean_loss"].as_f64().unwrap().is_finite());
 }
+
+/// `forward --out` on the authors' checkpoint writes the numpy model's logits.
+#[test]
+fn forward_writes_the_numpy_logits() {
+    let d = tempfile::tempdir().unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap())
+            .unwrap();
+    std::fs::write(d.path().join("ids.json"), want["ids"].to_string()).unwrap();
+    let m = fixture().display().to_string();
+    let out = ok(
+        d.path(),
+        &[
+            "forward",
+            "--model",
+            &m,
+            "--tokens",
+            "ids.json",
+            "--precision",
+            "f64",
+            "--out",
+            "l.safetensors",
+        ],
+    );
+    assert!(out.contains("\"model\":\"HSA\""), "{out}");
+    let got = ultralong::io::load_safetensors_file(&d.path().join("l.safetensors")).unwrap();
+    let rows: Vec<Vec<f64>> = serde_json::from_value(want["logits"].clone()).unwrap();
+    let flat = rows.concat();
+    let g = &got["logits"].data;
+    let scale = flat.iter().fold(0f64, |a, x| a.max(x.abs()));
+    let err = g
+        .iter()
+        .zip(&flat)
+        .fold(0f64, |a, (&x, y)| a.max((x as f64 - y).abs()))
+        / scale;
+    assert!(err < 1e-6, "{err:e}");
+}

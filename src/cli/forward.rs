@@ -1,6 +1,7 @@
 //! `ultralong forward`: one forward pass (and backward with `--grads`) over a JSON array of token
 //! ids, printing the mean next-token loss as one JSON line. The reference for every other layout:
-//! under MPI with TP/CP it must give the same numbers as one rank.
+//! under MPI with TP/CP it must give the same numbers as one rank. The HSA model (`DRTForCausalLM`)
+//! runs on one CPU rank over one sequence.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -9,10 +10,16 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::backend::Backend;
+use crate::backend::cpu::CpuBackend;
 use crate::backend::select::BackendKind;
 use crate::data::loader::zigzag_chunks;
 use crate::io::{self, DType, HostTensor, TensorMap};
+use crate::model::arch::ArchConfig;
+use crate::model::hsa::config::HsaConfig;
+use crate::model::hsa::model::{Head as HsaHead, HsaModel};
+use crate::model::hsa::ops::HsaOps;
 use crate::model::llama::{Head, Llama, Workspace};
+use crate::model::params::Shard;
 use crate::model::rope::RopePrecision;
 use crate::parallel::any::{World, run_world};
 use crate::parallel::comm::Comm;
@@ -69,15 +76,21 @@ pub struct ForwardArgs {
 
 pub fn run(a: ForwardArgs) -> Result<()> {
     let kind = BackendKind::parse(("--backend", &a.backend), ("--precision", &a.precision))?;
+    let cfg = a.model.join("config.json");
+    if cfg.is_file()
+        && let ArchConfig::Hsa(h) = ArchConfig::from_file(&cfg)?
+    {
+        crate::eval::lm::check_backend(&a.model, kind)?;
+        return match kind {
+            BackendKind::CpuF64 => run_hsa(&CpuBackend::<f64>::new(), h, &a),
+            _ => run_hsa(&CpuBackend::<f32>::new(), h, &a),
+        };
+    }
     crate::on_backend!(kind, |b| run_world(|world| run_ranks(b, world, &a)))
 }
 
-fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
-    let topo = Topology::new(world.comm(), a.tp, a.cp)?;
-    let layout = topo.layout;
-    let precision: RopePrecision = a.rope_precision.parse()?;
-    let model = Llama::load_shard(b, &a.model, precision, topo.shard())?;
-    layout.check_model(&model.cfg)?;
+/// The tokens of `--tokens` or `--text`, cut to `--max-tokens`, with their source's name.
+fn read_ids(a: &ForwardArgs) -> Result<(Vec<u32>, String)> {
     let (mut ids, source) = match (&a.tokens, &a.text) {
         (Some(p), _) => (load_token_file(p)?, p.display().to_string()),
         (None, Some(p)) => (
@@ -89,6 +102,68 @@ fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
     if let Some(n) = a.max_tokens {
         ids.truncate(n);
     }
+    Ok((ids, source))
+}
+
+/// The HSA model (`DRTForCausalLM`) on one CPU rank: one sequence (a multiple of chunk_size), its
+/// mean next-token loss, `--out` logits and `--grads` as for a Llama.
+fn run_hsa<B: HsaOps>(b: &B, cfg: HsaConfig, a: &ForwardArgs) -> Result<()> {
+    if a.tp != 1 || a.cp != 1 || a.sequences != 1 {
+        bail!(
+            "forward runs the HSA model on one rank over one sequence: --tp, --cp and --sequences must be 1"
+        );
+    }
+    let (ids, source) = read_ids(a)?;
+    let t = ids.len();
+    if t < 2 {
+        bail!("{source}: need at least 2 tokens for a next-token loss, got {t}");
+    }
+    let arch = ArchConfig::Hsa(cfg.clone());
+    let files = io::MappedTensors::open_dir(&a.model)?;
+    let params = arch.params_from_files(b, &files, &a.model.display().to_string(), Shard::WHOLE)?;
+    let model = HsaModel::new(cfg, params)?;
+    let mut targets: Vec<i32> = ids[1..].iter().map(|&x| x as i32).collect();
+    targets.push(-1);
+    let mut grads = a.grads.as_ref().map(|_| model.params.zeros_like(b));
+    let n = (t - 1) as f64;
+    let head = HsaHead::Loss {
+        targets: &targets,
+        grad_scale: 1.0 / n,
+    };
+    let (sum, _) = model
+        .forward_backward(b, &ids, a.position_offset, head, grads.as_mut())
+        .with_context(|| source.clone())?;
+    let meta = |kind: &str| {
+        HashMap::from([(
+            "producer".to_string(),
+            format!("ultralong forward ({kind})"),
+        )])
+    };
+    if let Some(out) = &a.out {
+        let (_, logits) =
+            model.forward_backward(b, &ids, a.position_offset, HsaHead::Logits, None)?;
+        let vocab = model.cfg.base.vocab_size;
+        let f: Vec<f32> = logits.iter().map(|&x| x as f32).collect();
+        let map = TensorMap::from([("logits".to_string(), HostTensor::new(vec![t, vocab], f))]);
+        io::save_safetensors_file(out, &map, DType::F32, Some(meta("logits")))?;
+    }
+    if let (Some(path), Some(g)) = (&a.grads, &grads) {
+        io::save_safetensors_file(path, &g.to_host(b), DType::F32, Some(meta("grads")))?;
+    }
+    println!(
+        "{}",
+        serde_json::json!({"loss": sum / n, "tokens": t, "backend": b.name(), "model": "HSA"})
+    );
+    Ok(())
+}
+
+fn run_ranks<B: Backend>(b: &B, world: &World, a: &ForwardArgs) -> Result<()> {
+    let topo = Topology::new(world.comm(), a.tp, a.cp)?;
+    let layout = topo.layout;
+    let precision: RopePrecision = a.rope_precision.parse()?;
+    let model = Llama::load_shard(b, &a.model, precision, topo.shard())?;
+    layout.check_model(&model.cfg)?;
+    let (ids, source) = read_ids(a)?;
     let t = ids.len();
     let n_seq = a.sequences.max(1);
     if t % n_seq != 0 {
