@@ -153,6 +153,13 @@ impl ModelConfig {
                 kind(&raw)
             )
         })?;
+        if is_hsa(&raw) {
+            bail!(
+                "{source}: architectures [\"DRTForCausalLM\"] is the HSA model, which this command \
+                 does not take (the HSA model runs under init, train, export, forward, generate, \
+                 eval and bench train)"
+            );
+        }
         let top = Keys::new(obj, "", source);
 
         let vocab_size = top.required(Keys::size, "vocab_size")?;
@@ -720,6 +727,13 @@ fn kind(v: &Value) -> &'static str {
         Value::Array(_) => "array",
         Value::Object(_) => "object",
     }
+}
+
+/// Whether a config.json object describes the HSA model (`DRTForCausalLM`, `model::hsa`).
+pub fn is_hsa(raw: &Value) -> bool {
+    raw.get("architectures")
+        .and_then(Value::as_array)
+        .is_some_and(|a| a.iter().any(|v| v.as_str() == Some("DRTForCausalLM")))
 }
 
 #[cfg(test)]

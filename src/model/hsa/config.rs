@@ -129,12 +129,7 @@ impl Keys<'_> {
     }
 }
 
-/// Whether a config.json object describes the HSA model.
-pub fn is_hsa(raw: &Value) -> bool {
-    raw.get("architectures")
-        .and_then(Value::as_array)
-        .is_some_and(|a| a.iter().any(|v| v.as_str() == Some("DRTForCausalLM")))
-}
+pub use crate::model::config::is_hsa;
 
 impl HsaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -176,6 +171,9 @@ impl HsaConfig {
             };
         let mut base_obj = obj.clone();
         base_obj.insert("num_hidden_layers".into(), Value::from(flat.max(1)));
+        // ModelConfig refuses DRTForCausalLM (a Llama-only command given the HSA model);
+        // `to_hf_json` writes it back.
+        base_obj.remove("architectures");
         let base = ModelConfig::from_json_str(&Value::Object(base_obj).to_string(), source)?;
         let (d, h) = (base.hidden_size, base.num_attention_heads);
         ensure!(
