@@ -186,3 +186,86 @@ fn tp_must_divide_the_groups() {
         assert!(e.contains("num_kv_heads") && e.contains("tp = 2"), "{e}");
     }
 }
+
+/// Two groups and the CLS chunk encoder, shaped for the binary's tokenizer (vocab 384).
+const HSA_TP_CONFIG: &str = r#"{
+  "architectures": ["DRTForCausalLM"], "model_type": "llama",
+  "vocab_size": 384, "hidden_size": 32, "intermediate_size": 64,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "num_kv_heads": 2,
+  "num_lower_layers": 1, "num_upper_layers": 2, "num_upper_groups": 2,
+  "sliding_window": 8, "chunk_size": 8, "chunk_topk": 2, "retrieval_dim": 16,
+  "encoder_layers": 1, "enable_enc_cls": true, "enc_prenorm": true,
+  "rms_norm_eps": 1e-5, "layer_norm_epsilon": 1e-5,
+  "initializer_range": 0.05, "rope_theta": 10000.0, "max_position_embeddings": 128,
+  "enable_softmax": true, "enable_qk_norm": true, "enable_lmk_norm": true, "hsa_only": false,
+  "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 1
+}"#;
+
+/// `mpirun -np 2 ... parallel.tp=2` trains as one rank does (f32: within 1e-4 relative), and its
+/// checkpoint (TP shards) resumes on one rank, continuing the same losses.
+#[test]
+fn tp2_through_the_binary_matches_one_rank_and_resumes_on_tp1() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    model_from_config(p, HSA_TP_CONFIG, 3);
+    std::fs::write(p.join("a.toml"), run_config(10, "a")).unwrap();
+    let straight = losses(&ok(p, &["train", "--config", "a.toml"]));
+    assert_eq!(straight.len(), 10);
+    assert!(straight[9] < straight[0] - 0.3, "{straight:?}");
+    let tp2 = [
+        "train",
+        "--config",
+        "a.toml",
+        "--set",
+        "parallel.tp=2",
+        "--set",
+        "train.out_dir=\"t\"",
+    ];
+    let mut leg1 = tp2.to_vec();
+    leg1.extend(["--stop-after-steps", "5"]);
+    let first = losses(&mpirun_ok(p, 2, &leg1));
+    assert_eq!(first.len(), 5);
+    let second = losses(&ok(
+        p,
+        &[
+            "train",
+            "--config",
+            "a.toml",
+            "--set",
+            "train.out_dir=\"t\"",
+            "--resume",
+        ],
+    ));
+    let joined: Vec<f64> = first.into_iter().chain(second).collect();
+    assert_eq!(joined.len(), 10);
+    let worst = straight
+        .iter()
+        .zip(&joined)
+        .map(|(x, y)| (x - y).abs() / x.abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst < 1e-4,
+        "tp 2 then tp 1 {joined:?} vs one rank {straight:?}"
+    );
+    eprintln!(
+        "HSA tp 2 (5 steps) then tp 1 (5 steps) vs one rank: worst relative loss error {worst:.1e}"
+    );
+}
+
+/// `train` refuses, before the ranks start, a tp that does not divide the groups.
+#[test]
+fn train_refuses_tp_that_does_not_divide_the_groups() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let cfg = HSA_TP_CONFIG.replace("\"num_kv_heads\": 2", "\"num_kv_heads\": 1");
+    model_from_config(p, &cfg, 3);
+    std::fs::write(p.join("a.toml"), run_config(2, "a")).unwrap();
+    let args = ["train", "--config", "a.toml", "--set", "parallel.tp=2"];
+    let o = mpirun(p, 2, &args, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("num_kv_heads") && err.contains("parallel.tp = 2"),
+        "{err}"
+    );
+}

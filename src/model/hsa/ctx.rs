@@ -197,7 +197,20 @@ impl<'a, B: HsaOps> Ctx<'a, B> {
     ) {
         let b = self.b;
         if self.sh.tp() == 1 {
-            b.gemm(out, 0, x, 0, self.w(w), 0, rows, outw, inp, false, true, true);
+            b.gemm(
+                out,
+                0,
+                x,
+                0,
+                self.w(w),
+                0,
+                rows,
+                outw,
+                inp,
+                false,
+                true,
+                true,
+            );
             return;
         }
         let mut y = linear(b, x, self.w(w), rows, outw, inp);

@@ -18,13 +18,13 @@
 
 use anyhow::{Result, ensure};
 
+use crate::backend::{NOT_IN_SHARD, TARGET_ELSEWHERE, TARGET_IGNORE};
 use crate::model::hsa::config::{HSA_NORM_EPS, HsaConfig};
 pub(super) use crate::model::hsa::ctx::{Ctx, Normed, linear, linear_back};
+use crate::model::hsa::ctx::{OneRank, Shares, TpGroup};
 use crate::model::hsa::encoder::Front;
 use crate::model::hsa::ops::{Fusion, HsaOps, HsaShape, RetrievalShape, SwaShape};
 use crate::model::hsa::params::{AttnIdx, EncoderIdx, LayerIdx, Layout, MlpIdx};
-use crate::backend::{NOT_IN_SHARD, TARGET_ELSEWHERE, TARGET_IGNORE};
-use crate::model::hsa::ctx::{OneRank, Shares, TpGroup};
 use crate::model::llama::{combine_ce_stats, gather_ce_stats};
 use crate::model::params::{ParamStore, Shard};
 use crate::model::rope::{Rope, RopePrecision};
