@@ -14,6 +14,7 @@ use ultralong::backend::Backend;
 use ultralong::backend::cpu::CpuBackend;
 use ultralong::io::TensorMap;
 use ultralong::model::hsa::config::HsaConfig;
+use ultralong::model::hsa::model::Head;
 use ultralong::model::hsa::params::Layout;
 use ultralong::model::params::ParamStore;
 use ultralong::parallel::any::AnyComm;
@@ -73,8 +74,9 @@ fn batch() -> Vec<(Vec<u32>, Vec<i32>)> {
 
 type Grads = BTreeMap<String, Vec<f64>>;
 
-/// The batch's mean loss and the full gradient of every tensor under (tp, dp), from rank 0.
-fn run_layout(cfg: &HsaConfig, host: &TensorMap, tp: usize, dp: usize) -> (f64, Grads) {
+/// The batch's mean loss, the full gradient of every tensor and the first sequence's logits
+/// (`Head::Logits`, gathered over the vocabulary shards) under (tp, dp), from rank 0.
+fn run_layout(cfg: &HsaConfig, host: &TensorMap, tp: usize, dp: usize) -> (f64, Grads, Vec<f64>) {
     let seqs = batch();
     let mut out = ThreadComm::run(tp * dp, |world: AnyComm| {
         let b = CpuBackend::<f64>::new();
@@ -104,7 +106,11 @@ fn run_layout(cfg: &HsaConfig, host: &TensorMap, tp: usize, dp: usize) -> (f64, 
                 (s.name.clone(), s.join_shards(&all, n))
             })
             .collect();
-        (loss, grads)
+        let (_, logits) = run
+            .model
+            .forward_backward_tp(&b, &topo.tp, &seqs[0].0, 3, Head::Logits, None)
+            .unwrap();
+        (loss, grads, logits)
     });
     out.swap_remove(0)
 }
@@ -112,9 +118,19 @@ fn run_layout(cfg: &HsaConfig, host: &TensorMap, tp: usize, dp: usize) -> (f64, 
 fn check(extra: Value) {
     let cfg = tiny(extra.clone());
     let host = weights(&cfg);
-    let (l1, g1) = run_layout(&cfg, &host, 1, 1);
+    let (l1, g1, z1) = run_layout(&cfg, &host, 1, 1);
     for (tp, dp) in [(2, 1), (2, 2)] {
-        let (l, g) = run_layout(&cfg, &host, tp, dp);
+        let (l, g, z) = run_layout(&cfg, &host, tp, dp);
+        assert_eq!(z.len(), z1.len());
+        let ez = z
+            .iter()
+            .zip(&z1)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            ez < 1e-12,
+            "{extra} tp {tp} dp {dp}: logits differ by {ez:e}"
+        );
         let el = (l - l1).abs() / l1.abs();
         assert!(el < 1e-12, "{extra} tp {tp} dp {dp}: loss {l} vs {l1}");
         let mut worst = (0.0f64, String::new());
@@ -136,8 +152,8 @@ fn check(extra: Value) {
             }
         }
         eprintln!(
-            "HSA tp {tp} × dp {dp} {extra}: loss error {el:.1e}, {} tensors, worst gradient \
-             error {:.1e} in {}",
+            "HSA tp {tp} × dp {dp} {extra}: loss error {el:.1e}, logits {ez:.1e}, {} tensors, \
+             worst gradient error {:.1e} in {}",
             g.len(),
             worst.0,
             worst.1
