@@ -8,6 +8,8 @@ use clap::Args;
 use crate::backend::select::BackendKind;
 use crate::model::arch::ArchConfig;
 use crate::model::hf::require_model_dir;
+use crate::model::hsa::ctx::Shares;
+use crate::model::params::Shard;
 use crate::parallel::any::{World, detect_launch, run_world};
 use crate::parallel::device_comm::with_device_collectives;
 use crate::parallel::topology::{Layout, Topology};
@@ -109,14 +111,21 @@ fn check_before_world(cfg: &RunConfig, resume: bool, kind: BackendKind) -> Resul
                 if kind == BackendKind::Cuda {
                     bail!("{HSA_NOT_ON_CUDA}");
                 }
-                if cfg.parallel.tp != 1 || cfg.parallel.cp != 1 {
+                if cfg.parallel.cp != 1 {
                     bail!(
-                        "the HSA model trains with data parallelism only for now: parallel.tp = \
-                         {} and parallel.cp = {} must be 1",
-                        cfg.parallel.tp,
+                        "the HSA model trains with tensor and data parallelism only for now: \
+                         parallel.cp = {} must be 1",
                         cfg.parallel.cp
                     );
                 }
+                Shares::new(
+                    &h,
+                    Shard {
+                        rank: 0,
+                        size: cfg.parallel.tp,
+                    },
+                )
+                .context("the model and the layout (parallel.tp, --tp)")?;
                 if !cfg.train.seq_len.is_multiple_of(h.chunk_size) {
                     bail!(
                         "train.seq_len = {} must be a multiple of the HSA model's chunk_size {} \

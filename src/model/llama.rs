@@ -1083,7 +1083,7 @@ fn chunk_ce<B: Backend, C: Comm>(
 /// Combine per-shard cross-entropy statistics `[max, sum, target]` of each row over the TP group:
 /// the global max, sum and loss (None where no shard holds a target).
 #[allow(clippy::type_complexity)]
-fn combine_ce_stats(
+pub(crate) fn combine_ce_stats(
     parts: &[Vec<crate::backend::CeStats>],
     rows: usize,
 ) -> (Vec<f64>, Vec<f64>, Vec<Option<f64>>) {
@@ -1444,7 +1444,7 @@ impl<B: Backend> Llama<B> {
 }
 
 /// All-gather each TP rank's cross-entropy statistics (3 f64 per row; no target = NaN).
-fn gather_ce_stats<C: Comm>(
+pub(crate) fn gather_ce_stats<C: Comm>(
     tp: &C,
     stats: &[crate::backend::CeStats],
 ) -> Vec<Vec<crate::backend::CeStats>> {

@@ -2,7 +2,8 @@
 //! (`model::arch`): its parameters, one rank's forward and backward over a global batch
 //! (`train::step`'s split), and its FLOP count. `LlamaRun` is a Llama with its workspace (any
 //! layout, any backend); `HsaRun` is the HSA model (docs/HSA.md), on backends that have the HSA
-//! operations (`HsaOps`: the CPU backend today), one sequence per DP rank with tp = cp = 1.
+//! operations (`HsaOps`: the CPU backend today), one sequence per DP rank, split over TP
+//! (`HsaModel::forward_backward_tp`), cp = 1.
 //!
 //! `ModelBackend` tells, per backend, which architectures it can build: the CUDA backend has no
 //! HSA kernels yet and says so in one line instead of failing inside a pass.
@@ -18,7 +19,7 @@ use crate::model::hsa::config::HsaConfig;
 use crate::model::hsa::model::{Head as HsaHead, HsaModel};
 use crate::model::hsa::ops::HsaOps;
 use crate::model::llama::{Llama, Workspace};
-use crate::model::params::ParamStore;
+use crate::model::params::{ParamStore, Shard};
 use crate::model::rope::RopePrecision;
 use crate::parallel::comm::{Comm, ReduceOp};
 use crate::parallel::topology::Topology;
@@ -125,10 +126,9 @@ impl<B: HsaOps> HsaRun<B> {
     ) -> Result<Self> {
         let l = topo.layout;
         ensure!(
-            l.tp == 1 && l.cp == 1,
-            "the HSA model trains with data parallelism only for now: parallel.tp = {} and \
-             parallel.cp = {} must be 1",
-            l.tp,
+            l.cp == 1,
+            "the HSA model trains with tensor and data parallelism only for now: parallel.cp = \
+             {} must be 1",
             l.cp
         );
         ensure!(
@@ -138,7 +138,14 @@ impl<B: HsaOps> HsaRun<B> {
         );
         Ok(HsaRun {
             arch: ArchConfig::Hsa(cfg.clone()),
-            model: HsaModel::new(cfg, params)?,
+            model: HsaModel::new_shard(
+                cfg,
+                params,
+                Shard {
+                    rank: topo.tp_rank,
+                    size: l.tp,
+                },
+            )?,
         })
     }
 }
@@ -166,8 +173,9 @@ impl<B: HsaOps> TrainModel<B> for HsaRun<B> {
         let n = batch.targets() as f64;
         let mut loss = 0.0;
         for s in batch.local(topo)? {
-            let (l, _) = self.model.forward_backward(
+            let (l, _) = self.model.forward_backward_tp(
                 b,
+                &topo.tp,
                 &s.ids,
                 batch.pos0,
                 HsaHead::Loss {

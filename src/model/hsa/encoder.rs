@@ -585,6 +585,8 @@ mod tests {
                 t,
                 cos: b.zeros(0),
                 sin: b.zeros(0),
+                sh: m.shares,
+                tp: &crate::model::hsa::ctx::OneRank,
             };
             let l = m
                 .layout

@@ -11,24 +11,33 @@
 //! `reset_hsa_residual` (HSA.md §2.3). Gradients reach the retrieval scores only through the
 //! fusion weights; the top-k indices are constants.
 //!
-//! One rank, tp = cp = 1; activations are allocated per pass (this is the reference path).
+//! Tensor parallelism (`forward_backward_tp`, ctx.rs): SWA layers split their query and KV
+//! heads, MLPs their columns, the chunk memory, retrieval and HSA blocks their groups, the
+//! embedding and LM head their vocabulary rows (cross-entropy statistics combined over TP); the
+//! chunk encoder is replicated. cp = 1; activations are allocated per pass (the reference path).
 
 use anyhow::{Result, ensure};
 
+use crate::backend::{NOT_IN_SHARD, TARGET_ELSEWHERE, TARGET_IGNORE};
 use crate::model::hsa::config::{HSA_NORM_EPS, HsaConfig};
 pub(super) use crate::model::hsa::ctx::{Ctx, Normed, linear, linear_back};
+use crate::model::hsa::ctx::{OneRank, Shares, TpGroup};
 use crate::model::hsa::encoder::Front;
 use crate::model::hsa::ops::{Fusion, HsaOps, HsaShape, RetrievalShape, SwaShape};
 use crate::model::hsa::params::{AttnIdx, EncoderIdx, LayerIdx, Layout, MlpIdx};
-use crate::model::params::ParamStore;
+use crate::model::llama::{combine_ce_stats, gather_ce_stats};
+use crate::model::params::{ParamStore, Shard};
 use crate::model::rope::{Rope, RopePrecision};
+use crate::parallel::comm::{Comm, SelfComm};
 
 /// An HSA model over backend `B`.
 pub struct HsaModel<B: HsaOps> {
     pub cfg: HsaConfig,
     pub layout: Layout,
     pub rope: Rope,
+    /// This rank's tensor-parallel shard of the parameters (`Layout`'s splits).
     pub params: ParamStore<B>,
+    pub shares: Shares,
 }
 
 // ---- sliding-window attention sub-block -----------------------------------------------------------
@@ -59,8 +68,8 @@ impl<B: HsaOps> Ctx<'_, B> {
         SwaShape {
             len: self.t,
             cached: 0,
-            n_q_heads: self.c.base.num_attention_heads,
-            n_kv_heads: self.c.base.num_key_value_heads,
+            n_q_heads: self.sh.hq,
+            n_kv_heads: self.sh.hk,
             head_dim: self.dh(),
             window,
         }
@@ -69,10 +78,7 @@ impl<B: HsaOps> Ctx<'_, B> {
     /// `rope(q_norm(q(n)))`, `rope(k_norm(k(n)))`, `v(n)` with `n = norm(x)`.
     pub(super) fn attn_qkv(&self, x: &B::Buf, norm: usize, eps: f64, a: &AttnIdx) -> Qkv<B> {
         let (b, t, d, dh) = (self.b, self.t, self.d(), self.dh());
-        let (hq, hk) = (
-            self.c.base.num_attention_heads,
-            self.c.base.num_key_value_heads,
-        );
+        let (hq, hk) = (self.sh.hq, self.sh.hk);
         let eps_qk = self.c.base.rms_norm_eps;
         let xn = self.norm(x, norm, eps, t, d);
         let q_raw = linear(b, &xn.y, self.w(a.q), t, hq * dh, d);
@@ -116,20 +122,7 @@ impl<B: HsaOps> Ctx<'_, B> {
         let scale = 1.0 / (dh as f64).sqrt();
         b.swa_forward(&qn.y, &kn.y, &v, &s, scale, &mut attn, &mut lse);
         let mut out = self.copy(x);
-        b.gemm(
-            &mut out,
-            0,
-            &attn,
-            0,
-            self.w(a.o),
-            0,
-            t,
-            d,
-            hq * dh,
-            false,
-            true,
-            true,
-        );
+        self.row_parallel(&mut out, &attn, a.o, t, d, hq * dh);
         let acts = AttnActs {
             xn,
             q_raw,
@@ -220,7 +213,7 @@ impl<B: HsaOps> Ctx<'_, B> {
             hk * dh,
             d,
         );
-        self.norm_back(&dxn, x, &s_.xn, norm, t, d, dx, g);
+        self.norm_back_tp(&dxn, x, &s_.xn, norm, t, d, dx, g);
     }
 }
 
@@ -243,27 +236,14 @@ impl<B: HsaOps> Ctx<'_, B> {
         eps: f64,
         m: &MlpIdx,
     ) -> (MlpActs<B>, B::Buf) {
-        let (b, t, d, f) = (self.b, self.t, self.d(), self.c.base.intermediate_size);
+        let (b, t, d, f) = (self.b, self.t, self.d(), self.sh.ffn);
         let xn = self.norm(x, norm, eps, t, d);
         let gate = linear(b, &xn.y, self.w(m.gate), t, f, d);
         let up = linear(b, &xn.y, self.w(m.up), t, f, d);
         let mut h = b.zeros(t * f);
         b.swiglu_forward(&gate, &up, &mut h);
         let mut out = self.copy(base);
-        b.gemm(
-            &mut out,
-            0,
-            &h,
-            0,
-            self.w(m.down),
-            0,
-            t,
-            d,
-            f,
-            false,
-            true,
-            true,
-        );
+        self.row_parallel(&mut out, &h, m.down, t, d, f);
         (MlpActs { xn, gate, up, h }, out)
     }
 
@@ -279,7 +259,7 @@ impl<B: HsaOps> Ctx<'_, B> {
         dx: &mut B::Buf,
         g: &mut ParamStore<B>,
     ) {
-        let (b, t, d, f) = (self.b, self.t, self.d(), self.c.base.intermediate_size);
+        let (b, t, d, f) = (self.b, self.t, self.d(), self.sh.ffn);
         let mut dh = b.zeros(t * f);
         linear_back(
             b,
@@ -317,7 +297,7 @@ impl<B: HsaOps> Ctx<'_, B> {
             f,
             d,
         );
-        self.norm_back(&dxn, x, &a.xn, norm, t, d, dx, g);
+        self.norm_back_tp(&dxn, x, &a.xn, norm, t, d, dx, g);
     }
 }
 
@@ -386,7 +366,7 @@ impl<B: HsaOps> Ctx<'_, B> {
             len: self.t,
             row0: 0,
             chunks: self.chunks(),
-            heads: self.c.num_kv_heads,
+            heads: self.sh.g,
             dim: self.c.retrieval_head_dim(),
             chunk: self.c.chunk_size,
             topk: self.topk(),
@@ -397,8 +377,8 @@ impl<B: HsaOps> Ctx<'_, B> {
         HsaShape {
             len: self.t,
             chunks: self.chunks(),
-            n_q_heads: self.c.base.num_attention_heads,
-            n_kv_heads: self.c.num_kv_heads,
+            n_q_heads: self.sh.hq,
+            n_kv_heads: self.sh.g,
             head_dim: self.dh(),
             chunk: self.c.chunk_size,
             topk: self.topk(),
@@ -457,14 +437,14 @@ impl<B: HsaOps> Ctx<'_, B> {
         else {
             unreachable!()
         };
-        let (b, t, d, dh, g) = (self.b, self.t, self.d(), self.dh(), self.c.num_kv_heads);
+        let (b, t, d, dh, g) = (self.b, self.t, self.d(), self.dh(), self.sh.g);
         let front = self.front_forward(x, norm, enc);
         let lmk = linear(
             b,
             &front.lmk_in,
             self.w(lmk_ln),
             self.chunks(),
-            self.c.retrieval_dim,
+            self.sh.dr,
             d,
         );
         let km_raw = linear(b, &front.e, self.w(proj_k), t, g * dh, d);
@@ -505,7 +485,7 @@ impl<B: HsaOps> Ctx<'_, B> {
         let (b, t, d) = (self.b, self.t, self.d());
         let rs = self.retrieval_shape();
         let xn = self.norm(x, pre_norm, HSA_NORM_EPS, t, d);
-        let q_raw = linear(b, &xn.y, self.w(ln), t, self.c.retrieval_dim, d);
+        let q_raw = linear(b, &xn.y, self.w(ln), t, self.sh.dr, d);
         let (qn, kn) = (lmk_norms.map(|n| n.0), lmk_norms.map(|n| n.1));
         let q = self.maybe_norm(self.copy(&q_raw), qn, t * rs.heads, rs.dim);
         let lmk = self.maybe_norm(self.copy(&mem.lmk), kn, self.chunks() * rs.heads, rs.dim);
@@ -554,29 +534,17 @@ impl<B: HsaOps> Ctx<'_, B> {
             }
             None => (None, self.copy(x)),
         };
+        let hw = hs.n_q_heads * dh;
         let xn = self.norm(&x1, pre_norm, HSA_NORM_EPS, t, d);
-        let q_raw = linear(b, &xn.y, self.w(q_proj), t, d, d);
+        let q_raw = linear(b, &xn.y, self.w(q_proj), t, hw, d);
         let q = self.maybe_norm(self.copy(&q_raw), q_norm, t * hs.n_q_heads, dh);
-        let (mut o, mut lse) = (b.zeros(t * d), b.zeros(t * hs.n_q_heads * hs.topk));
+        let (mut o, mut lse) = (b.zeros(t * hw), b.zeros(t * hs.n_q_heads * hs.topk));
         let scale = 1.0 / (dh as f64).sqrt();
         b.hsa_forward(
             &q.y, &mem.km.y, &mem.vm, &r.idx, &r.w, &hs, scale, &mut o, &mut lse,
         );
         let mut z = self.copy(&x1);
-        b.gemm(
-            &mut z,
-            0,
-            &o,
-            0,
-            self.w(o_proj),
-            0,
-            t,
-            d,
-            d,
-            false,
-            true,
-            true,
-        );
+        self.row_parallel(&mut z, &o, o_proj, t, d, hw);
         let base = if self.c.reset_hsa_residual { &z } else { &x1 };
         let (mlp_acts, out) = self.mlp_forward(&z, base, mlp_norm, HSA_NORM_EPS, &mlp);
         let acts = HsaActs {
@@ -642,7 +610,8 @@ impl<B: HsaOps> Ctx<'_, B> {
         if !reset {
             b.add_assign(&mut dx1, dx);
         }
-        let mut d_o = b.zeros(t * d);
+        let hw = hs.n_q_heads * dh;
+        let mut d_o = b.zeros(t * hw);
         linear_back(
             b,
             &dz,
@@ -652,9 +621,9 @@ impl<B: HsaOps> Ctx<'_, B> {
             &mut g.bufs[o_proj],
             t,
             d,
-            d,
+            hw,
         );
-        let mut dq = b.zeros(t * d);
+        let mut dq = b.zeros(t * hw);
         let scale = 1.0 / (dh as f64).sqrt();
         b.hsa_backward(
             &a.q.y,
@@ -671,7 +640,7 @@ impl<B: HsaOps> Ctx<'_, B> {
             &mut dmem.vm,
             dw,
         );
-        let mut dq_raw = b.zeros(t * d);
+        let mut dq_raw = b.zeros(t * hw);
         self.maybe_norm_back(
             &dq,
             &a.q_raw,
@@ -691,10 +660,10 @@ impl<B: HsaOps> Ctx<'_, B> {
             &mut dxn,
             &mut g.bufs[q_proj],
             t,
-            d,
+            hw,
             d,
         );
-        self.norm_back(&dxn, &a.x1, &a.xn, pre_norm, t, d, &mut dx1, g);
+        self.norm_back_tp(&dxn, &a.x1, &a.xn, pre_norm, t, d, &mut dx1, g);
         if let (Some((n, at)), Some(sa)) = (swa, &a.swa) {
             self.attn_backward(x, n, &at, self.c.hsa_sliding_window, sa, &mut dx1, g);
         }
@@ -723,7 +692,7 @@ impl<B: HsaOps> Ctx<'_, B> {
         else {
             unreachable!()
         };
-        let (b, t, d, dr) = (self.b, self.t, self.d(), self.c.retrieval_dim);
+        let (b, t, d, dr) = (self.b, self.t, self.d(), self.sh.dr);
         let rs = self.retrieval_shape();
         let rows = t * rs.heads;
         let mut ds = b.zeros(rows * rs.topk);
@@ -749,7 +718,7 @@ impl<B: HsaOps> Ctx<'_, B> {
             dr,
             d,
         );
-        self.norm_back(&dxn, x, &r.xn, pre_norm, t, d, dx, g);
+        self.norm_back_tp(&dxn, x, &r.xn, pre_norm, t, d, dx, g);
     }
 
     /// `dx += ` the gradient through the chunk memory and landmarks.
@@ -774,8 +743,8 @@ impl<B: HsaOps> Ctx<'_, B> {
         else {
             unreachable!()
         };
-        let (b, t, d, dh, gk) = (self.b, self.t, self.d(), self.dh(), self.c.num_kv_heads);
-        let (c, dr) = (self.chunks(), self.c.retrieval_dim);
+        let (b, t, d, dh, gk) = (self.b, self.t, self.d(), self.dh(), self.sh.g);
+        let (c, dr) = (self.chunks(), self.sh.dr);
         let mut dkm_raw = b.zeros(t * gk * dh);
         self.maybe_norm_back(
             &dmem.km,
@@ -824,7 +793,15 @@ impl<B: HsaOps> Ctx<'_, B> {
             dr,
             d,
         );
-        self.front_backward(x, norm, enc, &mem.front, de, &dlmk_in, dx, g);
+        if self.sh.tp() == 1 {
+            self.front_backward(x, norm, enc, &mem.front, de, &dlmk_in, dx, g);
+        } else {
+            // The front (norm, or the replicated chunk encoder) is linear in its output
+            // gradients, here partial per rank: its input gradient is summed over TP.
+            let mut part = b.zeros(t * d);
+            self.front_backward(x, norm, enc, &mem.front, de, &dlmk_in, &mut part, g);
+            self.sum_into(part, dx);
+        }
     }
 }
 
@@ -848,11 +825,21 @@ pub enum Head<'a> {
 }
 
 impl<B: HsaOps> HsaModel<B> {
+    /// One rank holding every parameter.
     pub fn new(cfg: HsaConfig, params: ParamStore<B>) -> Result<Self> {
+        Self::new_shard(cfg, params, Shard::WHOLE)
+    }
+
+    /// TP rank `shard.rank` of `shard.size` over its shard of the parameters.
+    pub fn new_shard(cfg: HsaConfig, params: ParamStore<B>, shard: Shard) -> Result<Self> {
+        let shares = Shares::new(&cfg, shard)?;
         let layout = Layout::new(&cfg);
+        let want: Vec<_> = layout.specs.iter().map(|s| s.sharded(shard)).collect();
         ensure!(
-            params.specs == layout.specs,
-            "HSA parameters do not have the layout of the config"
+            params.specs == want,
+            "HSA parameters do not have the layout of the config (TP shard {} of {})",
+            shard.rank,
+            shard.size
         );
         let rope = Rope::new(&cfg.base, RopePrecision::Exact)?;
         Ok(HsaModel {
@@ -860,11 +847,17 @@ impl<B: HsaOps> HsaModel<B> {
             layout,
             rope,
             params,
+            shares,
         })
     }
 
-    /// The context of a pass over `t` rows at positions `pos0..`.
+    /// The context of a one-rank pass over `t` rows at positions `pos0..` (inference, tp 1).
     pub(super) fn ctx<'a>(&'a self, b: &'a B, pos0: u64, t: usize) -> Ctx<'a, B> {
+        self.ctx_tp(b, &OneRank, pos0, t)
+    }
+
+    /// The context of a pass over `t` rows at positions `pos0..` on this model's TP rank.
+    fn ctx_tp<'a>(&'a self, b: &'a B, tp: &'a dyn TpGroup<B>, pos0: u64, t: usize) -> Ctx<'a, B> {
         let positions: Vec<u64> = (pos0..pos0 + t as u64).collect();
         let (cos, sin) = self.rope.cos_sin::<f64>(&positions);
         Ctx {
@@ -874,6 +867,8 @@ impl<B: HsaOps> HsaModel<B> {
             t,
             cos: b.upload_f64(&cos),
             sin: b.upload_f64(&sin),
+            sh: self.shares,
+            tp,
         }
     }
 
@@ -908,6 +903,8 @@ impl<B: HsaOps> HsaModel<B> {
             // The chunking layer reads no absolute positions.
             cos: b.zeros(0),
             sin: b.zeros(0),
+            sh: self.shares,
+            tp: &OneRank,
         };
         let [lmk, km, vm] = ctx.chunk_memory(x, l, self.layout.encoder.as_ref());
         Ok(ChunkMemory { km, vm, lmk })
@@ -924,6 +921,31 @@ impl<B: HsaOps> HsaModel<B> {
         head: Head<'_>,
         grads: Option<&mut ParamStore<B>>,
     ) -> Result<(f64, Vec<f64>)> {
+        self.forward_backward_tp(b, &SelfComm::default(), ids, pos0, head, grads)
+    }
+
+    /// `forward_backward` on TP rank `self.shares.shard` of the group `tp` (every rank of the
+    /// group passes the same `ids` and targets): the loss and logits are the whole model's,
+    /// equal on every rank; `grads` receives this rank's shard (replicated tensors' gradients
+    /// partial, to be summed over TP as `train::optim::all_reduce_grads` does).
+    pub fn forward_backward_tp<C: Comm>(
+        &self,
+        b: &B,
+        tp: &C,
+        ids: &[u32],
+        pos0: u64,
+        head: Head<'_>,
+        grads: Option<&mut ParamStore<B>>,
+    ) -> Result<(f64, Vec<f64>)> {
+        let sh = self.shares;
+        ensure!(
+            tp.size() == sh.tp() && tp.rank() == sh.shard.rank,
+            "HSA: the model holds TP shard {} of {}, the pass runs on rank {} of {}",
+            sh.shard.rank,
+            sh.tp(),
+            tp.rank(),
+            tp.size()
+        );
         let c = &self.cfg;
         let (t, d, vocab) = (ids.len(), c.base.hidden_size, c.base.vocab_size);
         ensure!(
@@ -934,13 +956,28 @@ impl<B: HsaOps> HsaModel<B> {
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             anyhow::bail!("HSA: token id {bad} is outside the vocabulary of {vocab}");
         }
-        let x = self.ctx(b, pos0, t);
+        let x = self.ctx_tp(b, tp, pos0, t);
         let lay = &self.layout;
         let eps = c.base.rms_norm_eps;
+        let tpn = sh.tp();
+        // Vocabulary-parallel embedding: this rank's rows; the others' ids look up zeros.
+        let local_ids: Vec<u32> = if tpn == 1 {
+            ids.to_vec()
+        } else {
+            ids.iter()
+                .map(|&i| match (i as usize).checked_sub(sh.vocab0) {
+                    Some(j) if j < sh.vocab => j as u32,
+                    _ => NOT_IN_SHARD,
+                })
+                .collect()
+        };
 
         // ---- forward: xs[i] is the input of layer i.
         let mut xs = vec![b.zeros(t * d)];
-        b.embedding_forward(&self.params.bufs[lay.embed], ids, d, &mut xs[0]);
+        b.embedding_forward(&self.params.bufs[lay.embed], &local_ids, d, &mut xs[0]);
+        if tpn > 1 {
+            x.tp.sum(b, &mut xs[0]);
+        }
         let mut acts: Vec<Acts<B>> = Vec::new();
         let mut mem: Option<Memory<B>> = None;
         for (i, l) in lay.layers.iter().enumerate() {
@@ -978,9 +1015,11 @@ impl<B: HsaOps> HsaModel<B> {
         }
         let xl = &xs[lay.layers.len()];
         let xf = x.norm(xl, lay.norm_f, c.layer_norm_epsilon, t, d);
-        let mut logits = linear(b, &xf.y, &self.params.bufs[lay.lm_head], t, vocab, d);
+        // This rank's vocabulary rows of the logits `[t, vocab/tp]`.
+        let lv = sh.vocab;
+        let mut logits = linear(b, &xf.y, &self.params.bufs[lay.lm_head], t, lv, d);
         let (targets, grad_scale) = match head {
-            Head::Logits => return Ok((0.0, b.download_f64(&logits))),
+            Head::Logits => return Ok((0.0, full_vocab_logits(b, tp, &logits, t, lv))),
             Head::Loss {
                 targets,
                 grad_scale,
@@ -991,17 +1030,38 @@ impl<B: HsaOps> HsaModel<B> {
             "HSA: {} targets for {t} tokens",
             targets.len()
         );
-        // One rank holds the whole vocabulary: the row statistics are the final ones.
-        let stats = b.cross_entropy_stats(&logits, targets, vocab);
-        let loss: f64 = stats
-            .iter()
-            .filter_map(|s| s.target.map(|z| s.sum.ln() + s.max - z))
-            .sum();
+        let (loss, mx, sm, targets) = if tpn == 1 {
+            // One rank holds the whole vocabulary: the row statistics are the final ones.
+            let stats = b.cross_entropy_stats(&logits, targets, vocab);
+            let loss: f64 = stats
+                .iter()
+                .filter_map(|s| s.target.map(|z| s.sum.ln() + s.max - z))
+                .sum();
+            let (mx, sm): (Vec<f64>, Vec<f64>) = stats.iter().map(|s| (s.max, s.sum)).unzip();
+            (loss, mx, sm, targets.to_vec())
+        } else {
+            // Shard-local targets; each row's statistics combined over the TP group.
+            let tl: Vec<i32> = targets
+                .iter()
+                .map(|&z| {
+                    if z < 0 {
+                        TARGET_IGNORE
+                    } else {
+                        match (z as usize).checked_sub(sh.vocab0) {
+                            Some(j) if j < lv => j as i32,
+                            _ => TARGET_ELSEWHERE,
+                        }
+                    }
+                })
+                .collect();
+            let stats = b.cross_entropy_stats(&logits, &tl, lv);
+            let (mx, sm, rows) = combine_ce_stats(&gather_ce_stats(tp, &stats), t);
+            (rows.iter().flatten().sum(), mx, sm, tl)
+        };
         let Some(g) = grads else {
             return Ok((loss, Vec::new()));
         };
-        let (mx, sm): (Vec<f64>, Vec<f64>) = stats.iter().map(|s| (s.max, s.sum)).unzip();
-        b.cross_entropy_grad(&mut logits, targets, vocab, &mx, &sm, grad_scale);
+        b.cross_entropy_grad(&mut logits, &targets, lv, &mx, &sm, grad_scale);
 
         // ---- backward: `dx` is ∂L/∂(output of the layer being undone).
         let mut dxf = b.zeros(t * d);
@@ -1014,15 +1074,15 @@ impl<B: HsaOps> HsaModel<B> {
             &mut dxf,
             &mut g.bufs[lm],
             t,
-            vocab,
+            lv,
             d,
         );
         let mut dx = b.zeros(t * d);
-        x.norm_back(&dxf, xl, &xf, lay.norm_f, t, d, &mut dx, g);
+        x.norm_back_tp(&dxf, xl, &xf, lay.norm_f, t, d, &mut dx, g);
         let m = mem.as_ref().expect("the chunking layer ran");
-        let n_mem = t * c.num_kv_heads * d / c.base.num_attention_heads;
+        let n_mem = t * sh.g * c.head_dim();
         let mut dmem = MemoryGrads {
-            lmk: b.zeros(x.chunks() * c.retrieval_dim),
+            lmk: b.zeros(x.chunks() * sh.dr),
             km: b.zeros(n_mem),
             vm: b.zeros(n_mem),
         };
@@ -1062,7 +1122,30 @@ impl<B: HsaOps> HsaModel<B> {
                 _ => unreachable!("layer and activations out of step"),
             }
         }
-        b.embedding_backward(&mut g.bufs[lay.embed], ids, d, &dx);
+        b.embedding_backward(&mut g.bufs[lay.embed], &local_ids, d, &dx);
         Ok((loss, Vec::new()))
     }
+}
+
+/// The whole vocabulary's logits `[t, vocab]` from each TP rank's rows `local [t, lv]`.
+fn full_vocab_logits<B: HsaOps, C: Comm>(
+    b: &B,
+    tp: &C,
+    local: &B::Buf,
+    t: usize,
+    lv: usize,
+) -> Vec<f64> {
+    let mine = b.download_f64(local);
+    if tp.size() == 1 {
+        return mine;
+    }
+    let mut all = vec![0f64; mine.len() * tp.size()];
+    tp.all_gather(&mine, &mut all);
+    let mut out = Vec::with_capacity(all.len());
+    for r in 0..t {
+        for part in all.chunks(t * lv) {
+            out.extend_from_slice(&part[r * lv..][..lv]);
+        }
+    }
+    out
 }

@@ -1,6 +1,8 @@
 //! The HSA model's tensors by their `DRTForCausalLM` names (HSA.md §5, the authors'
 //! `state_dict()`): one flat `ParamStore` in name order, and `Layout`, the index of every tensor
-//! the model code reads. Initialisation as theirs: N(0, initializer_range²) weights (and
+//! the model code reads, with its tensor-parallel split (ctx.rs): SWA heads, MLP columns, the
+//! chunk memory / retrieval / HSA tensors by group, embedding and LM head by vocabulary row;
+//! norms and the chunk encoder replicated. Initialisation as theirs: N(0, initializer_range²) weights (and
 //! `cls_emb`), norms 1, biases 0.
 
 use crate::backend::Backend;
@@ -207,7 +209,12 @@ impl Layout {
                 },
                 LayerKind::Chunking => LayerIdx::Chunking {
                     norm: if c.encoder_layers > 0 {
+                        // Replicated over TP: every rank runs the whole chunk encoder.
+                        let first = b.specs.len();
                         encoder = Some(b.encoder(&p, c));
+                        for s in &mut b.specs[first..] {
+                            s.split = Split::Replicated;
+                        }
                         None
                     } else {
                         Some(b.norm(format!("{p}.norm.weight"), d))
