@@ -124,6 +124,12 @@ pub fn tick_label(v: f64) -> String {
 /// Writes `chart` to `path` (PNG). Non-finite points are skipped; a chart without any finite
 /// point is an error naming the file.
 pub fn line_chart(path: &Path, chart: &LineChart) -> Result<()> {
+    line_chart_in(path, chart, None)
+}
+
+/// `line_chart` with the y axis fixed to `y_range` (e.g. 0 to 1 for accuracies, whatever the
+/// points span) instead of fitted to the points.
+pub fn line_chart_in(path: &Path, chart: &LineChart, y_range: Option<(f64, f64)>) -> Result<()> {
     register_font();
     let finite = |&(x, y): &(f64, f64)| {
         x.is_finite() && y.is_finite() && (!chart.log_x || x > 0.0) && (!chart.log_y || y > 0.0)
@@ -146,7 +152,9 @@ pub fn line_chart(path: &Path, chart: &LineChart) -> Result<()> {
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
             (a.min(p.1), b.max(p.1))
         });
-    let (y0, y1) = if chart.log_y {
+    let (y0, y1) = if let Some(r) = y_range {
+        r
+    } else if chart.log_y {
         // A fifth of a decade of room each side (padded() could go below zero).
         (y0 / 1.6, (y1 * 1.6).max(y0 * 1.0001))
     } else {
@@ -194,8 +202,9 @@ pub fn line_chart(path: &Path, chart: &LineChart) -> Result<()> {
                         .border_style(BLACK)
                         .label_font(("sans-serif", 16))
                         // Log-y curves (losses by position) fall from the upper left and
-                        // leave the lower left empty; other charts keep the upper right.
-                        .position(if chart.log_y {
+                        // leave the lower left empty, as do accuracies by length (the fixed
+                        // 0-1 range); other charts keep the upper right.
+                        .position(if chart.log_y || y_range.is_some() {
                             SeriesLabelPosition::LowerLeft
                         } else {
                             SeriesLabelPosition::UpperRight

@@ -35,6 +35,9 @@ pub enum EvalCommand {
     Niah(NiahArgs),
     /// Mean next-token loss by position (log-spaced buckets); ppl.json + ppl.png in --out.
     Ppl(PplArgs),
+    /// Accuracy by length on a `prepare recall` task (either architecture; CPU, one rank);
+    /// recall.json in --out.
+    Recall(crate::eval::recall::RecallArgs),
 }
 
 /// Layout and numerics of an inference run (`eval`, `generate`).
@@ -143,6 +146,7 @@ pub fn run(c: EvalCommand) -> Result<()> {
     let m = match &c {
         EvalCommand::Niah(a) => &a.m,
         EvalCommand::Ppl(a) => &a.m,
+        EvalCommand::Recall(a) => return crate::eval::recall::run(a),
     };
     crate::model::hf::require_model_dir(&m.model, "--model")?;
     let kind = BackendKind::parse(
@@ -157,6 +161,7 @@ fn run_on<B: EvalBackend>(b: &B, world: &World, c: &EvalCommand) -> Result<()> {
     match c {
         EvalCommand::Niah(a) => niah(b, world, a),
         EvalCommand::Ppl(a) => ppl(b, world, a),
+        EvalCommand::Recall(_) => unreachable!("eval recall runs on its own (`run`)"),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `ultralong prepare cpt|sft`: token datasets for continued pretraining and for SFT.
+//! `ultralong prepare cpt|sft|recall`: token datasets for continued pretraining, for SFT, and the
+//! synthetic recall task of the toy HSA comparison.
 
 use std::path::PathBuf;
 
@@ -6,6 +7,7 @@ use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 
 use crate::data::prepare::{CptOptions, DomainSource, Resampling, prepare_cpt};
+use crate::data::recall::{RecallOptions, RecallSpec, prepare_recall};
 use crate::data::sft::{SftOptions, prepare_sft};
 
 #[derive(Subcommand, Debug)]
@@ -14,6 +16,42 @@ pub enum PrepareCommand {
     Cpt(CptArgs),
     /// Stage-2 data: chat samples in the Llama-3 template, loss on assistant turns only.
     Sft(SftArgs),
+    /// A synthetic recall task: key-value needles in filler, queries at the end, loss on the
+    /// queried values only (docs/HSA.md §7); `eval recall` draws more samples from its manifest.
+    Recall(RecallArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RecallArgs {
+    /// Tokens per sample (one sample per row).
+    #[arg(long)]
+    pub seq_len: usize,
+    /// Samples (rows) to write.
+    #[arg(long)]
+    pub samples: u64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Filler symbols (ids 3 ..).
+    #[arg(long, default_value_t = RecallSpec::default().filler)]
+    pub filler: u32,
+    /// Length of the haystack's repeated filler phrase.
+    #[arg(long, default_value_t = RecallSpec::default().period)]
+    pub period: usize,
+    /// Key symbols (after the filler).
+    #[arg(long, default_value_t = RecallSpec::default().keys)]
+    pub keys: u32,
+    /// Value symbols (after the keys; then keys x values pair tokens).
+    #[arg(long, default_value_t = RecallSpec::default().values)]
+    pub values: u32,
+    #[arg(long, default_value_t = RecallSpec::default().needles)]
+    pub needles: usize,
+    #[arg(long, default_value_t = RecallSpec::default().queries)]
+    pub queries: usize,
+    /// No needle lies fewer than this many tokens before the first query.
+    #[arg(long, default_value_t = 0)]
+    pub min_distance: usize,
 }
 
 #[derive(Args, Debug)]
@@ -151,6 +189,26 @@ pub fn run(cmd: PrepareCommand) -> Result<()> {
             };
             let r = prepare_sft(&o)?;
             println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        PrepareCommand::Recall(a) => {
+            let o = RecallOptions {
+                spec: RecallSpec {
+                    filler: a.filler,
+                    period: a.period,
+                    keys: a.keys,
+                    values: a.values,
+                    needles: a.needles,
+                    queries: a.queries,
+                    min_distance: a.min_distance,
+                },
+                seq_len: a.seq_len,
+                samples: a.samples,
+                seed: a.seed,
+                out: a.out,
+            };
+            let m = prepare_recall(&o)?;
+            println!("{}", serde_json::to_string(&m)?);
             Ok(())
         }
     }

@@ -1,12 +1,15 @@
-//! `ultralong report`: one Markdown page comparing models from their `eval niah` and `eval ppl`
-//! outputs — what the numbers mean, NIAH accuracy by context length (and overall), exact and by
-//! digits, a heatmap of each per depth × length under the report's model names, loss by position
-//! bucket, and one chart (log-log) with every model's loss-by-position curve. `make demo` writes its report with it;
-//! it equally compares a user's checkpoints (before/after an extension, ablations).
+//! `ultralong report`: one Markdown page comparing models from their `eval niah`, `eval ppl` and
+//! `eval recall` outputs — what the numbers mean, NIAH accuracy by context length (and overall),
+//! exact and by digits, a heatmap of each per depth × length under the report's model names, loss
+//! by position bucket, and one chart (log-log) with every model's loss-by-position curve; recall
+//! accuracy by length with its sample counts and one chart (log x) of every model's curve. `make
+//! demo` writes its report with it; it equally compares a user's checkpoints (before/after an
+//! extension, ablations, the two architectures).
 //!
 //! ```text
 //! ultralong report --niah base=runs/x/niah-base --niah yarn=runs/x/niah-yarn \
 //!                  --ppl base=runs/x/ppl-base --ppl yarn=runs/x/ppl-yarn \
+//!                  --recall base=runs/x/recall-base --recall hsa=runs/x/recall-hsa \
 //!                  [--preamble notes.md] [--title T] --out runs/x/REPORT.md
 //! ```
 
@@ -18,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::Value;
 
-use crate::plot::{Heatmap, LineChart, Series, heatmap, line_chart};
+use crate::plot::{Heatmap, LineChart, Series, heatmap, line_chart, line_chart_in};
 
 #[derive(Args, Debug)]
 pub struct ReportArgs {
@@ -28,12 +31,16 @@ pub struct ReportArgs {
     /// NAME=DIR of an `eval ppl --out DIR` (ppl.json); repeat per model, in order.
     #[arg(long)]
     pub ppl: Vec<String>,
+    /// NAME=DIR of an `eval recall --out DIR` (recall.json); repeat per model, in order.
+    #[arg(long)]
+    pub recall: Vec<String>,
     /// Markdown put before the tables (what was run, training losses, timings).
     #[arg(long)]
     pub preamble: Option<PathBuf>,
     #[arg(long, default_value = "Evaluation report")]
     pub title: String,
-    /// The Markdown file to write; the comparison chart goes next to it (`ppl-compare.png`).
+    /// The Markdown file to write; the charts go next to it (`ppl-compare.png`,
+    /// `recall-compare.png`).
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -173,8 +180,8 @@ fn count_label(n: u64) -> String {
 }
 
 pub fn run(a: ReportArgs) -> Result<()> {
-    if a.niah.is_empty() && a.ppl.is_empty() {
-        bail!("nothing to report: give --niah NAME=DIR and/or --ppl NAME=DIR");
+    if a.niah.is_empty() && a.ppl.is_empty() && a.recall.is_empty() {
+        bail!("nothing to report: give --niah, --ppl or --recall NAME=DIR");
     }
     let out_dir = a
         .out
@@ -421,8 +428,136 @@ pub fn run(a: ReportArgs) -> Result<()> {
         )?;
         writeln!(md, "![loss by position](ppl-compare.png)\n")?;
     }
+    if !a.recall.is_empty() {
+        recall_section(&mut md, &a.recall, &out_dir)?;
+    }
     crate::io::write_atomic(&a.out, md.as_bytes())?;
     println!("{}", a.out.display());
+    Ok(())
+}
+
+/// One model's recall.json: its architecture, training length, and per length (correct, samples).
+struct RecallRow {
+    name: String,
+    arch: String,
+    train_len: u64,
+    by: BTreeMap<u64, (u64, u64)>,
+}
+
+fn recall_row(name: String, v: &Value, src: &Path) -> Result<RecallRow> {
+    let field = |x: &Value, k: &str, at: &str| {
+        x[k].as_u64()
+            .with_context(|| format!("{}: {at} has no \"{k}\"", src.display()))
+    };
+    let mut by = BTreeMap::new();
+    let lengths = v["lengths"]
+        .as_array()
+        .with_context(|| format!("{}: no \"lengths\" array", src.display()))?;
+    for (i, l) in lengths.iter().enumerate() {
+        let at = format!("lengths[{i}]");
+        by.insert(
+            field(l, "length", &at)?,
+            (field(l, "correct", &at)?, field(l, "samples", &at)?),
+        );
+    }
+    Ok(RecallRow {
+        name,
+        arch: v["arch"].as_str().unwrap_or("?").to_string(),
+        train_len: field(v, "train_seq_len", "the file")?,
+        by,
+    })
+}
+
+/// The recall section: what the task is, accuracy by length (with counts) per model, the chart.
+fn recall_section(md: &mut String, args: &[String], out_dir: &Path) -> Result<()> {
+    let mut rows = Vec::new();
+    let mut first: Option<Value> = None;
+    for arg in args {
+        let (name, dir) = named(arg, "recall")?;
+        let src = dir.join("recall.json");
+        let v = read_json(&src)?;
+        rows.push(recall_row(name, &v, &src)?);
+        first.get_or_insert(v);
+    }
+    let v = first.expect("at least one --recall");
+    let spec = &v["spec"];
+    let n = |k: &str| spec[k].as_u64().unwrap_or(0);
+    let mut lengths: Vec<u64> = rows.iter().flat_map(|r| r.by.keys().copied()).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    let train = rows[0].train_len;
+    let same_train = rows.iter().all(|r| r.train_len == train);
+    writeln!(md, "## Recall by context length (synthetic task)\n")?;
+    writeln!(
+        md,
+        "What is shown: the synthetic recall task of `ultralong prepare recall`: {} needles, each \
+         one token that binds a key to a value, at random places in a haystack that repeats a \
+         {}-token filler phrase, and {} queries at the end (`<Q> key value`) asking for the \
+         values of {} of the keys. One teacher-forced pass per sample; a sample counts as right \
+         when the most likely token at every queried value is that value (chance: about \
+         1/{}^{} per sample). {} Each cell gives the share of samples right and (in brackets) \
+         right/evaluated; fewer samples at the longest lengths, where full attention is \
+         quadratic in the length; – = not evaluated.\n",
+        n("needles"),
+        n("period"),
+        n("queries"),
+        n("queries"),
+        n("values"),
+        n("queries"),
+        if same_train {
+            format!(
+                "Every model was trained on {train}-token samples; the header gives each length \
+                 as a multiple of that."
+            )
+        } else {
+            "The models were trained at different lengths (recall.json `train_seq_len`).".into()
+        }
+    )?;
+    write!(md, "| model | architecture |")?;
+    for &l in &lengths {
+        if same_train && l % train == 0 {
+            write!(md, " {} ({}×) |", count_label(l), l / train)?;
+        } else {
+            write!(md, " {} |", count_label(l))?;
+        }
+    }
+    writeln!(md)?;
+    writeln!(md, "|---|---|{}", "---:|".repeat(lengths.len()))?;
+    let mut series = Vec::new();
+    for r in &rows {
+        write!(md, "| {} | {} |", r.name, r.arch)?;
+        for l in &lengths {
+            match r.by.get(l) {
+                Some(&(c, t)) if t > 0 => {
+                    write!(md, " {:.0}% ({c}/{t}) |", 100.0 * c as f64 / t as f64)?
+                }
+                _ => write!(md, " – |")?,
+            }
+        }
+        writeln!(md)?;
+        series.push(Series {
+            name: r.name.clone(),
+            points: r
+                .by
+                .iter()
+                .filter(|e| e.1.1 > 0)
+                .map(|(&l, &(c, t))| (l as f64, c as f64 / t as f64))
+                .collect(),
+        });
+    }
+    line_chart_in(
+        &out_dir.join("recall-compare.png"),
+        &LineChart {
+            title: "Recall accuracy by context length",
+            x_label: "context length (tokens, log scale)",
+            y_label: "samples exactly right",
+            series: &series,
+            log_x: true,
+            log_y: false,
+        },
+        Some((-0.02, 1.02)),
+    )?;
+    writeln!(md, "\n![recall by length](recall-compare.png)\n")?;
     Ok(())
 }
 
@@ -483,6 +618,55 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("cells[0]") && e.contains("correct"), "{e}");
+    }
+
+    #[test]
+    fn the_recall_section_tabulates_each_models_lengths_with_counts() {
+        let d = tempfile::tempdir().unwrap();
+        let model = |name: &str, arch: &str, cells: &[(u64, u64, u64)]| {
+            let lengths: Vec<Value> = cells
+                .iter()
+                .map(|&(l, c, t)| serde_json::json!({"length": l, "correct": c, "samples": t}))
+                .collect();
+            let v = serde_json::json!({"arch": arch, "train_seq_len": 128, "lengths": lengths,
+                "spec": {"needles": 6, "period": 8, "queries": 3, "values": 12}});
+            std::fs::create_dir_all(d.path().join(name)).unwrap();
+            std::fs::write(d.path().join(name).join("recall.json"), v.to_string()).unwrap();
+            format!("{name}={}", d.path().join(name).display())
+        };
+        let args = vec![
+            model("base", "Llama", &[(128, 32, 32), (1024, 1, 32)]),
+            model(
+                "hsa",
+                "HSA",
+                &[(128, 30, 32), (1024, 32, 32), (16384, 7, 8)],
+            ),
+        ];
+        let mut md = String::new();
+        recall_section(&mut md, &args, d.path()).unwrap();
+        assert!(
+            md.contains("| model | architecture | 128 (1×) | 1K (8×) | 16K (128×) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| base | Llama | 100% (32/32) | 3% (1/32) | – |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| hsa | HSA | 94% (30/32) | 100% (32/32) | 88% (7/8) |"),
+            "{md}"
+        );
+        assert!(d.path().join("recall-compare.png").exists());
+        let bad = model("bad", "Llama", &[]);
+        std::fs::write(
+            d.path().join("bad/recall.json"),
+            r#"{"train_seq_len": 128, "lengths": [{"length": 128}]}"#,
+        )
+        .unwrap();
+        let e = recall_section(&mut md, &[bad], d.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lengths[0]") && e.contains("correct"), "{e}");
     }
 
     #[test]

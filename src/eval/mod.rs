@@ -1,5 +1,7 @@
 //! Evaluation: generation (`generate`: sampling and the prefill + decode loop over a `lm::Decoder`,
-//! the Llama's `model::infer::Session` or the HSA model's session), needle-in-a-haystack (`niah`) and loss by position (`ppl`), with
+//! the Llama's `model::infer::Session` or the HSA model's session), needle-in-a-haystack (`niah`),
+//! loss by position (`ppl`) and the synthetic recall task of the toy HSA comparison (`recall`,
+//! either architecture), with
 //! the pieces they share: the tokenizer, prompt templates (Llama-3.1 chat or plain text), lists
 //! like `1K,4K,1M`, and gathering results over ranks.
 //!
@@ -13,6 +15,7 @@ pub mod generate;
 pub mod lm;
 pub mod niah;
 pub mod ppl;
+pub mod recall;
 
 use std::path::Path;
 
