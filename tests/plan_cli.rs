@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use ultralong::backend::Backend;
 use ultralong::backend::cpu::CpuBackend;
+use ultralong::model::arch::ArchConfig;
 use ultralong::model::config::{ModelConfig, RopeScaling};
 use ultralong::model::llama::Workspace;
 use ultralong::model::params::ParamStore;
@@ -50,7 +51,8 @@ fn every_config_parses_and_carries_the_papers_values() {
                     n += 1;
                 }
                 Some("json") => {
-                    ModelConfig::from_file(&p).unwrap_or_else(|e| panic!("{e:#}"));
+                    // A Llama or the HSA model (configs/demo/recall-hsa.json).
+                    ArchConfig::from_file(&p).unwrap_or_else(|e| panic!("{e:#}"));
                 }
                 _ => {}
             }
