@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: the UltraLong recipe at toy scale on the CPU, and the toy comparison of YaRN with HSA
-# (docs/HSA.md §7), ending in runs/demo/REPORT.md (README gives the measured times: 546 s, stage 5
+# (docs/HSA.md §7), ending in runs/demo/REPORT.md (README gives the measured times: 545 s, stage 5
 # 188 s of it, on 2 cores shared with other jobs at load average 1.7 to 2.3; plus the first build).
 #   0. corpus (scripts/demo/corpus.awk): documents of filler sentences carrying a needle — "The
 #      special magic number is: NNNNNNN." — and ending with the question and its answer; a
