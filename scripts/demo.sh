@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make demo`: the UltraLong recipe at toy scale on the CPU, ending in runs/demo/REPORT.md (README
-# gives the measured times; about 13 to 17 minutes on 2 cores, plus the first release build).
+# `make demo`: the UltraLong recipe at toy scale on the CPU, and the toy comparison of YaRN with HSA
+# (docs/HSA.md §7), ending in runs/demo/REPORT.md (README gives the measured times: 545 s, stage 5
+# 188 s of it, on 2 cores shared with other jobs at load average 1.7 to 2.3; plus the first build).
 #   0. corpus (scripts/demo/corpus.awk): documents of filler sentences carrying a needle — "The
 #      special magic number is: NNNNNNN." — and ending with the question and its answer; a
 #      byte-level BPE tokenizer trained on it; datasets made by `prepare cpt` / `prepare sft`
@@ -11,10 +12,15 @@
 #   3. the paper's ablations at this scale, same data and steps: plain position interpolation,
 #      NTK-aware scaling, YaRN without separators
 #   4. a short SFT at 512 tokens (chat template, loss on the answers only)
-#   5. needle-in-a-haystack grids and loss by position before and after, for every model; the
-#      report (Markdown + PNGs) states what was measured
+#   5. length generalisation on a synthetic recall task (`prepare recall`: key-value needles,
+#      queries at the end, loss on the answers): a 2-layer RoPE Llama, its YaRN extension (16x,
+#      40 steps at 2048 tokens) and the HSA model (DRTForCausalLM) of about its size, trained on
+#      the same data at 128 tokens; `eval recall` from 1x to 128x (HSA to 512x); about 3 minutes
+#   6. (throughout) needle-in-a-haystack grids and loss by position before and after, for every
+#      model of stages 1-4; the report (Markdown + PNGs) states what was measured, the recall
+#      table and chart included
 # Knobs (environment): DEMO_PRETRAIN_STEPS, DEMO_EXTEND_STEPS, DEMO_SFT_STEPS, DEMO_TRIALS,
-# DEMO_DEPTHS.
+# DEMO_DEPTHS, DEMO_RECALL_STEPS, DEMO_RECALL_SAMPLES.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/ultralong}
@@ -179,20 +185,23 @@ Loss by position: 4 held-out sequences of 4096 tokens.
 
 **The recall toy (stage 5; docs/HSA.md §7).** Does a model trained on short samples find a needle
 in a longer context? Three models learn one synthetic task at 128 tokens (\`ultralong prepare
-recall\`: 6 needles, each one token binding a key to a value, in a haystack that repeats an 8-token
-filler phrase, and 3 queries at the end; loss on the queried values only), then answer held-out
+recall\`: 6 needles, each one token binding a key to a value, in a haystack that repeats a random
+8-token filler phrase as passkey retrieval does, and 3 queries at the end; loss on the queried
+values only), then answer held-out
 samples of 128 to 16K tokens (the HSA model to 64K, 512x). The RoPE Llama (2 layers, hidden 64,
 4 heads) has a 128-token window; its YaRN extension is the recipe's step; the HSA model
 (configs/demo/recall-hsa.json: one chunking and retrieval layer, one HSA block with its
 sliding-window attention and one sliding-window layer, hidden 64, window 16, chunks of 8 tokens,
 top 4 chunks, softmax fusion, QK-norm, NoPE on HSA, the mean landmark) sees the needles beyond its
 window only through retrieval. Departures from docs/HSA.md §7 that the toy needed to learn in
-minutes (each measured: with it undone the model stayed at chance for 1200 steps or more): needles
-as single pair tokens (spelt-out \`key value\` needles need an induction circuit, which the tiny
-Llama did not form), a periodic haystack (uniform filler drowned the mean landmarks), initialiser
-range 0.1 (0.02 stalled the Llama), and for HSA no lower layers (a sliding-window layer below the
-chunking layer stalled retrieval) and \`reset_hsa_residual\` (the HSA output added to the residual
-stream as well as passed through the block's MLP).
+minutes on 2 cores, each measured over 1200 steps: needles as single pair tokens (with spelt-out
+\`<K> key value\` needles, which need an induction circuit, the Llama stayed near chance), the
+periodic haystack (with uniform filler, HSA's mean landmarks carry the filler's noise: its loss
+was 0.1 to 0.5 depending on the run, instead of 0.01), initialiser range 0.1 (with 0.02 the loss was 1.0 for the Llama and 1.8 for HSA instead of about
+0.0 and 0.1), and for HSA no sliding-window layer
+below the chunking layer (with one, retrieval stayed at chance) and \`reset_hsa_residual\` (the HSA
+output added to the residual stream as well as passed through the block's MLP: without it, the
+loss was 1.0 instead of 0.1 after 1200 steps).
 MD
 $BIN report --title "UltraLong at toy scale: report" --preamble "$D/preamble.md" \
   $(for m in base yarn pi ntk yarn-nosep sft; do echo "--niah $m=$D/eval/niah-$m"; done) \

@@ -36,7 +36,8 @@ pub struct RecallArgs {
     /// Filler symbols (ids 3 ..).
     #[arg(long, default_value_t = RecallSpec::default().filler)]
     pub filler: u32,
-    /// Length of the haystack's repeated filler phrase.
+    /// 0: uniform filler; else the length of a random filler phrase repeated through the
+    /// haystack (passkey style).
     #[arg(long, default_value_t = RecallSpec::default().period)]
     pub period: usize,
     /// Key symbols (after the filler).

@@ -491,15 +491,18 @@ fn recall_section(md: &mut String, args: &[String], out_dir: &Path) -> Result<()
     writeln!(
         md,
         "What is shown: the synthetic recall task of `ultralong prepare recall`: {} needles, each \
-         one token that binds a key to a value, at random places in a haystack that repeats a \
-         {}-token filler phrase, and {} queries at the end (`<Q> key value`) asking for the \
-         values of {} of the keys. One teacher-forced pass per sample; a sample counts as right \
-         when the most likely token at every queried value is that value (chance: about \
-         1/{}^{} per sample). {} Each cell gives the share of samples right and (in brackets) \
-         right/evaluated; fewer samples at the longest lengths, where full attention is \
-         quadratic in the length; – = not evaluated.\n",
+         one token that binds a key to a value, at random places in a haystack ({}), and {} \
+         queries at the end (`<Q> key value`) asking for the values of {} of the keys. One \
+         teacher-forced pass per sample; a sample counts as right when the most likely token at \
+         every queried value is that value (chance: about 1/{}^{} per sample). {} Each cell gives \
+         the share of samples right and (in brackets) right/evaluated; fewer samples at the \
+         longest lengths, whose passes cost most (full attention is quadratic in the length, HSA's \
+         retrieval too, over the chunk size); – = not evaluated.\n",
         n("needles"),
-        n("period"),
+        match n("period") {
+            0 => format!("filler drawn uniformly from {} symbols", n("filler")),
+            p => format!("a random {p}-token filler phrase, repeated"),
+        },
         n("queries"),
         n("queries"),
         n("values"),

@@ -1,22 +1,23 @@
 //! `prepare recall`: a synthetic long-context recall task (multi-key associative recall, after
 //! docs/HSA.md §7) for the toy comparison of a RoPE Llama, its YaRN extension and the HSA model.
 //!
-//! A sample of `len` tokens is `<bos>`, a haystack, then `queries` queries `<Q> key value` at the
-//! end, each asking for a different one of the `needles` needles hidden in the haystack, in random
-//! order. The haystack repeats a short random phrase of filler symbols (as passkey retrieval
-//! repeats a filler sentence); each needle is one *pair* token that stands for (key, value),
-//! overwriting the haystack at a uniformly random place. Keys are distinct within a sample, so
-//! each answer is determined by the context. Training counts the loss only on the queried value
-//! tokens (`loss_mask`); evaluation (`eval::recall`) scores exactly those tokens, teacher-forced.
+//! A sample of `len` tokens is `<bos>`, a haystack of filler symbols drawn uniformly (or, with a
+//! `period`, a random phrase of that many repeated, as passkey retrieval repeats a filler
+//! sentence), then `queries` queries `<Q> key value` at the end, each asking for a different one of
+//! the `needles` needles hidden in the haystack, in random order. Each needle is one *pair* token
+//! that stands for (key, value), overwriting the haystack at a uniformly random place. Keys are
+//! distinct within a sample, so each answer is determined by the context. Training counts the
+//! loss only on the queried value tokens (`loss_mask`); evaluation (`eval::recall`) scores exactly
+//! those tokens, teacher-forced.
 //!
-//! Why pair tokens and a periodic haystack (measured while building the toy; docs/HSA.md §7):
-//! with needles `<K> key value` spelt out, recall needs an induction circuit (a previous-token
-//! head feeding a matching head), and a 2-layer, 64-wide Llama trained for minutes on 2 cores
-//! stayed at chance; with a pair token, recall is one attention hop (match the key, copy the
-//! value), learnt in a few hundred steps. With uniform filler over many symbols the HSA model's
-//! mean landmarks are dominated by the filler's noise and its retrieval did not learn in that
-//! time; a periodic haystack gives every needle-free chunk the same landmark, so retrieval has to
-//! tell needle chunks from one background, which it learns.
+//! Why pair tokens and, by default, a periodic haystack (measured while building the toy of
+//! scripts/demo.sh; docs/HSA.md §7): with needles `<K> key value` spelt out, recall needs an
+//! induction circuit (a previous-token head feeding a matching head), and the demo's 2-layer,
+//! 64-wide Llama stayed near chance after 1200 steps; with a pair token, recall is one attention
+//! hop (match the key, copy the value), learnt in a few hundred steps. With uniform filler the
+//! HSA model's mean landmarks carry the filler's noise and its loss after 1200 steps was 0.1 to
+//! 0.5 depending on the run; with a repeated 8-token phrase every needle-free chunk of 8 has the
+//! same landmark, and it reached 0.01.
 //!
 //! Every sample is a pure function of (spec, seed, length, index) through counter-based random
 //! numbers (`util::rng`), so the training set and the evaluation sets at any length are
@@ -53,7 +54,8 @@ pub const QUERY_LEN: usize = 3;
 pub struct RecallSpec {
     /// Filler symbols: ids `3 .. 3 + filler`.
     pub filler: u32,
-    /// Length of the haystack's repeated phrase (drawn per sample from the filler symbols).
+    /// 0: every haystack token drawn uniformly from the filler symbols; else the length of a
+    /// phrase drawn per sample and repeated through the haystack.
     pub period: usize,
     /// Key symbols, after the filler.
     pub keys: u32,
@@ -169,10 +171,9 @@ impl RecallSpec {
     /// Errors name the field and what it must satisfy.
     pub fn check(&self) -> Result<()> {
         ensure!(
-            self.filler >= 1 && self.period >= 1 && self.values >= 1,
-            "recall: filler ({}), period ({}) and values ({}) must be at least 1",
+            self.filler >= 1 && self.values >= 1,
+            "recall: filler ({}) and values ({}) must be at least 1",
             self.filler,
-            self.period,
             self.values
         );
         ensure!(
@@ -208,12 +209,12 @@ impl RecallSpec {
         let values: Vec<u32> = (0..n)
             .map(|_| d.below(self.values as usize) as u32)
             .collect();
-        let phrase: Vec<u32> = (0..self.period)
-            .map(|_| FIRST_SYMBOL + d.below(self.filler as usize) as u32)
-            .collect();
         // Haystack: positions 1 ..= hay; needles at distinct places among the first
         // `hay - min_distance`, uniformly (sorted offsets, each shifted past the ones before it).
         let hay = len - 1 - self.queries * QUERY_LEN;
+        let phrase: Vec<u32> = (0..if self.period == 0 { hay } else { self.period })
+            .map(|_| FIRST_SYMBOL + d.below(self.filler as usize) as u32)
+            .collect();
         let free = hay - self.min_distance - n;
         let mut offsets: Vec<usize> = (0..n).map(|_| d.below(free + 1)).collect();
         offsets.sort_unstable();
@@ -357,21 +358,11 @@ mod tests {
             // Layout: B, the haystack, then the query block "Qkv" x 3.
             assert_eq!(&c[..1], "B");
             assert_eq!(&c[len - 9..], "QkvQkvQkv", "{c}");
-            // The haystack is a period-8 phrase of filler, except the six pair tokens at the
-            // recorded places.
+            // The haystack is filler, except the six pair tokens at the recorded places.
             let hay = &x.ids[1..len - 9];
             let p: Vec<usize> = (0..hay.len()).filter(|&i| class(hay[i]) == 'p').collect();
             assert_eq!(p.iter().map(|i| i + 1).collect::<Vec<_>>(), x.needles);
-            for i in 0..hay.len() {
-                if class(hay[i]) != 'p' {
-                    assert_eq!(class(hay[i]), 'f');
-                    let twin = (i % 8..hay.len())
-                        .step_by(8)
-                        .find(|&j| class(hay[j]) == 'f')
-                        .unwrap();
-                    assert_eq!(hay[i], hay[twin], "not periodic at {i}");
-                }
-            }
+            assert!(hay.iter().all(|&t| "fp".contains(class(t))), "{c}");
             // The six needles have distinct keys (pair token = 31 + key * 12 + value).
             let mut keys: Vec<u32> = x.needles.iter().map(|&n| (x.ids[n] - 31) / 12).collect();
             keys.sort_unstable();
@@ -394,6 +385,36 @@ mod tests {
             let m = x.mask();
             let marked: Vec<usize> = (0..len).filter(|&i| m[i] == 1).collect();
             assert_eq!(marked, x.answers);
+        }
+    }
+
+    #[test]
+    fn filler_is_uniform_or_a_repeated_phrase() {
+        let mut s = spec();
+        s.period = 0;
+        let x = s.sample(4096, 1, 0).unwrap();
+        let mut counts = [0usize; 8];
+        for &t in &x.ids[1..4096 - 9] {
+            if class(t) == 'f' {
+                counts[(t - 3) as usize] += 1;
+            }
+        }
+        // About 4080 / 8 = 510 of each symbol.
+        assert!(
+            counts.iter().all(|&c| (420..600).contains(&c)),
+            "{counts:?}"
+        );
+        s.period = 5;
+        let x = s.sample(300, 1, 0).unwrap();
+        let hay = &x.ids[1..300 - 9];
+        for i in 0..hay.len() {
+            if class(hay[i]) == 'f' {
+                let twin = (i % 5..hay.len())
+                    .step_by(5)
+                    .find(|&j| class(hay[j]) == 'f')
+                    .unwrap();
+                assert_eq!(hay[i], hay[twin], "not periodic at {i}");
+            }
         }
     }
 

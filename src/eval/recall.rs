@@ -384,6 +384,72 @@ mod tests {
         );
     }
 
+    /// Both architectures (the demo's configs, random weights) against independent passes: the
+    /// Llama's session rows against the training path's logits (`forward_backward`), the HSA
+    /// model's rows of a sample padded one way against a pass over it padded another way (the
+    /// padding after the last row changes nothing: the model is causal).
+    #[test]
+    fn both_architectures_give_the_argmax_of_their_full_logits() {
+        use crate::model::config::ModelConfig;
+        use crate::model::hsa::config::HsaConfig;
+        use crate::model::llama::{Head, Workspace};
+        use crate::model::params::ParamStore;
+        let b = CpuBackend::<f64>::new();
+        let s = RecallSpec::default().sample(61, 3, 0).unwrap();
+        let rows: Vec<usize> = (0..61).collect();
+        let argmaxes = |logits: &[f64], v: usize| -> Vec<u32> {
+            logits.chunks(v).map(|r| argmax(r).unwrap()).collect()
+        };
+
+        let cfg = ModelConfig::from_json_str(
+            include_str!("../../configs/demo/recall-llama.json"),
+            "recall-llama.json",
+        )
+        .unwrap();
+        let v = cfg.vocab_size;
+        let m = Llama::new(
+            cfg.clone(),
+            RopePrecision::Exact,
+            ParamStore::init_random(&b, &cfg, 3),
+        )
+        .unwrap();
+        let mut ws = Workspace::new(&b, &m.cfg, 61, false, 16);
+        let mut out = Vec::new();
+        m.forward_backward(&b, &mut ws, &s.ids, 0, Head::Logits(&mut out), None);
+        let out: Vec<f64> = out.iter().map(|&x| x as f64).collect();
+        let want = argmaxes(&out, v);
+        assert!(
+            want.iter().any(|&t| t != want[0]),
+            "degenerate random model"
+        );
+        let mut l = LlamaRows {
+            b: &b,
+            model: m,
+            one: SelfComm::default(),
+        };
+        assert_eq!(l.argmax_rows(&s.ids, &rows).unwrap(), want);
+
+        let cfg = HsaConfig::from_json_str(
+            include_str!("../../configs/demo/recall-hsa.json"),
+            "recall-hsa.json",
+        )
+        .unwrap();
+        assert_eq!(cfg.chunk_size, 8);
+        let h = HsaModel::init_random(&b, cfg, 4).unwrap();
+        let mut other = s.ids.clone();
+        other.resize(64, 5);
+        let (_, logits) = h
+            .forward_backward(&b, &other, 0, HsaHead::Logits, None)
+            .unwrap();
+        let want = argmaxes(&logits[..61 * v], v);
+        assert!(
+            want.iter().any(|&t| t != want[0]),
+            "degenerate random model"
+        );
+        let mut r = HsaRows { b: &b, model: h };
+        assert_eq!(r.argmax_rows(&s.ids, &rows).unwrap(), want);
+    }
+
     #[test]
     fn argmax_takes_the_first_largest_and_refuses_nan() {
         assert_eq!(argmax(&[0.0f32, 2.0, 2.0, -1.0]).unwrap(), 1);
